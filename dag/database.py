@@ -1,0 +1,167 @@
+"""A database: a handle on one tree, bound to the key that signs its writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .entry import INDEX_STORE, SETTINGS_STORE, Entry
+from .errors import NotFoundError, StoreTypeError
+from .ids import cid_from_text, cid_to_text, sorted_cids
+from .keys import SigningKey
+from .replica import Replica
+from .state import DOC, TABLE, StateCache
+from .storage.base import Status
+from .stores import DOCSTORE_TYPE, TABLE_TYPE, Doc, Settings, Table
+from .transaction import Transaction, check_store_name, commit_entry
+from .walk import ancestors, missing_from
+
+if TYPE_CHECKING:
+    from .instance import Instance
+
+
+class Database:
+    """Reads show the verified frontier unless ``include_unverified=True`` is asked for."""
+
+    def __init__(self, instance: Instance, tree: bytes, signer: SigningKey) -> None:
+        self._instance = instance
+        self._replica: Replica = instance._replica
+        self._tree = tree
+        self._signer = signer
+
+    def __repr__(self) -> str:
+        return f"Database({self.id})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Database) and other._tree == self._tree
+
+    def __hash__(self) -> int:
+        return hash(self._tree)
+
+    @property
+    def id(self) -> str:
+        return cid_to_text(self._tree)
+
+    @property
+    def root_cid(self) -> bytes:
+        return self._tree
+
+    @property
+    def signer(self) -> SigningKey:
+        return self._signer
+
+    @property
+    def name(self) -> str | None:
+        return self.settings().database_name
+
+    def with_key(self, signer: SigningKey) -> Database:
+        """The same database, writing with another key."""
+        return Database(self._instance, self._tree, signer)
+
+    # ---- tips -------------------------------------------------------------------------
+
+    def tips(self, *, include_unverified: bool = False) -> list[str]:
+        return [cid_to_text(c) for c in self.tip_cids(include_unverified=include_unverified)]
+
+    def tip_cids(self, *, include_unverified: bool = False) -> list[bytes]:
+        if include_unverified:
+            return sorted(self._replica.unverified_tips(self._tree))
+        return sorted(self._replica.tips(self._tree))
+
+    def store_tips(self, store: str) -> list[str]:
+        return [cid_to_text(c) for c in sorted(self._replica.tips(self._tree, store))]
+
+    def _store_tips(self, store: str, include_unverified: bool = False) -> frozenset[bytes]:
+        if include_unverified:
+            return self._replica.unverified_tips(self._tree, store)
+        return self._replica.tips(self._tree, store)
+
+    # ---- reading stores ---------------------------------------------------------------
+
+    def _source(self, store: str, kind: str, include_unverified: bool) -> Any:
+        replica, tree = self._replica, self._tree
+        if include_unverified:
+            cache = StateCache(replica.entry, capacity=4)
+            return lambda: cache.state(tree, store, kind, replica.unverified_tips(tree, store))
+        return lambda: replica.states.state(tree, store, kind, replica.tips(tree, store))
+
+    def store_types(self) -> dict[str, str]:
+        """Every user store and its type, from `_index`."""
+        index = self._replica.states.state(self._tree, INDEX_STORE, DOC, self._replica.tips(self._tree, INDEX_STORE))
+        return {
+            name: value["type"]
+            for name, value in index.items()
+            if isinstance(value, dict) and isinstance(value.get("type"), str)
+        }
+
+    def _check_type(self, name: str, wanted: str) -> None:
+        check_store_name(name)
+        actual = self.store_types().get(name)
+        if actual is not None and actual != wanted:
+            raise StoreTypeError(name, wanted, actual)
+
+    def doc(self, name: str, *, include_unverified: bool = False) -> Doc:
+        self._check_type(name, DOCSTORE_TYPE)
+        return Doc(name, self._source(name, DOC, include_unverified), None)
+
+    def table(self, name: str, *, include_unverified: bool = False) -> Table:
+        self._check_type(name, TABLE_TYPE)
+        return Table(name, self._source(name, TABLE, include_unverified), None)
+
+    def settings(self) -> Settings:
+        return Settings(SETTINGS_STORE, self._source(SETTINGS_STORE, DOC, False), None)
+
+    # ---- writing ----------------------------------------------------------------------
+
+    def transaction(self) -> Transaction:
+        return Transaction(self)
+
+    def _commit(self, deltas: dict[str, bytes], decoded: dict[str, Any]) -> Entry:
+        return commit_entry(self, deltas, decoded)
+
+    # ---- entries, for inspection and for sync -----------------------------------------
+
+    def entry(self, entry_id: str) -> Entry:
+        cid = cid_from_text(entry_id)
+        meta = self._replica.meta_of(cid)
+        entry = self._replica.entry(cid) if meta is not None and meta.tree == self._tree else None
+        if entry is None:
+            raise NotFoundError(f"entry {entry_id} is not in database {self.id}")
+        return entry
+
+    def status_of(self, cid: bytes) -> Status | None:
+        meta = self._replica.meta_of(cid)
+        return meta.status if meta is not None and meta.tree == self._tree else None
+
+    def status_counts(self) -> dict[str, int]:
+        counts = self._replica.storage.status_counts(self._tree)
+        return {status.name.lower(): count for status, count in counts.items()}
+
+    def raw_entries(self, status: Status | None = Status.VERIFIED) -> list[tuple[bytes, bytes]]:
+        """``(cid, bytes)`` of entries in height order (Verified only by default)."""
+        return [(cid, raw) for cid, _h, raw in self._replica.storage.iter_entries(self._tree, status)]
+
+    def ancestors(self, tips: Iterable[bytes]) -> set[bytes]:
+        return ancestors(self._replica, tips)
+
+    def missing_from(self, theirs: Iterable[bytes], ours: Iterable[bytes] | None = None) -> list[bytes]:
+        """Our Verified entries the holder of ``theirs`` lacks, in height order."""
+        return missing_from(self._replica, self._replica.tips(self._tree) if ours is None else ours, theirs)
+
+    def missing_entries(self) -> list[bytes]:
+        """IDs that unverified entries wait for and that are not stored at all: ask peers."""
+        blockers = sorted_cids(blocker for blocker, _child in self._replica.storage.waits_in_tree(self._tree))
+        held = self._replica.meta(blockers)
+        return [cid for cid in blockers if cid not in held]
+
+    def raw(self, cid: bytes) -> bytes | None:
+        meta = self._replica.meta_of(cid)
+        if meta is None or meta.tree != self._tree:
+            return None
+        return self._replica.storage.get_raw(cid)
+
+    def __len__(self) -> int:
+        return sum(self._replica.storage.status_counts(self._tree).values())
+
+
+__all__ = ["Database"]

@@ -1,0 +1,329 @@
+"""Entries: their canonical DAG-CBOR bytes, their IDs, signing, and strict decoding.
+
+An entry on the wire is its canonical bytes and nothing else; the receiver recomputes
+the ID from those bytes, so no entry can arrive under a false ID. Decoding checks every
+structural rule before anything is stored:
+
+* the bytes are DAG-CBOR and re-encode to exactly themselves (canonical form; this also
+  closes libipld's trap where a byte string that parses as a CID is re-encoded as a link);
+* version 0 only (the field is omitted when it holds its default);
+* a root has no parents, no height and a `_root` store; every other entry names its root,
+  has parents and a height of at least 1, and no `_root` store;
+* parent lists are strictly ascending by binary ID (sorted, no duplicates);
+* store names are non-empty, sorted and unique; store data is a DAG-CBOR map;
+* the signature and key hint are canonical text; sizes and counts are within limits.
+
+Semantic checks that need other entries (heights, permissions, settings pins) belong to
+verification, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import libipld
+
+from . import keys
+from .errors import (
+    BadCidError,
+    EntryError,
+    GarbageEntryError,
+    KeyFormatError,
+    NonCanonicalError,
+    OversizeError,
+    RootRuleError,
+    UnsortedParentsError,
+    UnsupportedVersionError,
+)
+from .ids import cid_of, cid_to_text, is_cid
+
+MAX_ENTRY_BYTES = 4 * 1024 * 1024
+MAX_PARENTS = 1024
+MAX_STORES = 256
+MAX_STORE_NAME = 255
+MAX_METADATA_BYTES = 64 * 1024
+ROOT_STORE = "_root"
+SETTINGS_STORE = "_settings"
+INDEX_STORE = "_index"
+
+_TOP_KEYS = frozenset({"tree", "subtrees", "sig", "v"})
+_TREE_KEYS = frozenset({"root", "parents", "metadata", "h"})
+_STORE_KEYS = frozenset({"name", "parents", "data", "h"})
+_SIG_KEYS = frozenset({"key", "sig"})
+_META_KEYS = frozenset({"settings_tips", "entropy"})
+
+
+@dataclass(frozen=True, slots=True)
+class StoreNode:
+    """One store an entry touches: its own parents, the delta it writes, its height."""
+
+    name: str
+    parents: tuple[bytes, ...]
+    data: bytes | None
+    height_override: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A decoded, structurally valid entry. ``cid`` is computed from ``raw``."""
+
+    cid: bytes
+    raw: bytes
+    root: bytes | None
+    parents: tuple[bytes, ...]
+    height: int
+    settings_tips: tuple[bytes, ...]
+    entropy: int | None
+    stores: tuple[StoreNode, ...]
+    pubkey: bytes
+    signature: bytes | None
+
+    @property
+    def id(self) -> str:
+        return cid_to_text(self.cid)
+
+    @property
+    def is_root(self) -> bool:
+        return self.root is None
+
+    @property
+    def tree(self) -> bytes:
+        """The database this entry belongs to (a root belongs to itself)."""
+        return self.cid if self.root is None else self.root
+
+    @property
+    def pubkey_text(self) -> str:
+        return keys.pubkey_to_text(self.pubkey)
+
+    def store(self, name: str) -> StoreNode | None:
+        for node in self.stores:
+            if node.name == name:
+                return node
+        return None
+
+    def store_height(self, name: str) -> int:
+        """The height that orders this entry inside store ``name``."""
+        node = self.store(name)
+        if node is not None and node.height_override is not None:
+            return node.height_override
+        return self.height
+
+    def signing_message(self) -> bytes:
+        """The canonical bytes of this entry without ``sig.sig``: what the key signs."""
+        value = libipld.decode_dag_cbor(self.raw)
+        del value["sig"]["sig"]
+        return bytes(libipld.encode_dag_cbor(value))
+
+    def signature_valid(self) -> bool:
+        if self.signature is None:
+            return False
+        return keys.verify_signature(self.pubkey, self.signing_message(), self.signature)
+
+
+def key_hint(pubkey_text: str) -> dict[str, Any]:
+    return {"Direct": {"hint": {"pubkey": pubkey_text}}}
+
+
+def encode_metadata(settings_tips: list[bytes], entropy: int | None) -> bytes | None:
+    value: dict[str, Any] = {}
+    if settings_tips:
+        value["settings_tips"] = settings_tips
+    if entropy is not None:
+        value["entropy"] = entropy
+    return bytes(libipld.encode_dag_cbor(value)) if value else None
+
+
+def build_entry(
+    *,
+    signer: keys.SigningKey,
+    root: bytes | None,
+    parents: list[bytes],
+    height: int,
+    settings_tips: list[bytes],
+    stores: list[tuple[str, list[bytes], bytes | None]],
+    entropy: int | None = None,
+) -> Entry:
+    """Assemble, sign and encode a new entry. Inputs must already be sorted and valid."""
+    tree: dict[str, Any] = {}
+    if root is not None:
+        tree["root"] = root
+    if parents:
+        tree["parents"] = parents
+    metadata = encode_metadata(settings_tips, entropy)
+    if metadata is not None:
+        tree["metadata"] = metadata
+    if height:
+        tree["h"] = height
+    subtrees = []
+    for name, store_parents, data in stores:
+        node: dict[str, Any] = {"name": name}
+        if store_parents:
+            node["parents"] = store_parents
+        if data is not None:
+            node["data"] = data
+        subtrees.append(node)
+    value: dict[str, Any] = {"tree": tree, "sig": {"key": key_hint(signer.pubkey)}}
+    if subtrees:
+        value["subtrees"] = subtrees
+    message = bytes(libipld.encode_dag_cbor(value))
+    signature = signer.sign(message)
+    value["sig"]["sig"] = keys.signature_to_text(signature)
+    raw = bytes(libipld.encode_dag_cbor(value))
+    return Entry(
+        cid=cid_of(raw),
+        raw=raw,
+        root=root,
+        parents=tuple(parents),
+        height=height,
+        settings_tips=tuple(settings_tips),
+        entropy=entropy,
+        stores=tuple(StoreNode(n, tuple(p), d, None) for n, p, d in stores),
+        pubkey=signer.pubkey_bytes,
+        signature=signature,
+    )
+
+
+def _require(condition: bool, error: type[EntryError], message: str) -> None:
+    if not condition:
+        raise error(message)
+
+
+def _dict(value: object, allowed: frozenset[str], where: str) -> dict[str, Any]:
+    _require(isinstance(value, dict), GarbageEntryError, f"{where} is not a map")
+    assert isinstance(value, dict)
+    unknown = set(value) - allowed
+    _require(not unknown, GarbageEntryError, f"{where} has unknown fields {sorted(unknown)}")
+    return value
+
+
+def _cid_list(value: object, where: str, limit: int) -> tuple[bytes, ...]:
+    _require(isinstance(value, list), GarbageEntryError, f"{where} is not a list")
+    assert isinstance(value, list)
+    _require(len(value) <= limit, OversizeError, f"{where} has {len(value)} items (limit {limit})")
+    for item in value:
+        _require(is_cid(item), BadCidError, f"{where} holds a link that is not an entry ID")
+    for earlier, later in zip(value, value[1:], strict=False):
+        _require(earlier < later, UnsortedParentsError, f"{where} is not sorted and unique")
+    return tuple(value)
+
+
+def _height(value: object, where: str) -> int:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63,
+        GarbageEntryError,
+        f"{where} is not a positive integer",
+    )
+    assert isinstance(value, int)
+    return value
+
+
+def _decode_metadata(raw: object) -> tuple[tuple[bytes, ...], int | None]:
+    _require(isinstance(raw, bytes), GarbageEntryError, "tree.metadata is not bytes")
+    assert isinstance(raw, bytes)
+    _require(len(raw) <= MAX_METADATA_BYTES, OversizeError, "tree.metadata is too large")
+    try:
+        value = libipld.decode_dag_cbor(raw)
+    except ValueError as exc:
+        raise GarbageEntryError(f"tree.metadata is not DAG-CBOR: {exc}") from None
+    _require(bytes(libipld.encode_dag_cbor(value)) == raw, NonCanonicalError, "tree.metadata is not canonical")
+    meta = _dict(value, _META_KEYS, "tree.metadata")
+    _require(bool(meta), NonCanonicalError, "tree.metadata is present but empty")
+    pins = _cid_list(meta["settings_tips"], "settings_tips", MAX_PARENTS) if "settings_tips" in meta else ()
+    _require("settings_tips" not in meta or bool(pins), NonCanonicalError, "empty settings_tips must be omitted")
+    entropy = meta.get("entropy")
+    _require(
+        entropy is None or (isinstance(entropy, int) and not isinstance(entropy, bool)),
+        GarbageEntryError,
+        "entropy is not an integer",
+    )
+    return pins, entropy
+
+
+def _decode_store(value: object, index: int) -> StoreNode:
+    where = f"subtrees[{index}]"
+    node = _dict(value, _STORE_KEYS, where)
+    name = node.get("name")
+    _require(isinstance(name, str) and name != "", GarbageEntryError, f"{where}.name is empty or not text")
+    assert isinstance(name, str)
+    _require(len(name) <= MAX_STORE_NAME, OversizeError, f"{where}.name is too long")
+    parents = _cid_list(node["parents"], f"{where}.parents", MAX_PARENTS) if "parents" in node else ()
+    _require("parents" not in node or bool(parents), NonCanonicalError, f"{where}: empty parents must be omitted")
+    data = node.get("data")
+    if data is not None:
+        # A delta is always an encoded map, so it can never be mistaken for a bare CID.
+        _require(
+            isinstance(data, bytes) and len(data) > 0 and 0xA0 <= data[0] <= 0xBF,
+            GarbageEntryError,
+            f"{where}.data is not an encoded map",
+        )
+    height = _height(node["h"], f"{where}.h") if "h" in node else None
+    return StoreNode(name, parents, data, height)
+
+
+def decode_entry(raw: bytes) -> Entry:
+    """Decode and check an entry from its bytes; raises an :class:`EntryError` subclass."""
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise GarbageEntryError("an entry must be bytes")
+    raw = bytes(raw)
+    _require(len(raw) <= MAX_ENTRY_BYTES, OversizeError, f"entry is {len(raw)} bytes (limit {MAX_ENTRY_BYTES})")
+    try:
+        value = libipld.decode_dag_cbor(raw)
+    except ValueError as exc:
+        raise GarbageEntryError(f"entry is not DAG-CBOR: {exc}") from None
+    top = _dict(value, _TOP_KEYS, "entry")
+    if "v" in top:
+        raise UnsupportedVersionError(f"entry version {top['v']!r} is not supported (only 0)")
+    try:
+        canonical = bytes(libipld.encode_dag_cbor(value)) == raw
+    except ValueError:
+        canonical = False
+    _require(canonical, NonCanonicalError, "entry bytes are not canonical DAG-CBOR")
+
+    tree = _dict(top.get("tree"), _TREE_KEYS, "tree")
+    root = tree.get("root")
+    _require(root is None or is_cid(root), BadCidError, "tree.root is not an entry ID")
+    parents = _cid_list(tree["parents"], "tree.parents", MAX_PARENTS) if "parents" in tree else ()
+    height = _height(tree["h"], "tree.h") if "h" in tree else 0
+    pins, entropy = _decode_metadata(tree["metadata"]) if "metadata" in tree else ((), None)
+
+    raw_stores = top.get("subtrees", [])
+    _require(isinstance(raw_stores, list), GarbageEntryError, "subtrees is not a list")
+    _require("subtrees" not in top or bool(raw_stores), NonCanonicalError, "empty subtrees must be omitted")
+    _require(len(raw_stores) <= MAX_STORES, OversizeError, f"entry touches {len(raw_stores)} stores")
+    stores = tuple(_decode_store(node, i) for i, node in enumerate(raw_stores))
+    names = [node.name for node in stores]
+    _require(names == sorted(set(names)), GarbageEntryError, "subtrees are not sorted by unique name")
+
+    if root is None:
+        _require(not parents, RootRuleError, "a root entry cannot have parents")
+        _require(height == 0, RootRuleError, "a root entry has height 0")
+        _require(not pins, RootRuleError, "a root entry pins no settings")
+        _require(ROOT_STORE in names, RootRuleError, "a root entry must hold the _root store")
+    else:
+        _require(bool(parents), RootRuleError, "a non-root entry must have parents")
+        _require(ROOT_STORE not in names, RootRuleError, "only a root entry holds the _root store")
+
+    sig = _dict(top.get("sig"), _SIG_KEYS, "sig")
+    hint = sig.get("key")
+    try:
+        pubkey_text = hint["Direct"]["hint"]["pubkey"]  # type: ignore[index]
+        _require(hint == key_hint(pubkey_text), GarbageEntryError, "sig.key has unknown fields")
+        pubkey = keys.pubkey_from_text(pubkey_text)
+        signature = keys.signature_from_text(sig["sig"]) if "sig" in sig else None
+    except (KeyError, TypeError) as exc:
+        raise GarbageEntryError(f"sig.key is not a key hint: {exc}") from None
+    except KeyFormatError as exc:
+        raise GarbageEntryError(str(exc)) from None
+    return Entry(
+        cid=cid_of(raw),
+        raw=raw,
+        root=root,
+        parents=parents,
+        height=height,
+        settings_tips=pins,
+        entropy=entropy,
+        stores=stores,
+        pubkey=pubkey,
+        signature=signature,
+    )

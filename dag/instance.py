@@ -1,0 +1,234 @@
+"""An instance: one node's storage and device key, and the databases it holds."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import libipld
+
+from .auth import ACTIVE, Permission
+from .crdt.doc import DocDelta, doc_from_value, encode_doc_delta
+from .database import Database
+from .entry import ROOT_STORE, SETTINGS_STORE, build_entry
+from .errors import DataDirLockedError, NotFoundError, StorageError
+from .ids import cid_from_text, cid_to_text, join_cids
+from .ingest import Ingest, PutResult
+from .keys import SigningKey, load_or_create_key_file
+from .replica import MAIN, Replica
+from .storage.base import EntryMeta, EntryRecord, Status, Storage, WriteBatch
+from .storage.memory import MemoryStorage
+from .storage.sqlite import SqliteStorage
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "eidetica.sqlite3"
+KEY_FILE = "device.key"
+LOCK_FILE = "LOCK"
+
+WriteCallback = Callable[[Database, list[str], list[str], bool], None]
+"""``callback(db, tips_before, tips_after, local)``, called after every write that moved tips."""
+
+
+@dataclass(frozen=True)
+class CallbackHandle:
+    """Returned by :meth:`Instance.on_write`; ``remove()`` unregisters the callback."""
+
+    _instance: Instance
+    _key: int
+
+    def remove(self) -> None:
+        self._instance._callbacks.pop(self._key, None)
+
+
+class Instance:
+    """The entry point of the database core.
+
+    ``Instance.open(path)`` keeps everything in a data directory (SQLite, the device key)
+    and holds an exclusive lock on it, so that no second process writes behind its back.
+    ``Instance.in_memory()`` is the same with nothing on disk.
+    """
+
+    def __init__(self, storage: Storage, device_key: SigningKey, *, lock: IO[Any] | None = None) -> None:
+        self._replica = Replica(storage)
+        self._device_key = device_key
+        self._lock = lock
+        self._callbacks: dict[int, tuple[bytes | None, WriteCallback]] = {}
+        self._next_callback = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # ---- opening and closing -----------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, synchronous: str = "full") -> Instance:
+        """Open (or create) the data directory at ``path``."""
+        directory = Path(path)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 - held for the instance's life
+        except OSError as exc:
+            raise StorageError(f"cannot use data directory {directory}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise DataDirLockedError(f"data directory {directory} is in use by another process") from None
+        try:
+            key = load_or_create_key_file(directory / KEY_FILE)
+            storage = SqliteStorage(directory / DB_FILE, synchronous=synchronous)
+        except BaseException:
+            lock.close()
+            raise
+        return cls(storage, key, lock=lock)
+
+    @classmethod
+    def in_memory(cls, device_key: SigningKey | None = None) -> Instance:
+        return cls(MemoryStorage(), device_key or SigningKey.generate())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._replica.storage.close()
+        if self._lock is not None:
+            self._lock.close()
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- identity -----------------------------------------------------------------------
+
+    @property
+    def device_key(self) -> SigningKey:
+        return self._device_key
+
+    @property
+    def device_id(self) -> str:
+        """The device's public key in text form; it names this node."""
+        return self._device_key.pubkey
+
+    @property
+    def storage(self) -> Storage:
+        return self._replica.storage
+
+    def get_value(self, key: str) -> bytes | None:
+        """Instance-level metadata (for example, which database holds sync state)."""
+        return self._replica.storage.get_value(key)
+
+    def set_value(self, key: str, value: bytes) -> None:
+        self._replica.storage.set_value(key, value)
+
+    # ---- databases ----------------------------------------------------------------------
+
+    def create_database(
+        self,
+        *,
+        name: str | None = None,
+        key: SigningKey | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> Database:
+        """A new database whose creator (``key``, the device key by default) is Admin(0)."""
+        signer = key or self._device_key
+        values = dict(settings or {})
+        if name is not None:
+            values["name"] = name
+        delta: DocDelta = doc_from_value(values, atomic=False)
+        delta.fields["auth"] = doc_from_value(
+            {"keys": {signer.pubkey: {"name": "creator", "permissions": str(Permission.admin(0)), "status": ACTIVE}}},
+            atomic=False,
+        )
+        data = bytes(libipld.encode_dag_cbor(encode_doc_delta(delta)))
+        entry = build_entry(
+            signer=signer,
+            root=None,
+            parents=[],
+            height=0,
+            settings_tips=[],
+            stores=[(ROOT_STORE, [], None), (SETTINGS_STORE, [], data)],
+            entropy=int.from_bytes(os.urandom(8), "big"),
+        )
+        cid = entry.cid
+        batch = WriteBatch(
+            entries=[EntryRecord(cid, EntryMeta(cid, 0, Status.VERIFIED, b"", join_cids([cid])), entry.raw)],
+            tips_added=[(cid, MAIN, cid), (cid, ROOT_STORE, cid), (cid, SETTINGS_STORE, cid)],
+            trees_added=[cid],
+        )
+        with self._replica.lock:
+            self._replica.write(batch, [entry])
+        db = Database(self, cid, signer)
+        self._notify(cid, frozenset(), frozenset([cid]), local=True)
+        return db
+
+    def open_database(self, database_id: str | bytes, *, key: SigningKey | None = None) -> Database:
+        """A database this instance holds; raises :class:`NotFoundError` otherwise."""
+        cid = cid_from_text(database_id) if isinstance(database_id, str) else database_id
+        meta = self._replica.meta_of(cid)
+        if meta is None or meta.tree != cid or meta.status is not Status.VERIFIED:
+            raise NotFoundError(f"no database {cid_to_text(cid)} here")
+        return Database(self, cid, key or self._device_key)
+
+    def has_database(self, database_id: str | bytes) -> bool:
+        try:
+            self.open_database(database_id)
+        except NotFoundError:
+            return False
+        return True
+
+    def databases(self) -> list[Database]:
+        return [Database(self, cid, self._device_key) for cid in self._replica.storage.trees()]
+
+    # ---- entries from elsewhere ---------------------------------------------------------
+
+    def put_remote_entries(self, entries: Iterable[bytes]) -> PutResult:
+        """Store entries received from a peer, then verify them locally.
+
+        Every entry is decoded and checked first; one malformed entry raises an
+        :class:`~dag.errors.EntryError` and nothing is stored. Valid entries are stored
+        Unverified and verified against the settings they pin: Verified, Failed, or left
+        Unverified while something they depend on is missing.
+        """
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8)))
+        with self._replica.lock:
+            ingest = Ingest(self._replica, self._pool)
+            result = ingest.run(entries)
+            after = {tree: self._replica.tips(tree) for tree in ingest.tips_before}
+        for tree, before in ingest.tips_before.items():
+            self._notify(tree, before, after[tree], local=False)
+        return result
+
+    # ---- write callbacks ----------------------------------------------------------------
+
+    def on_write(self, callback: WriteCallback, database_id: str | None = None) -> CallbackHandle:
+        """Call ``callback(db, tips_before, tips_after, local)`` after writes (to one database or all)."""
+        tree = cid_from_text(database_id) if database_id is not None else None
+        key = self._next_callback
+        self._next_callback += 1
+        self._callbacks[key] = (tree, callback)
+        return CallbackHandle(self, key)
+
+    def _notify(self, tree: bytes, before: frozenset[bytes], after: frozenset[bytes], *, local: bool) -> None:
+        if before == after or not self._callbacks:
+            return
+        db = Database(self, tree, self._device_key)
+        tips_before = [cid_to_text(c) for c in sorted(before)]
+        tips_after = [cid_to_text(c) for c in sorted(after)]
+        for wanted, callback in list(self._callbacks.values()):
+            if wanted is not None and wanted != tree:
+                continue
+            try:
+                callback(db, tips_before, tips_after, local)
+            except Exception:  # a callback can never undo or break a commit
+                log.exception("write callback %r failed", callback)

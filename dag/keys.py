@@ -1,0 +1,116 @@
+"""Ed25519 keys: signing, verifying, the text form of public keys, the device key file."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+from pathlib import Path
+
+import nacl.exceptions
+import nacl.signing
+
+from .errors import KeyFormatError
+
+PUBKEY_PREFIX = "ed25519:"
+SIGNATURE_LENGTH = 64
+
+
+def _b64_canonical(text: str, length: int, what: str) -> bytes:
+    """Strict base64: only the one text that encodes the bytes is accepted.
+
+    Base64 has spare bits in its last character; accepting any of the texts that decode
+    to the same bytes would let an entry be re-encoded under a new ID with a valid
+    signature.
+    """
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise KeyFormatError(f"{what} is not base64: {text!r}") from exc
+    if len(raw) != length or base64.b64encode(raw).decode("ascii") != text:
+        raise KeyFormatError(f"{what} is not canonical base64 of {length} bytes: {text!r}")
+    return raw
+
+
+def pubkey_to_text(raw: bytes) -> str:
+    """``ed25519:`` plus padded standard base64 of the 32 key bytes."""
+    return PUBKEY_PREFIX + base64.b64encode(raw).decode("ascii")
+
+
+def pubkey_from_text(text: str) -> bytes:
+    """The 32 bytes of a public key in text form; raises :class:`KeyFormatError`."""
+    if not isinstance(text, str) or not text.startswith(PUBKEY_PREFIX):
+        raise KeyFormatError(f"public key must start with {PUBKEY_PREFIX!r}: {text!r}")
+    return _b64_canonical(text[len(PUBKEY_PREFIX) :], 32, "public key")
+
+
+def signature_to_text(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def signature_from_text(text: str) -> bytes:
+    if not isinstance(text, str):
+        raise KeyFormatError("signature must be text")
+    return _b64_canonical(text, SIGNATURE_LENGTH, "signature")
+
+
+class SigningKey:
+    """An Ed25519 private key and its public key text."""
+
+    __slots__ = ("_key", "pubkey", "pubkey_bytes")
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise KeyFormatError("an Ed25519 seed is 32 bytes")
+        self._key = nacl.signing.SigningKey(seed)
+        self.pubkey_bytes: bytes = bytes(self._key.verify_key)
+        self.pubkey: str = pubkey_to_text(self.pubkey_bytes)
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(os.urandom(32))
+
+    @property
+    def seed(self) -> bytes:
+        """The 32-byte seed: all that is needed to recreate the key (libp2p uses the same)."""
+        return bytes(self._key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message).signature
+
+    def __repr__(self) -> str:
+        return f"SigningKey({self.pubkey})"
+
+
+def verify_signature(pubkey: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is ``pubkey``'s signature of ``message``. Releases the GIL."""
+    try:
+        nacl.signing.VerifyKey(pubkey).verify(message, signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
+        return False
+    return True
+
+
+def load_or_create_key_file(path: Path) -> SigningKey:
+    """The device key kept at ``path`` (created, owner-only, on first use).
+
+    A key file that others can read is refused rather than silently used, the way ssh
+    treats private keys.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise KeyFormatError(
+                f"device key {path} is accessible by others (mode {mode:o}); run: chmod 600 {path}"
+            ) from None
+        text = path.read_text(encoding="ascii").strip()
+        return SigningKey(_b64_canonical(text, 32, f"device key in {path}"))
+    key = SigningKey.generate()
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(base64.b64encode(key.seed).decode("ascii") + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return key

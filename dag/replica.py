@@ -1,0 +1,205 @@
+"""The shared machinery under Instance, Database, Transaction and ingest.
+
+It owns the storage and every cache over it (decoded entries, entry metadata, tips, store
+states, auth at a settings pin) and keeps them coherent: caches change only after a batch
+has been written, so a failed write leaves them as they were.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Iterable
+from typing import Any
+
+from .auth import AuthSettings
+from .entry import SETTINGS_STORE, Entry, decode_entry
+from .ids import join_cids, split_cids
+from .state import DOC, StateCache
+from .storage.base import EntryMeta, Status, Storage, WriteBatch
+
+MAIN = ""  # the store name under which the main DAG's tips are kept
+
+
+class _Lru(OrderedDict[bytes, Any]):
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def remember(self, key: bytes, value: Any) -> None:
+        self[key] = value
+        if len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+class Replica:
+    """Storage plus coherent caches. Callers hold ``lock`` around writes."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.lock = threading.RLock()
+        self._entries = _Lru(20_000)
+        self._meta = _Lru(200_000)
+        self._tips: dict[tuple[bytes, str], frozenset[bytes]] = {}
+        self._auth: OrderedDict[tuple[bytes, frozenset[bytes]], AuthSettings] = OrderedDict()
+        self.states = StateCache(self.verified_entry)
+
+    # ---- entries and metadata -------------------------------------------------------
+
+    def entry(self, cid: bytes) -> Entry | None:
+        """A stored entry, decoded (any status)."""
+        entry = self._entries.get(cid)
+        if entry is None:
+            raw = self.storage.get_raw(cid)
+            if raw is None:
+                return None
+            entry = decode_entry(raw)
+            self._entries.remember(cid, entry)
+        return entry
+
+    def verified_entry(self, cid: bytes) -> Entry | None:
+        """Used by state folds: entries that are stored and not Failed."""
+        meta = self.meta_of(cid)
+        if meta is None or meta.status is Status.FAILED:
+            return None
+        return self.entry(cid)
+
+    def meta(self, cids: Collection[bytes]) -> dict[bytes, EntryMeta]:
+        found: dict[bytes, EntryMeta] = {}
+        missing = []
+        for cid in cids:
+            meta = self._meta.get(cid)
+            if meta is None:
+                missing.append(cid)
+            else:
+                found[cid] = meta
+        if missing:
+            for cid, meta in self.storage.get_meta(missing).items():
+                self._meta.remember(cid, meta)
+                found[cid] = meta
+        return found
+
+    def meta_of(self, cid: bytes) -> EntryMeta | None:
+        meta = self._meta.get(cid)
+        if meta is None:
+            meta = self.storage.get_meta([cid]).get(cid)
+            if meta is not None:
+                self._meta.remember(cid, meta)
+        return meta
+
+    # ---- tips -----------------------------------------------------------------------
+
+    def tips(self, tree: bytes, store: str = MAIN) -> frozenset[bytes]:
+        """Tips of the verified part of a tree (``store`` ``""``) or of one store."""
+        key = (tree, store)
+        tips = self._tips.get(key)
+        if tips is None:
+            tips = frozenset(self.storage.tips(tree, store))
+            self._tips[key] = tips
+        return tips
+
+    def unverified_tips(self, tree: bytes, store: str = MAIN) -> frozenset[bytes]:
+        """Tips over every entry that is not Failed, for the opt-in unverified read."""
+        members: set[bytes] = set()
+        referenced: set[bytes] = set()
+        for cid, _height, raw in self.storage.iter_entries(tree, None):
+            meta = self.meta_of(cid)
+            if meta is None or meta.status is Status.FAILED:
+                continue
+            entry = self.entry(cid)
+            assert entry is not None
+            if store == MAIN:
+                members.add(cid)
+                referenced.update(entry.parents)
+            else:
+                node = entry.store(store)
+                if node is not None:
+                    members.add(cid)
+                    referenced.update(node.parents)
+        return frozenset(members - referenced)
+
+    # ---- settings and auth ----------------------------------------------------------
+
+    def settings_view(self, entry: Entry) -> tuple[bytes, ...]:
+        """The `_settings` tips as of ``entry`` (itself included when it writes settings)."""
+        if entry.store(SETTINGS_STORE) is not None:
+            return (entry.cid,)
+        return entry.settings_tips
+
+    def expected_pin(self, parents: Iterable[bytes], views: dict[bytes, bytes] | None = None) -> tuple[bytes, ...]:
+        """The `_settings` tips over the closure of ``parents``: what an entry must pin."""
+        union: set[bytes] = set()
+        for parent in parents:
+            view = views.get(parent) if views is not None else None
+            if view is None:
+                meta = self.meta_of(parent)
+                view = meta.settings_view if meta is not None else b""
+            union.update(split_cids(view))
+        if len(union) > 1:
+            union = self._maximal_settings(union)
+        return tuple(sorted(union))
+
+    def _maximal_settings(self, candidates: set[bytes]) -> set[bytes]:
+        """Drop the candidates that are `_settings` ancestors of another candidate."""
+        entries = {cid: self.entry(cid) for cid in candidates}
+        floor = min((e.store_height(SETTINGS_STORE) for e in entries.values() if e is not None), default=0)
+        heap: list[tuple[int, bytes]] = []
+        reached: set[bytes] = set()
+        for entry in entries.values():
+            if entry is None:
+                continue
+            node = entry.store(SETTINGS_STORE)
+            for parent in node.parents if node is not None else ():
+                if parent not in reached:
+                    reached.add(parent)
+                    heapq.heappush(heap, (0, parent))
+        while heap:
+            _, cid = heapq.heappop(heap)
+            entry = self.entry(cid)
+            if entry is None or entry.store_height(SETTINGS_STORE) <= floor:
+                continue
+            node = entry.store(SETTINGS_STORE)
+            for parent in node.parents if node is not None else ():
+                if parent not in reached:
+                    reached.add(parent)
+                    heapq.heappush(heap, (0, parent))
+        return candidates - reached
+
+    def settings_state(self, tree: bytes, pin: frozenset[bytes]) -> dict[str, Any]:
+        return self.states.state(tree, SETTINGS_STORE, DOC, pin)
+
+    def auth_at(self, tree: bytes, pin: frozenset[bytes]) -> AuthSettings:
+        key = (tree, pin)
+        auth = self._auth.get(key)
+        if auth is None:
+            auth = AuthSettings.from_settings(self.settings_state(tree, pin))
+            self._auth[key] = auth
+            if len(self._auth) > 256:
+                self._auth.popitem(last=False)
+        return auth
+
+    # ---- writing --------------------------------------------------------------------
+
+    def write(self, batch: WriteBatch, decoded: Iterable[Entry] = ()) -> None:
+        """Apply a batch to storage, then bring the caches up to date."""
+        self.storage.write(batch)
+        for record in batch.entries:
+            self._meta.remember(record.cid, record.meta)
+        for cid, (status, view) in batch.statuses.items():
+            old = self.meta_of(cid)
+            if old is not None:
+                self._meta.remember(cid, EntryMeta(old.tree, old.height, status, old.parents, view))
+        for entry in decoded:
+            self._entries.remember(entry.cid, entry)
+        changed: dict[tuple[bytes, str], set[bytes]] = {}
+        for tree, store, cid in batch.tips_removed:
+            changed.setdefault((tree, store), set(self.tips(tree, store))).discard(cid)
+        for tree, store, cid in batch.tips_added:
+            changed.setdefault((tree, store), set(self.tips(tree, store))).add(cid)
+        for key, tips in changed.items():
+            self._tips[key] = frozenset(tips)
+
+
+def pack(cids: Iterable[bytes]) -> bytes:
+    return join_cids(cids)

@@ -1,0 +1,153 @@
+"""Computing a store's state at a set of tips, with a cache keyed by those tips.
+
+The state of store S at tips T is the fold of the deltas of every entry in T's closure
+(over S's own parent links), in ascending (store height, ID) order. Heights strictly
+increase from parent to child, so a child always folds after its ancestors.
+
+The walk pops entries from T backwards in *descending* order. At any moment every entry
+still in the heap (the frontier F) orders below every entry already popped, and the
+closure of T is exactly the popped entries plus the closure of F. So as soon as the
+cache holds the state at F, the state at T is that state plus the popped deltas replayed
+in ascending order. After a local commit on linear history F is the previous tip and the
+replay is one delta: a read costs the delta, not the history. With no cached frontier the
+walk reaches the root: the worst case is the whole store history, once.
+
+Cached states are never mutated: a fold copies the top level and every nested dict it
+touches (path copying). A state too large to copy cheaply is instead moved: its old key
+is dropped and the dict is extended in place.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import libipld
+
+from .crdt.doc import TOMBSTONE, DocDelta, decode_doc_delta
+from .crdt.table import decode_table_delta
+from .entry import Entry
+from .errors import InvalidValueError
+
+DOC = "doc"
+TABLE = "table"
+_MOVE_ABOVE = 4096  # top-level keys past which a fold extends the cached dict in place
+_FRONTIER_PROBE = 8  # only look the frontier up in the cache while it is this small
+
+StateKey = tuple[bytes, str, str, frozenset[bytes]]
+
+
+def _apply_doc_cow(state: dict[str, Any], delta: DocDelta) -> None:
+    for key, node in delta.fields.items():
+        if node is TOMBSTONE:
+            state.pop(key, None)
+        elif isinstance(node, DocDelta):
+            current = state.get(key)
+            current = {} if node.atomic or not isinstance(current, dict) else dict(current)
+            state[key] = current
+            _apply_doc_cow(current, node)
+        else:
+            state[key] = node
+
+
+def _apply_table(state: dict[str, Any], delta: dict[str, Any]) -> None:
+    for row_id, row in delta.items():
+        if row is TOMBSTONE:
+            state.pop(row_id, None)
+        else:
+            state[row_id] = row
+
+
+def decode_delta(kind: str, data: bytes) -> Any:
+    """The delta an entry wrote, or None when it cannot be read (it then changes nothing)."""
+    try:
+        value = libipld.decode_dag_cbor(data)
+        return decode_doc_delta(value) if kind == DOC else decode_table_delta(value)
+    except (ValueError, InvalidValueError):
+        return None
+
+
+class StateCache:
+    """Store states by (tree, store, kind, tips); bounded, least recently used first out."""
+
+    def __init__(self, load: Callable[[bytes], Entry | None], capacity: int = 256) -> None:
+        self._load = load
+        self._capacity = capacity
+        self._states: OrderedDict[StateKey, dict[str, Any]] = OrderedDict()
+
+    def clear(self) -> None:
+        self._states.clear()
+
+    def _get(self, key: StateKey) -> dict[str, Any] | None:
+        state = self._states.get(key)
+        if state is not None:
+            self._states.move_to_end(key)
+        return state
+
+    def _put(self, key: StateKey, state: dict[str, Any]) -> None:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        while len(self._states) > self._capacity:
+            self._states.popitem(last=False)
+
+    def state(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes]) -> dict[str, Any]:
+        """The state at ``tips`` (read-only: callers copy what they hand out)."""
+        key = (tree, store, kind, tips)
+        cached = self._get(key)
+        if cached is not None:
+            return cached
+        heap: list[tuple[int, int, bytes]] = []
+        seen: set[bytes] = set()
+        for cid in tips:
+            entry = self._load(cid)
+            if entry is not None and entry.store(store) is not None:
+                seen.add(cid)
+                heapq.heappush(heap, (-entry.store_height(store), -int.from_bytes(cid, "big"), cid))
+        popped: list[Entry] = []
+        base: dict[str, Any] | None = None
+        base_key: StateKey | None = None
+        while heap:
+            if len(heap) <= _FRONTIER_PROBE and popped:
+                probe = (tree, store, kind, frozenset(item[2] for item in heap))
+                base = self._get(probe)
+                if base is not None:
+                    base_key = probe
+                    break
+            _, _, cid = heapq.heappop(heap)
+            entry = self._load(cid)
+            if entry is None:
+                continue  # only possible when unverified entries are included
+            popped.append(entry)
+            node = entry.store(store)
+            assert node is not None
+            for parent in node.parents:
+                if parent in seen:
+                    continue
+                seen.add(parent)
+                parent_entry = self._load(parent)
+                if parent_entry is not None and parent_entry.store(store) is not None:
+                    heapq.heappush(
+                        heap, (-parent_entry.store_height(store), -int.from_bytes(parent, "big"), parent)
+                    )
+        if base is None:
+            state: dict[str, Any] = {}
+        elif len(base) > _MOVE_ABOVE and base_key is not None:
+            del self._states[base_key]
+            state = base
+        else:
+            state = dict(base)
+        for entry in reversed(popped):
+            node = entry.store(store)
+            if node is None or node.data is None:
+                continue
+            delta = decode_delta(kind, node.data)
+            if delta is None:
+                continue
+            if kind == DOC:
+                _apply_doc_cow(state, delta)
+            else:
+                _apply_table(state, delta)
+        self._put(key, state)
+        return state

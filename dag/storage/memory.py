@@ -1,0 +1,87 @@
+"""In-memory storage for tests: the same interface as SQLite, lost on close."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Iterator
+
+from .base import EntryMeta, Status, WriteBatch
+
+
+class MemoryStorage:
+    def __init__(self) -> None:
+        self._meta: dict[bytes, EntryMeta] = {}
+        self._raw: dict[bytes, bytes] = {}
+        self._tips: dict[tuple[bytes, str], set[bytes]] = defaultdict(set)
+        self._waits: dict[bytes, dict[bytes, bytes]] = defaultdict(dict)  # blocker -> child -> tree
+        self._trees: list[bytes] = []
+        self._values: dict[str, bytes] = {}
+
+    def get_raw(self, cid: bytes) -> bytes | None:
+        return self._raw.get(cid)
+
+    def get_meta(self, cids: Collection[bytes]) -> dict[bytes, EntryMeta]:
+        return {cid: self._meta[cid] for cid in cids if cid in self._meta}
+
+    def tips(self, tree: bytes, store: str) -> list[bytes]:
+        return sorted(self._tips.get((tree, store), ()))
+
+    def trees(self) -> list[bytes]:
+        return list(self._trees)
+
+    def iter_entries(self, tree: bytes, status: Status | None) -> Iterator[tuple[bytes, int, bytes]]:
+        rows = [
+            (meta.height, cid)
+            for cid, meta in self._meta.items()
+            if meta.tree == tree and (status is None or meta.status == status)
+        ]
+        for height, cid in sorted(rows):
+            yield cid, height, self._raw[cid]
+
+    def status_counts(self, tree: bytes) -> dict[Status, int]:
+        counts = dict.fromkeys(Status, 0)
+        for meta in self._meta.values():
+            if meta.tree == tree:
+                counts[meta.status] += 1
+        return counts
+
+    def waiting_children(self, blockers: Collection[bytes]) -> list[bytes]:
+        return sorted({child for blocker in blockers for child in self._waits.get(blocker, {})})
+
+    def waits_in_tree(self, tree: bytes) -> list[tuple[bytes, bytes]]:
+        return sorted(
+            (blocker, child) for blocker, children in self._waits.items() for child, t in children.items() if t == tree
+        )
+
+    def write(self, batch: WriteBatch) -> None:
+        # Nothing below can fail half-way: all inputs were built by the core.
+        for record in batch.entries:
+            if record.cid not in self._meta:
+                self._meta[record.cid] = record.meta
+                self._raw[record.cid] = record.raw
+        for cid, (status, view) in batch.statuses.items():
+            old = self._meta[cid]
+            self._meta[cid] = EntryMeta(old.tree, old.height, status, old.parents, view)
+        for tree, store, cid in batch.tips_removed:
+            self._tips[(tree, store)].discard(cid)
+        for tree, store, cid in batch.tips_added:
+            self._tips[(tree, store)].add(cid)
+        if batch.waits_cleared:
+            cleared = set(batch.waits_cleared)
+            for children in self._waits.values():
+                for child in cleared & children.keys():
+                    del children[child]
+        for blocker, child, tree in batch.waits_added:
+            self._waits[blocker][child] = tree
+        for tree in batch.trees_added:
+            if tree not in self._trees:
+                self._trees.append(tree)
+
+    def get_value(self, key: str) -> bytes | None:
+        return self._values.get(key)
+
+    def set_value(self, key: str, value: bytes) -> None:
+        self._values[key] = value
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,169 @@
+"""Transactions: one entry per transaction, touching any number of stores atomically."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import libipld
+
+from .auth import check_write
+from .crdt.doc import DocDelta, encode_doc_delta
+from .crdt.table import encode_table_delta
+from .entry import INDEX_STORE, SETTINGS_STORE, Entry, build_entry
+from .errors import InvalidValueError, StoreTypeError, TransactionError
+from .ids import join_cids
+from .replica import MAIN
+from .state import DOC, TABLE
+from .storage.base import EntryMeta, EntryRecord, Status, WriteBatch
+from .stores import DOCSTORE_TYPE, TABLE_TYPE, Doc, Settings, Table
+
+if TYPE_CHECKING:
+    from .database import Database
+
+
+def check_store_name(name: str) -> None:
+    if not isinstance(name, str) or name == "" or len(name) > 255:
+        raise InvalidValueError(f"a store name is 1-255 characters of text, got {name!r}")
+    if name.startswith("_"):
+        raise InvalidValueError(f"store names starting with '_' are reserved: {name!r}")
+
+
+class Transaction:
+    """Collects writes; ``commit()`` turns them into one signed entry.
+
+    Reads see the store as it was when the transaction first opened it, plus the
+    transaction's own writes. On commit the entry's parents are the database's tips at
+    that moment, so two transactions open at once simply make two concurrent entries.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._docs: dict[str, DocDelta] = {}
+        self._tables: dict[str, dict[str, Any]] = {}
+        self._snapshots: dict[str, frozenset[bytes]] = {}
+        self._done = False
+        self.entry: Entry | None = None
+
+    # ---- store access ---------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise TransactionError("this transaction has ended; open a new one with db.transaction()")
+
+    def _snapshot(self, store: str) -> frozenset[bytes]:
+        tips = self._snapshots.get(store)
+        if tips is None:
+            tips = self._db._store_tips(store)
+            self._snapshots[store] = tips
+        return tips
+
+    def _base(self, store: str, kind: str) -> Any:
+        replica, tree = self._db._replica, self._db._tree
+        return lambda: replica.states.state(tree, store, kind, self._snapshot(store))
+
+    def _registered_type(self, name: str) -> str | None:
+        entry = self._base(INDEX_STORE, DOC)().get(name)
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        return kind if isinstance(kind, str) else None
+
+    def _open(self, name: str, store_type: str) -> None:
+        self._check_open()
+        check_store_name(name)
+        actual = self._registered_type(name)
+        if actual is None and name in (self._tables if store_type == DOCSTORE_TYPE else self._docs):
+            actual = TABLE_TYPE if store_type == DOCSTORE_TYPE else DOCSTORE_TYPE
+        if actual is not None and actual != store_type:
+            raise StoreTypeError(name, store_type, actual)
+
+    def doc(self, name: str) -> Doc:
+        self._open(name, DOCSTORE_TYPE)
+        delta = self._docs.setdefault(name, DocDelta())
+        return Doc(name, self._base(name, DOC), delta)
+
+    def table(self, name: str) -> Table:
+        self._open(name, TABLE_TYPE)
+        delta = self._tables.setdefault(name, {})
+        return Table(name, self._base(name, TABLE), delta)
+
+    def settings(self) -> Settings:
+        self._check_open()
+        delta = self._docs.setdefault(SETTINGS_STORE, DocDelta())
+        return Settings(SETTINGS_STORE, self._base(SETTINGS_STORE, DOC), delta)
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Drop every write; nothing is stored."""
+        self._done = True
+
+    def commit(self) -> str | None:
+        """Write the entry and return its ID (None when nothing was written)."""
+        self._check_open()
+        self._done = True
+        deltas: dict[str, bytes] = {}
+        decoded: dict[str, Any] = {}
+        index = DocDelta()
+        for name, delta in self._docs.items():
+            if delta.fields or delta.atomic:
+                deltas[name] = bytes(libipld.encode_dag_cbor(encode_doc_delta(delta)))
+                decoded[name] = delta
+                if name != SETTINGS_STORE and self._registered_type(name) is None:
+                    index.fields[name] = DocDelta({"type": DOCSTORE_TYPE}, atomic=True)
+        for name, rows in self._tables.items():
+            if rows:
+                deltas[name] = bytes(libipld.encode_dag_cbor(encode_table_delta(rows)))
+                decoded[name] = None
+                if self._registered_type(name) is None:
+                    index.fields[name] = DocDelta({"type": TABLE_TYPE}, atomic=True)
+        if index.fields:
+            deltas[INDEX_STORE] = bytes(libipld.encode_dag_cbor(encode_doc_delta(index)))
+            decoded[INDEX_STORE] = index
+        if not deltas:
+            return None
+        self.entry = self._db._commit(deltas, decoded)
+        return self.entry.id
+
+
+def commit_entry(db: Database, deltas: dict[str, bytes], decoded: dict[str, Any]) -> Entry:
+    """Build, check, sign and store one local entry; nothing is written if any step fails."""
+    replica, tree, signer = db._replica, db._tree, db._signer
+    with replica.lock:
+        parents = sorted(replica.tips(tree))
+        metas = replica.meta(parents)
+        height = 1 + max(metas[p].height for p in parents)
+        pin = replica.expected_pin(parents)
+        check_write(replica.auth_at(tree, frozenset(pin)), signer.pubkey, decoded)
+        stores = []
+        for name in sorted(deltas):
+            store_parents = list(pin) if name == SETTINGS_STORE else sorted(replica.tips(tree, name))
+            stores.append((name, store_parents, deltas[name]))
+        entry = build_entry(
+            signer=signer, root=tree, parents=parents, height=height, settings_tips=list(pin), stores=stores
+        )
+        batch = WriteBatch()
+        view = join_cids(replica.settings_view(entry))
+        batch.entries.append(
+            EntryRecord(entry.cid, EntryMeta(tree, height, Status.VERIFIED, join_cids(parents), view), entry.raw)
+        )
+        batch.tips_removed.extend((tree, MAIN, p) for p in parents)
+        batch.tips_added.append((tree, MAIN, entry.cid))
+        for name, store_parents, _data in stores:
+            batch.tips_removed.extend((tree, name, p) for p in store_parents)
+            batch.tips_added.append((tree, name, entry.cid))
+        before = replica.tips(tree)
+        replica.write(batch, [entry])
+        after = replica.tips(tree)
+    db._instance._notify(tree, before, after, local=True)
+    return entry
