@@ -63,6 +63,7 @@ __all__ = [
     "StoreTypeError",
     "Table",
     "Transaction",
+    "TransactionError",
     "UnsortedParentsError",
     "UnsupportedVersionError",
     "cid_from_text",

@@ -147,9 +147,13 @@ class AuthSettings:
         grant = self.keys.get(pubkey)
         if grant is not None and grant.active:
             best = grant.permission
-        if self.global_grant is not None and self.global_grant.active:
-            if best is None or self.global_grant.permission.strength > best.strength:
-                best = self.global_grant.permission
+        global_grant = self.global_grant
+        if (
+            global_grant is not None
+            and global_grant.active
+            and (best is None or global_grant.permission.strength > best.strength)
+        ):
+            best = global_grant.permission
         return best
 
 
@@ -198,7 +202,9 @@ def _check_grant_changes(auth: AuthSettings, held: Permission, pubkey: str, delt
         changes.append((auth.global_grant, auth_delta.fields["global"]))
     for old, node in changes:
         if old is not None and old.permission.strength > held.strength:
-            raise PermissionDeniedError(f"key {pubkey} ({held}) cannot change a stronger key ({old.permission})", pubkey=pubkey)
+            raise PermissionDeniedError(
+                f"key {pubkey} ({held}) cannot change a stronger key ({old.permission})", pubkey=pubkey
+            )
         new_permission = _permission_in(node)
         if new_permission is not None and new_permission.strength > held.strength:
             raise PermissionDeniedError(f"key {pubkey} ({held}) cannot grant {new_permission}", pubkey=pubkey)

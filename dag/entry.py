@@ -19,6 +19,7 @@ verification, not here.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,7 +204,7 @@ def _cid_list(value: object, where: str, limit: int) -> tuple[bytes, ...]:
     _require(len(value) <= limit, OversizeError, f"{where} has {len(value)} items (limit {limit})")
     for item in value:
         _require(is_cid(item), BadCidError, f"{where} holds a link that is not an entry ID")
-    for earlier, later in zip(value, value[1:], strict=False):
+    for earlier, later in itertools.pairwise(value):
         _require(earlier < later, UnsortedParentsError, f"{where} is not sorted and unique")
     return tuple(value)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import libipld
 
 from .auth import AuthSettings, check_write
-from .crdt.doc import apply_doc_delta, decode_doc_delta
+from .crdt.doc import DocDelta, apply_doc_delta, decode_doc_delta
 from .entry import INDEX_STORE, ROOT_STORE, SETTINGS_STORE, Entry, decode_entry
 from .errors import InvalidValueError, PermissionDeniedError
 from .ids import cid_to_text, join_cids
@@ -221,10 +221,10 @@ class Ingest:
             valid = entry.signature_valid()
         if not valid:
             return "signature does not verify"
-        stores = {}
+        stores: dict[str, DocDelta | None] = {}
         try:
             for node in entry.stores:
-                if node.name.startswith("_") and node.name not in _RESERVED_WRITABLE + (ROOT_STORE,):
+                if node.name.startswith("_") and node.name not in (*_RESERVED_WRITABLE, ROOT_STORE):
                     return f"writes reserved store {node.name!r}"
                 if node.name in _RESERVED_WRITABLE and node.data is not None:
                     stores[node.name] = decode_doc_delta(libipld.decode_dag_cbor(node.data))
@@ -267,12 +267,12 @@ class Ingest:
         meta = self.replica.meta_of(cid)
         return None if meta is None else meta.tree
 
-    def _check_root(self, entry: Entry, stores: dict[str, object]) -> str | None:
+    def _check_root(self, entry: Entry, stores: dict[str, DocDelta | None]) -> str | None:
         settings = stores.get(SETTINGS_STORE)
         if settings is None:
             return None
         state: dict[str, object] = {}
-        apply_doc_delta(state, settings)  # type: ignore[arg-type]
+        apply_doc_delta(state, settings)
         auth = AuthSettings.from_settings(state)
         held = auth.permission_of(entry.pubkey_text)
         if auth.configured and (held is None or not held.is_admin):
@@ -288,7 +288,8 @@ class Ingest:
         for record in batch.entries:
             status, view = batch.statuses.pop(record.cid, (Status.UNVERIFIED, b""))
             meta = record.meta
-            final.append(EntryRecord(record.cid, EntryMeta(meta.tree, meta.height, status, meta.parents, view), record.raw))
+            meta = EntryMeta(meta.tree, meta.height, status, meta.parents, view)
+            final.append(EntryRecord(record.cid, meta, record.raw))
         batch.entries = final
         decided = set(self.decided)
         batch.waits_added = [w for w in batch.waits_added if w[1] not in decided]

@@ -103,7 +103,7 @@ class Replica:
         """Tips over every entry that is not Failed, for the opt-in unverified read."""
         members: set[bytes] = set()
         referenced: set[bytes] = set()
-        for cid, _height, raw in self.storage.iter_entries(tree, None):
+        for cid, _height, _raw in self.storage.iter_entries(tree, None):
             meta = self.meta_of(cid)
             if meta is None or meta.status is Status.FAILED:
                 continue

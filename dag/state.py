@@ -128,9 +128,7 @@ class StateCache:
                 seen.add(parent)
                 parent_entry = self._load(parent)
                 if parent_entry is not None and parent_entry.store(store) is not None:
-                    heapq.heappush(
-                        heap, (-parent_entry.store_height(store), -int.from_bytes(parent, "big"), parent)
-                    )
+                    heapq.heappush(heap, (-parent_entry.store_height(store), -int.from_bytes(parent, "big"), parent))
         if base is None:
             state: dict[str, Any] = {}
         elif len(base) > _MOVE_ABOVE and base_key is not None:

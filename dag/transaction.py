@@ -145,7 +145,7 @@ def commit_entry(db: Database, deltas: dict[str, bytes], decoded: dict[str, Any]
         height = 1 + max(metas[p].height for p in parents)
         pin = replica.expected_pin(parents)
         check_write(replica.auth_at(tree, frozenset(pin)), signer.pubkey, decoded)
-        stores = []
+        stores: list[tuple[str, list[bytes], bytes | None]] = []
         for name in sorted(deltas):
             store_parents = list(pin) if name == SETTINGS_STORE else sorted(replica.tips(tree, name))
             stores.append((name, store_parents, deltas[name]))

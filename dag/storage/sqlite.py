@@ -118,8 +118,15 @@ class SqliteStorage:
                     db.executemany(
                         "INSERT OR IGNORE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [
-                            (r.cid, r.meta.tree, r.meta.height, int(r.meta.status), r.meta.parents,
-                             r.meta.settings_view, r.raw)
+                            (
+                                r.cid,
+                                r.meta.tree,
+                                r.meta.height,
+                                int(r.meta.status),
+                                r.meta.parents,
+                                r.meta.settings_view,
+                                r.raw,
+                            )
                             for r in batch.entries
                         ],
                     )
