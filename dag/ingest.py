@@ -70,7 +70,6 @@ class Ingest:
         self.new: dict[bytes, Entry] = {}  # decoded entries of this batch, not yet stored
         self.decided: dict[bytes, Status] = {}
         self.views: dict[bytes, bytes] = {}
-        self.heights: dict[bytes, int] = {}
         self.tips: dict[tuple[bytes, str], set[bytes]] = {}
         self.signatures: dict[bytes, bool] = {}
         self.tips_before: dict[bytes, frozenset[bytes]] = {}
@@ -90,29 +89,25 @@ class Ingest:
         if not self.new:
             return self.result
         self.signatures = check_signatures(list(self.new.values()), self.pool)
+        replica = self.replica
         for entry in self.new.values():
-            self.tips_before.setdefault(entry.tree, self.replica.tips(entry.tree))
-            self.batch.entries.append(
-                EntryRecord(
-                    entry.cid,
-                    EntryMeta(entry.tree, entry.height, Status.UNVERIFIED, join_cids(entry.parents), b""),
-                    entry.raw,
-                )
-            )
-            self.heights[entry.cid] = entry.height
-        pending = sorted(self.new.values(), key=lambda e: (e.height, e.cid))
-        self._decide_all(pending)
-        self._finish()
+            self.tips_before.setdefault(entry.tree, replica.tips(entry.tree))
+            meta = EntryMeta(entry.tree, entry.height, Status.UNVERIFIED, join_cids(entry.parents), b"")
+            self.batch.entries.append(EntryRecord(entry.cid, meta, entry.raw))
+            replica.overlay_meta[entry.cid] = meta
+            replica.overlay_entries[entry.cid] = entry
+        written = False
+        try:
+            self._decide_all(sorted(self.new.values(), key=lambda e: (e.height, e.cid)))
+            self._finish()
+            written = True
+        finally:
+            replica.end_overlay(written=written)
         return self.result
 
     # ---- deciding ---------------------------------------------------------------------
 
     def _status(self, cid: bytes) -> Status | None:
-        status = self.decided.get(cid)
-        if status is not None:
-            return status
-        if cid in self.new:
-            return Status.UNVERIFIED
         meta = self.replica.meta_of(cid)
         return None if meta is None else meta.status
 
@@ -181,6 +176,9 @@ class Ingest:
         else:
             self.result.failed[entry.id] = reason or "failed"
         self.batch.statuses[entry.cid] = (status, view)
+        meta = self.replica.meta_of(entry.cid)
+        if meta is not None:
+            self.replica.overlay_meta[entry.cid] = EntryMeta(meta.tree, meta.height, status, meta.parents, view)
         self.batch.waits_cleared.append(entry.cid)
         self.result.trees.add(entry.tree)
         return status
@@ -208,11 +206,8 @@ class Ingest:
     # ---- the checks ------------------------------------------------------------------
 
     def _height(self, cid: bytes) -> int:
-        height = self.heights.get(cid)
-        if height is None:
-            meta = self.replica.meta_of(cid)
-            height = meta.height if meta is not None else -1
-        return height
+        meta = self.replica.meta_of(cid)
+        return meta.height if meta is not None else -1
 
     def _check(self, entry: Entry) -> str | None:
         """Why ``entry`` fails, or None when it verifies. All its dependencies are Verified."""
@@ -261,9 +256,6 @@ class Ingest:
         return None
 
     def _tree_of(self, cid: bytes) -> bytes | None:
-        entry = self.new.get(cid)
-        if entry is not None:
-            return entry.tree
         meta = self.replica.meta_of(cid)
         return None if meta is None else meta.tree
 

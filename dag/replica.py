@@ -44,12 +44,25 @@ class Replica:
         self._tips: dict[tuple[bytes, str], frozenset[bytes]] = {}
         self._auth: OrderedDict[tuple[bytes, frozenset[bytes]], AuthSettings] = OrderedDict()
         self.states = StateCache(self.verified_entry)
+        # Entries of a batch being ingested, visible to lookups before the batch is written,
+        # so that settings and heights over them are computed from what they really are.
+        self.overlay_meta: dict[bytes, EntryMeta] = {}
+        self.overlay_entries: dict[bytes, Entry] = {}
+
+    def end_overlay(self, *, written: bool) -> None:
+        """Forget the in-flight batch; if it was not written, drop what was derived from it."""
+        self.overlay_meta.clear()
+        self.overlay_entries.clear()
+        if not written:
+            self.states.clear()
+            self._auth.clear()
+            self._tips.clear()
 
     # ---- entries and metadata -------------------------------------------------------
 
     def entry(self, cid: bytes) -> Entry | None:
         """A stored entry, decoded (any status)."""
-        entry = self._entries.get(cid)
+        entry = self._entries.get(cid) or self.overlay_entries.get(cid)
         if entry is None:
             raw = self.storage.get_raw(cid)
             if raw is None:
@@ -69,7 +82,7 @@ class Replica:
         found: dict[bytes, EntryMeta] = {}
         missing = []
         for cid in cids:
-            meta = self._meta.get(cid)
+            meta = self.overlay_meta.get(cid) or self._meta.get(cid)
             if meta is None:
                 missing.append(cid)
             else:
@@ -81,7 +94,7 @@ class Replica:
         return found
 
     def meta_of(self, cid: bytes) -> EntryMeta | None:
-        meta = self._meta.get(cid)
+        meta = self.overlay_meta.get(cid) or self._meta.get(cid)
         if meta is None:
             meta = self.storage.get_meta([cid]).get(cid)
             if meta is not None:
