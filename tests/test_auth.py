@@ -52,18 +52,21 @@ def test_reader_cannot_commit(instance: Instance) -> None:
     with db.transaction() as txn:
         txn.settings().add_key(reader.pubkey, Permission.read())
     tips = db.tips()
-    with pytest.raises(PermissionDeniedError, match=r"has read; writing needs write or admin"):
-        with db.with_key(reader).transaction() as txn:
-            txn.doc("d").set("x", 1)
+    as_reader = db.with_key(reader)
+    with (
+        pytest.raises(PermissionDeniedError, match=r"has read; writing needs write or admin"),
+        as_reader.transaction() as txn,
+    ):
+        txn.doc("d").set("x", 1)
     assert db.tips() == tips and len(db) == 2
 
 
 def test_unknown_key_cannot_commit(instance: Instance) -> None:
     db = instance.create_database()
     stranger = SigningKey.generate()
-    with pytest.raises(PermissionDeniedError, match=r"has no permission"):
-        with db.with_key(stranger).transaction() as txn:
-            txn.doc("d").set("x", 1)
+    as_stranger = db.with_key(stranger)
+    with pytest.raises(PermissionDeniedError, match=r"has no permission"), as_stranger.transaction() as txn:
+        txn.doc("d").set("x", 1)
 
 
 def test_global_write_lets_anyone_write(instance: Instance) -> None:
@@ -145,9 +148,8 @@ def test_admin_cannot_grant_above_itself(instance: Instance) -> None:
         txn.settings().add_key(SigningKey.generate().pubkey, Permission.write(0))
     with pytest.raises(PermissionDeniedError, match=r"cannot grant admin:1"), as_junior.transaction() as txn:
         txn.settings().add_key(SigningKey.generate().pubkey, Permission.admin(1))
-    with pytest.raises(PermissionDeniedError, match=r"cannot change a stronger key"):
-        with as_junior.transaction() as txn:
-            txn.settings().revoke_key(instance.device_id)
+    with pytest.raises(PermissionDeniedError, match=r"cannot change a stronger key"), as_junior.transaction() as txn:
+        txn.settings().revoke_key(instance.device_id)
 
 
 def test_auth_parsing_ignores_malformed_grants() -> None:
