@@ -19,7 +19,6 @@ verification, not here.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,6 @@ import libipld
 from . import keys
 from .errors import (
     BadCidError,
-    EntryError,
     GarbageEntryError,
     KeyFormatError,
     NonCanonicalError,
@@ -185,89 +183,89 @@ def build_entry(
     )
 
 
-def _require(condition: bool, error: type[EntryError], message: str) -> None:
-    if not condition:
-        raise error(message)
-
-
 def _dict(value: object, allowed: frozenset[str], where: str) -> dict[str, Any]:
-    _require(isinstance(value, dict), GarbageEntryError, f"{where} is not a map")
-    assert isinstance(value, dict)
-    unknown = set(value) - allowed
-    _require(not unknown, GarbageEntryError, f"{where} has unknown fields {sorted(unknown)}")
+    if not isinstance(value, dict):
+        raise GarbageEntryError(f"{where} is not a map")
+    if not allowed.issuperset(value):
+        raise GarbageEntryError(f"{where} has unknown fields {sorted(set(value) - allowed)}")
     return value
 
 
 def _cid_list(value: object, where: str, limit: int) -> tuple[bytes, ...]:
-    _require(isinstance(value, list), GarbageEntryError, f"{where} is not a list")
-    assert isinstance(value, list)
-    _require(len(value) <= limit, OversizeError, f"{where} has {len(value)} items (limit {limit})")
+    if not isinstance(value, list):
+        raise GarbageEntryError(f"{where} is not a list")
+    if len(value) > limit:
+        raise OversizeError(f"{where} has {len(value)} items (limit {limit})")
+    previous = b""
     for item in value:
-        _require(is_cid(item), BadCidError, f"{where} holds a link that is not an entry ID")
-    for earlier, later in itertools.pairwise(value):
-        _require(earlier < later, UnsortedParentsError, f"{where} is not sorted and unique")
+        if not is_cid(item):
+            raise BadCidError(f"{where} holds a link that is not an entry ID")
+        if item <= previous:
+            raise UnsortedParentsError(f"{where} is not sorted and unique")
+        previous = item
     return tuple(value)
 
 
 def _height(value: object, where: str) -> int:
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63,
-        GarbageEntryError,
-        f"{where} is not a positive integer",
-    )
-    assert isinstance(value, int)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**63:
+        raise GarbageEntryError(f"{where} is not a positive integer")
     return value
 
 
 def _decode_metadata(raw: object) -> tuple[tuple[bytes, ...], int | None]:
-    _require(isinstance(raw, bytes), GarbageEntryError, "tree.metadata is not bytes")
-    assert isinstance(raw, bytes)
-    _require(len(raw) <= MAX_METADATA_BYTES, OversizeError, "tree.metadata is too large")
+    if not isinstance(raw, bytes):
+        raise GarbageEntryError("tree.metadata is not bytes")
+    if len(raw) > MAX_METADATA_BYTES:
+        raise OversizeError("tree.metadata is too large")
     try:
         value = libipld.decode_dag_cbor(raw)
+        canonical = bytes(libipld.encode_dag_cbor(value)) == raw
     except ValueError as exc:
         raise GarbageEntryError(f"tree.metadata is not DAG-CBOR: {exc}") from None
-    _require(bytes(libipld.encode_dag_cbor(value)) == raw, NonCanonicalError, "tree.metadata is not canonical")
+    if not canonical:
+        raise NonCanonicalError("tree.metadata is not canonical")
     meta = _dict(value, _META_KEYS, "tree.metadata")
-    _require(bool(meta), NonCanonicalError, "tree.metadata is present but empty")
-    pins = _cid_list(meta["settings_tips"], "settings_tips", MAX_PARENTS) if "settings_tips" in meta else ()
-    _require("settings_tips" not in meta or bool(pins), NonCanonicalError, "empty settings_tips must be omitted")
+    if not meta:
+        raise NonCanonicalError("tree.metadata is present but empty")
+    pins: tuple[bytes, ...] = ()
+    if "settings_tips" in meta:
+        pins = _cid_list(meta["settings_tips"], "settings_tips", MAX_PARENTS)
+        if not pins:
+            raise NonCanonicalError("empty settings_tips must be omitted")
     entropy = meta.get("entropy")
-    _require(
-        entropy is None or (isinstance(entropy, int) and not isinstance(entropy, bool)),
-        GarbageEntryError,
-        "entropy is not an integer",
-    )
+    if entropy is not None and (not isinstance(entropy, int) or isinstance(entropy, bool)):
+        raise GarbageEntryError("entropy is not an integer")
     return pins, entropy
 
 
 def _decode_store(value: object, index: int) -> StoreNode:
-    where = f"subtrees[{index}]"
-    node = _dict(value, _STORE_KEYS, where)
+    node = _dict(value, _STORE_KEYS, f"subtrees[{index}]")
     name = node.get("name")
-    _require(isinstance(name, str) and name != "", GarbageEntryError, f"{where}.name is empty or not text")
-    assert isinstance(name, str)
-    _require(len(name) <= MAX_STORE_NAME, OversizeError, f"{where}.name is too long")
-    parents = _cid_list(node["parents"], f"{where}.parents", MAX_PARENTS) if "parents" in node else ()
-    _require("parents" not in node or bool(parents), NonCanonicalError, f"{where}: empty parents must be omitted")
+    if not isinstance(name, str) or name == "":
+        raise GarbageEntryError(f"subtrees[{index}].name is empty or not text")
+    if len(name) > MAX_STORE_NAME:
+        raise OversizeError(f"subtrees[{index}].name is too long")
+    parents: tuple[bytes, ...] = ()
+    if "parents" in node:
+        parents = _cid_list(node["parents"], f"subtrees[{index}].parents", MAX_PARENTS)
+        if not parents:
+            raise NonCanonicalError(f"subtrees[{index}]: empty parents must be omitted")
     data = node.get("data")
-    if data is not None:
-        # A delta is always an encoded map, so it can never be mistaken for a bare CID.
-        _require(
-            isinstance(data, bytes) and len(data) > 0 and 0xA0 <= data[0] <= 0xBF,
-            GarbageEntryError,
-            f"{where}.data is not an encoded map",
-        )
-    height = _height(node["h"], f"{where}.h") if "h" in node else None
+    # A delta is always an encoded map, so it can never be mistaken for a bare CID.
+    if data is not None and (not isinstance(data, bytes) or not data or not 0xA0 <= data[0] <= 0xBF):
+        raise GarbageEntryError(f"subtrees[{index}].data is not an encoded map")
+    height = _height(node["h"], f"subtrees[{index}].h") if "h" in node else None
     return StoreNode(name, parents, data, height)
 
 
 def decode_entry(raw: bytes) -> Entry:
     """Decode and check an entry from its bytes; raises an :class:`EntryError` subclass."""
-    if not isinstance(raw, bytes | bytearray | memoryview):
-        raise GarbageEntryError("an entry must be bytes")
-    raw = bytes(raw)
-    _require(len(raw) <= MAX_ENTRY_BYTES, OversizeError, f"entry is {len(raw)} bytes (limit {MAX_ENTRY_BYTES})")
+    if not isinstance(raw, bytes):
+        if not isinstance(raw, bytearray | memoryview):
+            raise GarbageEntryError("an entry must be bytes")
+        raw = bytes(raw)
+    if len(raw) > MAX_ENTRY_BYTES:
+        raise OversizeError(f"entry is {len(raw)} bytes (limit {MAX_ENTRY_BYTES})")
     try:
         value = libipld.decode_dag_cbor(raw)
     except ValueError as exc:
@@ -279,37 +277,55 @@ def decode_entry(raw: bytes) -> Entry:
         canonical = bytes(libipld.encode_dag_cbor(value)) == raw
     except ValueError:
         canonical = False
-    _require(canonical, NonCanonicalError, "entry bytes are not canonical DAG-CBOR")
+    if not canonical:
+        raise NonCanonicalError("entry bytes are not canonical DAG-CBOR")
 
     tree = _dict(top.get("tree"), _TREE_KEYS, "tree")
     root = tree.get("root")
-    _require(root is None or is_cid(root), BadCidError, "tree.root is not an entry ID")
+    if root is not None and not is_cid(root):
+        raise BadCidError("tree.root is not an entry ID")
     parents = _cid_list(tree["parents"], "tree.parents", MAX_PARENTS) if "parents" in tree else ()
     height = _height(tree["h"], "tree.h") if "h" in tree else 0
     pins, entropy = _decode_metadata(tree["metadata"]) if "metadata" in tree else ((), None)
 
-    raw_stores = top.get("subtrees", [])
-    _require(isinstance(raw_stores, list), GarbageEntryError, "subtrees is not a list")
-    _require("subtrees" not in top or bool(raw_stores), NonCanonicalError, "empty subtrees must be omitted")
-    _require(len(raw_stores) <= MAX_STORES, OversizeError, f"entry touches {len(raw_stores)} stores")
-    stores = tuple(_decode_store(node, i) for i, node in enumerate(raw_stores))
-    names = [node.name for node in stores]
-    _require(names == sorted(set(names)), GarbageEntryError, "subtrees are not sorted by unique name")
+    raw_stores = top.get("subtrees")
+    stores: tuple[StoreNode, ...] = ()
+    if raw_stores is not None:
+        if not isinstance(raw_stores, list):
+            raise GarbageEntryError("subtrees is not a list")
+        if not raw_stores:
+            raise NonCanonicalError("empty subtrees must be omitted")
+        if len(raw_stores) > MAX_STORES:
+            raise OversizeError(f"entry touches {len(raw_stores)} stores")
+        stores = tuple([_decode_store(node, i) for i, node in enumerate(raw_stores)])
+        previous = ""
+        for node in stores:
+            if node.name <= previous:
+                raise GarbageEntryError("subtrees are not sorted by unique name")
+            previous = node.name
+    has_root_store = any(node.name == ROOT_STORE for node in stores)
 
     if root is None:
-        _require(not parents, RootRuleError, "a root entry cannot have parents")
-        _require(height == 0, RootRuleError, "a root entry has height 0")
-        _require(not pins, RootRuleError, "a root entry pins no settings")
-        _require(ROOT_STORE in names, RootRuleError, "a root entry must hold the _root store")
+        if parents:
+            raise RootRuleError("a root entry cannot have parents")
+        if height != 0:
+            raise RootRuleError("a root entry has height 0")
+        if pins:
+            raise RootRuleError("a root entry pins no settings")
+        if not has_root_store:
+            raise RootRuleError("a root entry must hold the _root store")
     else:
-        _require(bool(parents), RootRuleError, "a non-root entry must have parents")
-        _require(ROOT_STORE not in names, RootRuleError, "only a root entry holds the _root store")
+        if not parents:
+            raise RootRuleError("a non-root entry must have parents")
+        if has_root_store:
+            raise RootRuleError("only a root entry holds the _root store")
 
     sig = _dict(top.get("sig"), _SIG_KEYS, "sig")
     hint = sig.get("key")
     try:
         pubkey_text = hint["Direct"]["hint"]["pubkey"]  # type: ignore[index]
-        _require(hint == key_hint(pubkey_text), GarbageEntryError, "sig.key has unknown fields")
+        if hint != key_hint(pubkey_text):
+            raise GarbageEntryError("sig.key has unknown fields")
         pubkey = keys.pubkey_from_text(pubkey_text)
         signature = keys.signature_from_text(sig["sig"]) if "sig" in sig else None
     except (KeyError, TypeError) as exc:

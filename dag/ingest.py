@@ -15,9 +15,8 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import libipld
@@ -31,6 +30,7 @@ from .replica import MAIN, Replica
 from .storage.base import EntryMeta, EntryRecord, Status, WriteBatch
 
 PARALLEL_SIGNATURES_FROM = 64  # below this a thread pool costs more than it saves
+SIGNATURE_CHUNK = 100
 _RESERVED_WRITABLE = (SETTINGS_STORE, INDEX_STORE)
 
 
@@ -40,23 +40,44 @@ class PutResult:
 
     received: int = 0
     duplicates: int = 0
-    verified: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # entry ID -> reason
-    unverified: list[str] = field(default_factory=list)
+    verified: list[bytes] = field(default_factory=list)  # binary IDs, in the order verified
+    failed: dict[str, str] = field(default_factory=dict)  # entry ID (text) -> reason
+    unverified: list[bytes] = field(default_factory=list)  # stored, waiting for what they depend on
     trees: set[bytes] = field(default_factory=set)
 
 
-def check_signatures(entries: list[Entry], pool: ThreadPoolExecutor | None) -> dict[bytes, bool]:
-    """Signature validity per entry; PyNaCl drops the GIL, so threads use every core."""
-    if pool is None or len(entries) < PARALLEL_SIGNATURES_FROM:
-        return {entry.cid: entry.signature_valid() for entry in entries}
-    workers = max(1, min(os.cpu_count() or 1, 8))
-    size = (len(entries) + workers - 1) // workers
-    chunks = [entries[i : i + size] for i in range(0, len(entries), size)]
-    results: dict[bytes, bool] = {}
-    for chunk_result in pool.map(lambda chunk: {e.cid: e.signature_valid() for e in chunk}, chunks):
-        results.update(chunk_result)
-    return results
+def _check_chunk(entries: list[Entry]) -> dict[bytes, bool]:
+    return {entry.cid: entry.signature_valid() for entry in entries}
+
+
+class SignatureChecks:
+    """Signature checks running on a thread pool while the caller goes on deciding.
+
+    PyNaCl releases the GIL while it verifies, so the pool's threads use the other cores
+    while this thread decodes, orders and checks permissions. Chunks are submitted in
+    the order entries will be decided, so the first answers needed come first.
+    """
+
+    def __init__(self, entries: list[Entry], pool: ThreadPoolExecutor | None) -> None:
+        self._results: dict[bytes, bool] = {}
+        self._pending: dict[bytes, Future[dict[bytes, bool]]] = {}
+        if pool is None or len(entries) < PARALLEL_SIGNATURES_FROM:
+            return
+        for start in range(0, len(entries), SIGNATURE_CHUNK):
+            chunk = entries[start : start + SIGNATURE_CHUNK]
+            future = pool.submit(_check_chunk, chunk)
+            for entry in chunk:
+                self._pending[entry.cid] = future
+
+    def valid(self, entry: Entry) -> bool:
+        result = self._results.get(entry.cid)
+        if result is None:
+            future = self._pending.pop(entry.cid, None)
+            if future is None:
+                return entry.signature_valid()
+            self._results.update(future.result())
+            result = self._results[entry.cid]
+        return result
 
 
 class Ingest:
@@ -71,7 +92,7 @@ class Ingest:
         self.decided: dict[bytes, Status] = {}
         self.views: dict[bytes, bytes] = {}
         self.tips: dict[tuple[bytes, str], set[bytes]] = {}
-        self.signatures: dict[bytes, bool] = {}
+        self.signatures = SignatureChecks([], None)
         self.tips_before: dict[bytes, frozenset[bytes]] = {}
 
     def run(self, raws: Iterable[bytes]) -> PutResult:
@@ -88,7 +109,6 @@ class Ingest:
         self.result.duplicates = len(decoded) - len(self.new)
         if not self.new:
             return self.result
-        self.signatures = check_signatures(list(self.new.values()), self.pool)
         replica = self.replica
         for entry in self.new.values():
             self.tips_before.setdefault(entry.tree, replica.tips(entry.tree))
@@ -96,9 +116,11 @@ class Ingest:
             self.batch.entries.append(EntryRecord(entry.cid, meta, entry.raw))
             replica.overlay_meta[entry.cid] = meta
             replica.overlay_entries[entry.cid] = entry
+        ordered = sorted(self.new.values(), key=lambda e: (e.height, e.cid))
+        self.signatures = SignatureChecks(ordered, self.pool)
         written = False
         try:
-            self._decide_all(sorted(self.new.values(), key=lambda e: (e.height, e.cid)))
+            self._decide_all(ordered)
             self._finish()
             written = True
         finally:
@@ -172,14 +194,15 @@ class Ingest:
             view = join_cids(self.replica.settings_view(entry))
             self.views[entry.cid] = view
             self._advance_tips(entry)
-            self.result.verified.append(entry.id)
+            self.result.verified.append(entry.cid)
         else:
             self.result.failed[entry.id] = reason or "failed"
         self.batch.statuses[entry.cid] = (status, view)
         meta = self.replica.meta_of(entry.cid)
         if meta is not None:
             self.replica.overlay_meta[entry.cid] = EntryMeta(meta.tree, meta.height, status, meta.parents, view)
-        self.batch.waits_cleared.append(entry.cid)
+        if entry.cid not in self.new:  # it waited in storage since an earlier batch
+            self.batch.waits_cleared.append(entry.cid)
         self.result.trees.add(entry.tree)
         return status
 
@@ -211,10 +234,7 @@ class Ingest:
 
     def _check(self, entry: Entry) -> str | None:
         """Why ``entry`` fails, or None when it verifies. All its dependencies are Verified."""
-        valid = self.signatures.get(entry.cid)
-        if valid is None:  # an entry from an earlier batch that was waiting
-            valid = entry.signature_valid()
-        if not valid:
+        if not self.signatures.valid(entry):
             return "signature does not verify"
         stores: dict[str, DocDelta | None] = {}
         try:
@@ -292,4 +312,4 @@ class Ingest:
         self.replica.write(batch, self.new.values())
         for cid in self.new:
             if cid not in self.decided:
-                self.result.unverified.append(cid_to_text(cid))
+                self.result.unverified.append(cid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 import stat
 from pathlib import Path
@@ -38,8 +39,12 @@ def pubkey_to_text(raw: bytes) -> str:
     return PUBKEY_PREFIX + base64.b64encode(raw).decode("ascii")
 
 
+@functools.lru_cache(maxsize=4096)
 def pubkey_from_text(text: str) -> bytes:
-    """The 32 bytes of a public key in text form; raises :class:`KeyFormatError`."""
+    """The 32 bytes of a public key in text form; raises :class:`KeyFormatError`.
+
+    Cached: a database has few writers, and every entry names one.
+    """
     if not isinstance(text, str) or not text.startswith(PUBKEY_PREFIX):
         raise KeyFormatError(f"public key must start with {PUBKEY_PREFIX!r}: {text!r}")
     return _b64_canonical(text[len(PUBKEY_PREFIX) :], 32, "public key")
@@ -83,10 +88,15 @@ class SigningKey:
         return f"SigningKey({self.pubkey})"
 
 
+@functools.lru_cache(maxsize=4096)
+def _verify_key(pubkey: bytes) -> nacl.signing.VerifyKey:
+    return nacl.signing.VerifyKey(pubkey)
+
+
 def verify_signature(pubkey: bytes, message: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is ``pubkey``'s signature of ``message``. Releases the GIL."""
     try:
-        nacl.signing.VerifyKey(pubkey).verify(message, signature)
+        _verify_key(pubkey).verify(message, signature)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
         return False
     return True
