@@ -139,7 +139,8 @@ class Database:
 
     def raw_entries(self, status: Status | None = Status.VERIFIED) -> list[tuple[bytes, bytes]]:
         """``(cid, bytes)`` of entries in height order (Verified only by default)."""
-        return [(cid, raw) for cid, _h, raw in self._replica.storage.iter_entries(self._tree, status)]
+        with self._replica.lock:
+            return [(cid, raw) for cid, _h, raw in self._replica.storage.iter_entries(self._tree, status)]
 
     def ancestors(self, tips: Iterable[bytes]) -> set[bytes]:
         return ancestors(self._replica, tips)

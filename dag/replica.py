@@ -10,8 +10,8 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterable
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .auth import AuthSettings
 from .entry import SETTINGS_STORE, Entry, decode_entry
@@ -20,6 +20,21 @@ from .state import DOC, StateCache
 from .storage.base import EntryMeta, Status, Storage, WriteBatch
 
 MAIN = ""  # the store name under which the main DAG's tips are kept
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(method: Callable[Concatenate[Replica, _P], _R]) -> Callable[Concatenate[Replica, _P], _R]:
+    """Run under the replica's lock: the sync layer verifies batches on a worker thread."""
+
+    def wrapper(self: Replica, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
 
 
 class _Lru(OrderedDict[bytes, Any]):
@@ -43,7 +58,7 @@ class Replica:
         self._meta = _Lru(200_000)
         self._tips: dict[tuple[bytes, str], frozenset[bytes]] = {}
         self._auth: OrderedDict[tuple[bytes, frozenset[bytes]], AuthSettings] = OrderedDict()
-        self.states = StateCache(self.verified_entry)
+        self.states = StateCache(self.verified_entry, lock=self.lock)
         # Entries of a batch being ingested, visible to lookups before the batch is written,
         # so that settings and heights over them are computed from what they really are.
         self.overlay_meta: dict[bytes, EntryMeta] = {}
@@ -60,6 +75,7 @@ class Replica:
 
     # ---- entries and metadata -------------------------------------------------------
 
+    @_locked
     def entry(self, cid: bytes) -> Entry | None:
         """A stored entry, decoded (any status)."""
         entry = self._entries.get(cid) or self.overlay_entries.get(cid)
@@ -78,6 +94,7 @@ class Replica:
             return None
         return self.entry(cid)
 
+    @_locked
     def meta(self, cids: Collection[bytes]) -> dict[bytes, EntryMeta]:
         found: dict[bytes, EntryMeta] = {}
         missing = []
@@ -93,6 +110,7 @@ class Replica:
                 found[cid] = meta
         return found
 
+    @_locked
     def meta_of(self, cid: bytes) -> EntryMeta | None:
         meta = self.overlay_meta.get(cid) or self._meta.get(cid)
         if meta is None:
@@ -103,6 +121,7 @@ class Replica:
 
     # ---- tips -----------------------------------------------------------------------
 
+    @_locked
     def tips(self, tree: bytes, store: str = MAIN) -> frozenset[bytes]:
         """Tips of the verified part of a tree (``store`` ``""``) or of one store."""
         key = (tree, store)
@@ -112,6 +131,7 @@ class Replica:
             self._tips[key] = tips
         return tips
 
+    @_locked
     def unverified_tips(self, tree: bytes, store: str = MAIN) -> frozenset[bytes]:
         """Tips over every entry that is not Failed, for the opt-in unverified read."""
         members: set[bytes] = set()
@@ -140,6 +160,7 @@ class Replica:
             return (entry.cid,)
         return entry.settings_tips
 
+    @_locked
     def expected_pin(self, parents: Iterable[bytes], views: dict[bytes, bytes] | None = None) -> tuple[bytes, ...]:
         """The `_settings` tips over the closure of ``parents``: what an entry must pin."""
         union: set[bytes] = set()
@@ -182,6 +203,7 @@ class Replica:
     def settings_state(self, tree: bytes, pin: frozenset[bytes]) -> dict[str, Any]:
         return self.states.state(tree, SETTINGS_STORE, DOC, pin)
 
+    @_locked
     def auth_at(self, tree: bytes, pin: frozenset[bytes]) -> AuthSettings:
         key = (tree, pin)
         auth = self._auth.get(key)

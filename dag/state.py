@@ -20,6 +20,7 @@ is dropped and the dict is extended in place.
 from __future__ import annotations
 
 import heapq
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -72,8 +73,14 @@ def decode_delta(kind: str, data: bytes) -> Any:
 class StateCache:
     """Store states by (tree, store, kind, tips); bounded, least recently used first out."""
 
-    def __init__(self, load: Callable[[bytes], Entry | None], capacity: int = 256) -> None:
+    def __init__(
+        self,
+        load: Callable[[bytes], Entry | None],
+        capacity: int = 256,
+        lock: threading.RLock | None = None,
+    ) -> None:
         self._load = load
+        self._lock = lock or threading.RLock()
         self._capacity = capacity
         self._states: OrderedDict[StateKey, dict[str, Any]] = OrderedDict()
 
@@ -94,6 +101,10 @@ class StateCache:
 
     def state(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes]) -> dict[str, Any]:
         """The state at ``tips`` (read-only: callers copy what they hand out)."""
+        with self._lock:
+            return self._state(tree, store, kind, tips)
+
+    def _state(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes]) -> dict[str, Any]:
         key = (tree, store, kind, tips)
         cached = self._get(key)
         if cached is not None:
