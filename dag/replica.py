@@ -28,7 +28,7 @@ _R = TypeVar("_R")
 def _locked(method: Callable[Concatenate[Replica, _P], _R]) -> Callable[Concatenate[Replica, _P], _R]:
     """Run under the replica's lock: the sync layer verifies batches on a worker thread."""
 
-    def wrapper(self: Replica, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    def wrapper(self: Replica, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with self.lock:
             return method(self, *args, **kwargs)
 
