@@ -24,7 +24,7 @@ import libipld
 from .auth import AuthSettings, check_write
 from .crdt.doc import DocDelta, apply_doc_delta, decode_doc_delta
 from .entry import INDEX_STORE, ROOT_STORE, SETTINGS_STORE, Entry, decode_entry
-from .errors import InvalidValueError, PermissionDeniedError
+from .errors import GarbageEntryError, InvalidValueError, PermissionDeniedError
 from .ids import cid_to_text, join_cids
 from .replica import MAIN, Replica
 from .storage.base import EntryMeta, EntryRecord, Status, WriteBatch
@@ -95,8 +95,12 @@ class Ingest:
         self.signatures = SignatureChecks([], None)
         self.tips_before: dict[bytes, frozenset[bytes]] = {}
 
-    def run(self, raws: Iterable[bytes]) -> PutResult:
+    def run(self, raws: Iterable[bytes], only_tree: bytes | None = None) -> PutResult:
         decoded = [decode_entry(raw) for raw in raws]  # raises before anything is stored
+        if only_tree is not None:
+            for entry in decoded:
+                if entry.tree != only_tree:
+                    raise GarbageEntryError(f"entry {entry.id} belongs to another database")
         self.result.received = len(decoded)
         unique: dict[bytes, Entry] = {}
         for entry in decoded:

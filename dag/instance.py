@@ -191,19 +191,20 @@ class Instance:
 
     # ---- entries from elsewhere ---------------------------------------------------------
 
-    def put_remote_entries(self, entries: Iterable[bytes]) -> PutResult:
+    def put_remote_entries(self, entries: Iterable[bytes], *, database_id: bytes | None = None) -> PutResult:
         """Store entries received from a peer, then verify them locally.
 
         Every entry is decoded and checked first; one malformed entry raises an
         :class:`~dag.errors.EntryError` and nothing is stored. Valid entries are stored
         Unverified and verified against the settings they pin: Verified, Failed, or left
-        Unverified while something they depend on is missing.
+        Unverified while something they depend on is missing. With ``database_id`` (a
+        binary ID), an entry of any other database is refused like a malformed one.
         """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8)))
         with self._replica.lock:
             ingest = Ingest(self._replica, self._pool)
-            result = ingest.run(entries)
+            result = ingest.run(entries, database_id)
             after = {tree: self._replica.tips(tree) for tree in ingest.tips_before}
         for tree, before in ingest.tips_before.items():
             self._notify(tree, before, after[tree], local=False)
