@@ -313,6 +313,8 @@ class Sync:
             nursery.start_soon(self._periodic)
             task_status.started()
             async for command, argument in self._commands_out:
+                if self._closed:
+                    continue  # shutting down: the flush already ran
                 if command == "write":
                     for relation in self.state.relationships(argument):
                         if relation.on_commit:
@@ -343,7 +345,7 @@ class Sync:
 
     def _on_exchange(self, db: Database, peer: str, common: list[bytes]) -> None:
         """The handler served ``peer``: it now holds ``common``; keep that as our cursor too."""
-        self.state.relate(db.id, peer, interval_s=self.config.default_interval_s)
+        self.state.ensure_related(db.id, peer, interval_s=self.config.default_interval_s)
         self.state.record_sync(db.id, peer, now_ms=self._now_ms(), common=common, sent=0, received=0, error=None)
 
     def schedule(self, peer: str, db_id: str, delay_s: float = 0.0, *, pull: bool = True) -> None:

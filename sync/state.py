@@ -143,6 +143,11 @@ class SyncState:
 
     # ---- which databases sync with which peers ----------------------------------------
 
+    def ensure_related(self, db: str, peer: str, *, interval_s: int = DEFAULT_INTERVAL_S) -> None:
+        """Create the relationship with defaults unless it exists (keeps its settings)."""
+        if not isinstance(self.db.doc("dbs").to_dict().get(db, {}).get(peer), dict):
+            self.relate(db, peer, interval_s=interval_s)
+
     def relate(
         self,
         db: str,
