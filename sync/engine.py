@@ -262,6 +262,10 @@ class Sync:
             await self._sync_now(hello.pubkey, target, raise_errors=True)
         return hello.pubkey
 
+    async def sync_now(self, peer: str, db_id: str) -> None:
+        """One exchange for ``db_id`` with a known peer, now; raises what went wrong."""
+        await self._sync_now(peer, db_id, raise_errors=True)
+
     def register_sync_peer(self, info: SyncPeerInfo) -> SyncHandle:
         """Declare that ``info.db_id`` syncs with ``info.pubkey``; syncing starts in the background."""
         self.state.upsert_peer(info.pubkey, display_name=info.display_name, addresses=info.addresses)
