@@ -379,7 +379,11 @@ def decode_message(data: bytes) -> Message:
             max_map_len=64,
             max_str_len=MAX_TEXT,
         )
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+    except ValueError as exc:
+        if "exceeds max" in str(exc):
+            raise OversizeMessageError(f"message over a limit: {exc}") from None
+        raise MalformedMessageError(f"not a msgpack message: {exc}") from None
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
         raise MalformedMessageError(f"not a msgpack message: {exc}") from None
     return from_wire(body)
 

@@ -59,8 +59,8 @@ def _packed(body: object) -> bytes:
         (_packed({"type": "Error", "code": 1, "message": "m"}), MalformedMessageError, r"^field 'code' is not text$"),
         (
             _packed({"type": "Bootstrap", "db": DB, "tips": [], "entries": [b"e"] * (MAX_ENTRIES_PER_MESSAGE + 1)}),
-            MalformedMessageError,
-            r"not a msgpack message",
+            OversizeMessageError,
+            r"^message over a limit",
         ),
         (
             _packed({"type": "Bootstrap", "db": DB, "tips": [], "entries": [1]}),
