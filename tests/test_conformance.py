@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -14,12 +16,12 @@ from sync.messages import SyncTree
 from tests.transport_kits import Kit, MemoryKit, Node
 
 KITS: dict[str, Callable[[], Kit]] = {"memory": MemoryKit}
-try:  # each real transport adds its kit when its module imports
-    from tests.transport_kits_real import REAL_KITS
-
-    KITS.update(REAL_KITS)
-except ImportError:  # pragma: no cover - only while a transport is being built
-    pass
+for _module, _name in (("tests.kit_http", "HttpKit"), ("tests.kit_libp2p", "Libp2pKit")):
+    try:  # each real transport adds its kit from its own module
+        _kit = getattr(importlib.import_module(_module), _name)
+    except ModuleNotFoundError:  # pragma: no cover - only while a transport is being built
+        continue
+    KITS[_kit.name] = _kit
 
 TIMEOUT_S = 20
 
