@@ -41,7 +41,7 @@ from .messages import Message
 from .peer import ExchangeResult, PeerHello, handshake, sync_database
 from .state import DEFAULT_INTERVAL_S, AccessRequest, PeerRecord, SyncState
 from .ticket import Ticket
-from .transport import Address, RequestContext, Transport
+from .transport import Address, BackgroundTransport, RequestContext, TaskStatus, Transport
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class Sync:
         self._token: trio.lowlevel.TrioToken | None = None
         self._commands_in, self._commands_out = trio.open_memory_channel[tuple[str, Any]](COMMAND_BUFFER)
         self._changed = trio.Event()
+        self._writes_queued: set[str] = set()
         self._closed = False
         name = config.display_name or self.state.get_setting("display_name") or instance.device_id[8:20]
         self.display_name = str(name)
@@ -169,6 +170,8 @@ class Sync:
         if name in self._transports:
             raise SyncError(f"a transport named {name!r} is already registered")
         self._transports[name] = transport
+        if isinstance(transport, BackgroundTransport):
+            self._require_nursery().start_soon(transport.run)
         if self._nursery is not None and not self._closed:
             # Resume: every relationship kept in _sync whose peer this transport reaches.
             for relation in self.state.relationships():
@@ -184,7 +187,7 @@ class Sync:
                 await nursery.start(self._serve, name, transport)
                 self._serving.add(name)
 
-    async def _serve(self, name: str, transport: Transport, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _serve(self, name: str, transport: Transport, *, task_status: TaskStatus[None]) -> None:
         async def handle(message: Message, context: RequestContext) -> AsyncIterator[Message]:
             async for answer in self.handler.handle(message, context):
                 yield answer
@@ -309,7 +312,7 @@ class Sync:
             raise SyncError("sync is not running (use it inside `async with enable_sync(...)`)")
         return self._nursery
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The engine: serves commands until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -320,6 +323,7 @@ class Sync:
                 if self._closed:
                     continue  # shutting down: the flush already ran
                 if command == "write":
+                    self._writes_queued.discard(argument)
                     for relation in self.state.relationships(argument):
                         if relation.on_commit:
                             self.schedule(relation.peer, argument, pull=False)
@@ -339,10 +343,14 @@ class Sync:
             self._token.run_sync_soon(self._queue_write, db.id)
 
     def _queue_write(self, db_id: str) -> None:
+        if db_id in self._writes_queued:
+            return  # a burst of commits is one push: the command is already waiting
         try:
             self._commands_in.send_nowait(("write", db_id))
         except (trio.WouldBlock, trio.ClosedResourceError):
             log.warning("sync command queue full; %s will sync at its next period", db_id)
+            return
+        self._writes_queued.add(db_id)
 
     def _on_peer(self, pubkey: str, display_name: str, addresses: list[Address]) -> None:
         self.state.upsert_peer(pubkey, display_name=display_name, addresses=addresses, seen_ms=self._now_ms())

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import trio
+
+if TYPE_CHECKING:
+    # py-libp2p depends on trio-typing, whose trio-stubs shadow trio's own (newer) inline
+    # types for mypy and lack trio.TaskStatus; its TaskStatus is the same protocol.
+    from trio_typing import TaskStatus as TaskStatus
+else:
+    TaskStatus = trio.TaskStatus
 
 from .messages import Message
 
@@ -47,10 +54,21 @@ class Transport(Protocol):
         """Send ``message`` to ``address``; yield the answers until the last one."""
         ...
 
-    async def serve(self, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, handler: Handler, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept requests until cancelled; call ``task_status.started()`` once listening."""
         ...
 
     def listen_addresses(self) -> list[str]:
         """Addresses peers can reach this node at (empty until serving)."""
         ...
+
+
+@runtime_checkable
+class BackgroundTransport(Transport, Protocol):
+    """A transport that needs a service running even to dial out (libp2p's host does).
+
+    ``Sync.register_transport`` starts ``run`` in the engine's nursery; ``request`` and
+    ``serve`` wait until it is ready.
+    """
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...

@@ -17,7 +17,7 @@ import trio
 
 from sync.errors import RequestTimeoutError, TransportError, UnreachableError
 from sync.messages import Message, decode_message, encode_message
-from sync.transport import Handler, RequestContext
+from sync.transport import Handler, RequestContext, TaskStatus
 
 DROP_TIMEOUT_S = 5.0  # how long a dropped request takes to be noticed
 
@@ -121,7 +121,7 @@ class MemoryTransport:
     def request(self, address: str, message: Message) -> AsyncIterator[Message]:
         return self._network.request(self.name, address, message)
 
-    async def serve(self, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, handler: Handler, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._network._nodes[self.name] = handler
         self._serving = True
         try:
