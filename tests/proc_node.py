@@ -1,0 +1,144 @@
+"""A sync node in a process of its own, driven line by line (for multi-process tests).
+
+    python -m tests.proc_node --transport http --data-dir DIR --bind 127.0.0.1:0
+
+Once serving it prints one JSON line, ``{"ready": true, "device_id": ..., "addresses":
+["http:127.0.0.1:PORT"]}``, then reads commands from stdin, one per line, and answers
+each with one JSON line, ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``:
+
+    create NAME         -> {"db": ID, "ticket": TICKET}   (open to any peer: global Write)
+    join TICKET         -> {"db": ID}
+    set DB KEY VALUE    -> {}                             (VALUE: the rest of the line, as text)
+    get DB KEY          -> {"value": VALUE or null}
+    info                -> {"device_id": ..., "addresses": [...], "peers": [...]}
+    quit                -> {}, then the node stops (end of input does the same)
+
+A transport is one factory in ``TRANSPORTS``, keyed by the name it is registered under
+(and that its addresses carry), so another transport is one function and one entry.
+Logs go to stderr; stdout carries only the JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dag import Instance, Permission
+from sync import Sync, SyncConfig, Transport, enable_sync
+from transports.http import HttpTransport
+
+# A command is one exchange with one peer at most (join: a handshake and a bootstrap); a
+# node that cannot finish one in this long answers with an error instead of hanging.
+COMMAND_TIMEOUT_S = 30.0
+
+TransportFactory = Callable[[argparse.Namespace, Instance], Transport]
+
+
+def _http(args: argparse.Namespace, _instance: Instance) -> Transport:
+    return HttpTransport(bind=args.bind or "127.0.0.1:0")
+
+
+TRANSPORTS: dict[str, TransportFactory] = {"http": _http}
+
+
+def _emit(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload), flush=True)
+
+
+class Commands:
+    """The command set: each takes the line's words after the verb and returns the answer's fields."""
+
+    def __init__(self, instance: Instance, sync: Sync) -> None:
+        self.instance = instance
+        self.sync = sync
+
+    async def create(self, name: str) -> dict[str, Any]:
+        db = self.instance.create_database(name=name)
+        with db.transaction() as txn:
+            txn.settings().set_global(Permission.write(10))
+        return {"db": db.id, "ticket": str(self.sync.create_ticket(db.id))}
+
+    async def join(self, ticket: str) -> dict[str, Any]:
+        db = await self.sync.join(ticket)
+        return {"db": db.id}
+
+    async def set(self, db_id: str, key: str, value: str) -> dict[str, Any]:
+        with self.instance.open_database(db_id).transaction() as txn:
+            txn.doc("kv").set(key, value)
+        return {}
+
+    async def get(self, db_id: str, key: str) -> dict[str, Any]:
+        return {"value": self.instance.open_database(db_id).doc("kv").get(key)}
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "device_id": self.instance.device_id,
+            "addresses": [str(a) for a in self.sync.listen_addresses()],
+            "peers": [p.pubkey for p in self.sync.peers()],
+        }
+
+    def lookup(self, line: str) -> Callable[[], Awaitable[dict[str, Any]]] | None:
+        """The call a command line stands for, or None if it is not one."""
+        verb, _, rest = line.strip().partition(" ")
+        words = rest.split()
+        if verb == "create" and len(words) == 1:
+            return lambda: self.create(words[0])
+        if verb == "join" and len(words) == 1:
+            return lambda: self.join(words[0])
+        if verb == "set" and len(words) >= 3:
+            db_id, key, value = rest.split(" ", 2)
+            return lambda: self.set(db_id, key, value)
+        if verb == "get" and len(words) == 2:
+            return lambda: self.get(words[0], words[1])
+        if verb == "info" and not words:
+            return self.info
+        return None
+
+
+async def _run(args: argparse.Namespace) -> None:
+    instance = Instance.open(Path(args.data_dir))
+    try:
+        config = SyncConfig(display_name=args.name or Path(args.data_dir).name)
+        async with enable_sync(instance, config=config) as sync:
+            sync.register_transport(args.transport, TRANSPORTS[args.transport](args, instance))
+            await sync.accept_connections()
+            commands = Commands(instance, sync)
+            _emit({"ready": True, **await commands.info()})
+            stdin = trio.wrap_file(sys.stdin)
+            while line := await stdin.readline():
+                if line.strip() == "quit":
+                    break
+                call = commands.lookup(line)
+                if call is None:
+                    _emit({"ok": False, "error": f"unknown command: {line.strip()!r}"})
+                    continue
+                try:
+                    with trio.fail_after(COMMAND_TIMEOUT_S):
+                        _emit({"ok": True, **await call()})
+                except Exception as exc:  # answer the driver; the node carries on
+                    _emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            _emit({"ok": True})
+    finally:
+        instance.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--transport", choices=sorted(TRANSPORTS), required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--bind", help="where the transport listens (its own address syntax)")
+    parser.add_argument("--name", help="display name (default: the data directory's name)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    trio.run(_run, args)
+
+
+if __name__ == "__main__":
+    main()
