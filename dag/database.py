@@ -142,6 +142,23 @@ class Database:
         with self._replica.lock:
             return [(cid, raw) for cid, _h, raw in self._replica.storage.iter_entries(self._tree, status)]
 
+    def cids(self, status: Status | None = Status.VERIFIED) -> list[bytes]:
+        """Entry IDs in height order (Verified only by default), without their bytes."""
+        with self._replica.lock:
+            return list(self._replica.storage.iter_cids(self._tree, status))
+
+    def raws(self, cids: list[bytes]) -> list[bytes]:
+        """The bytes of ``cids`` that are in this database, in the order given (missing ones skipped)."""
+        found = self.raw_map(cids)
+        return [found[c] for c in cids if c in found]
+
+    def raw_map(self, cids: list[bytes]) -> dict[bytes, bytes]:
+        """The bytes of each of ``cids`` that is in this database."""
+        with self._replica.lock:
+            found = self._replica.storage.get_raws(cids)
+            metas = self._replica.meta(list(found))
+        return {cid: raw for cid, raw in found.items() if metas[cid].tree == self._tree}
+
     def ancestors(self, tips: Iterable[bytes]) -> set[bytes]:
         return ancestors(self._replica, tips)
 

@@ -136,6 +136,7 @@ class Sync:
         self._commands_in, self._commands_out = trio.open_memory_channel[tuple[str, Any]](COMMAND_BUFFER)
         self._changed = trio.Event()
         self._writes_queued: set[str] = set()
+        self._peer_locks: dict[str, trio.Lock] = {}
         self._closed = False
         name = config.display_name or self.state.get_setting("display_name") or instance.device_id[8:20]
         self.display_name = str(name)
@@ -261,7 +262,7 @@ class Sync:
             ours = {db.root_cid for db in self.instance.databases()}
             targets = [cid_to_text(db) for db in hello.databases if db in ours]
         for target in targets:
-            self.state.relate(target, hello.pubkey, access=access, interval_s=self.config.default_interval_s)
+            self.state.ensure_related(target, hello.pubkey, interval_s=self.config.default_interval_s, access=access)
             await self._sync_now(hello.pubkey, target, raise_errors=True)
         return hello.pubkey
 
@@ -417,7 +418,15 @@ class Sync:
         self._changed = trio.Event()
 
     async def _sync_now(self, peer: str, db_id: str, *, raise_errors: bool, push_only: bool = False) -> bool:
-        """One exchange with ``peer`` for ``db_id`` over any of its addresses."""
+        """One exchange with ``peer`` for ``db_id`` over any of its addresses.
+
+        Exchanges with one peer never overlap (a push queued by a bootstrap's own writes
+        waits for the bootstrap's cursor, and then finds nothing to send).
+        """
+        async with self._peer_locks.setdefault(peer, trio.Lock()):
+            return await self._exchange(peer, db_id, raise_errors=raise_errors, push_only=push_only)
+
+    async def _exchange(self, peer: str, db_id: str, *, raise_errors: bool, push_only: bool) -> bool:
         record = self.state.peer(peer)
         addresses = list(record.addresses) if record else []
         addresses += [a for a, key in self._peers_by_address.items() if key == peer and a not in addresses]
@@ -519,6 +528,11 @@ class Sync:
         self._closed = True
         self._callback.remove()
         self._commands_in.close()
+        for transport in self._transports.values():
+            close = getattr(transport, "aclose", None)
+            if close is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await close()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 

@@ -10,6 +10,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -246,22 +247,29 @@ class SyncHandler:
             self.stats.entries_received += len(message.entries)
         bootstrap = not message.tips and not message.entries
         if bootstrap:
-            raws = await self._offload(lambda: [raw for _cid, raw in db.raw_entries(Status.VERIFIED)])
+            cids = await self._offload(db.cids)
         else:
             boundary = (*message.tips, *message.common, *message.have)
             cids = await self._offload(lambda: entries_for(db, boundary))
-            raws = await self._offload(lambda: [r for r in (db.raw(c) for c in cids) if r is not None])
         tips = tuple(db.tip_cids())
         if message.auth is not None and self._on_exchange is not None:
             # The asker will hold our tips; we hold those of its tips we know.
             common = sorted({*tips, *(t for t in message.tips if db.status_of(t) is Status.VERIFIED)})
             self._on_exchange(db, message.auth.key, common)
-        for frame, last in _frames(raws):
+        # Frames are read from storage one at a time: memory stays bounded by a frame.
+        start = 0
+        while True:
+            chunk = cids[start : start + ANSWER_BATCH_ENTRIES]
+            taken, frame = await self._offload(functools.partial(_frame_raws, db, chunk)) if chunk else (0, [])
+            start += taken
+            last = start >= len(cids)
             self.stats.entries_sent += len(frame)
             if bootstrap:
                 yield Bootstrap(message.db, tips if last else (), tuple(frame), more=not last)
             else:
                 yield Incremental(message.db, tips if last else (), tuple(frame), received=received, more=not last)
+            if last:
+                return
 
     async def _send_entries(self, message: SendEntries) -> Message:
         db = self._database(message.db)
@@ -273,19 +281,20 @@ class SyncHandler:
         return Count(len(message.entries), len(result.verified), len(result.failed))
 
 
-def _frames(raws: list[bytes]) -> list[tuple[list[bytes], bool]]:
-    """Split an answer into frames by count and bytes; always at least one (maybe empty) frame."""
-    frames: list[list[bytes]] = []
-    current: list[bytes] = []
+def _frame_raws(db: Database, cids: list[bytes]) -> tuple[int, list[bytes]]:
+    """How many of ``cids`` one frame takes (at least one), and their bytes."""
+    found = db.raw_map(cids)
+    raws: list[bytes] = []
     size = 0
-    for raw in raws:
-        if current and (len(current) >= ANSWER_BATCH_ENTRIES or size + len(raw) > ANSWER_BATCH_BYTES):
-            frames.append(current)
-            current, size = [], 0
-        current.append(raw)
+    for index, cid in enumerate(cids):
+        raw = found.get(cid)
+        if raw is None:
+            continue
+        if raws and size + len(raw) > ANSWER_BATCH_BYTES:
+            return index, raws
+        raws.append(raw)
         size += len(raw)
-    frames.append(current)
-    return [(frame, index == len(frames) - 1) for index, frame in enumerate(frames)]
+    return len(cids), raws
 
 
 def _refusal(key: str | None) -> UnauthorizedError:

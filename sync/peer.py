@@ -6,10 +6,13 @@ records what they return.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+import trio
 
 from dag import Database, Instance, SigningKey, cid_from_text
 
@@ -44,6 +47,7 @@ from .reconcile import sample_have
 from .transport import Address, Transport
 
 PUSH_BATCH = 2_000
+FRAMES_AHEAD = 2  # answer frames read ahead while one is being verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,17 @@ class ExchangeResult:
     skipped: bool = False
 
 
+@contextlib.asynccontextmanager
+async def _one_error() -> AsyncIterator[None]:
+    """Let a nursery's single error through as itself, not wrapped in an ExceptionGroup."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise
+
+
 def raise_for(message: Message) -> None:
     """Raise the error an ``Error`` answer stands for."""
     if isinstance(message, Error):
@@ -77,7 +92,8 @@ def raise_for(message: Message) -> None:
 
 
 async def _one(transport: Transport, address: str, message: Message) -> Message:
-    answers = [answer async for answer in transport.request(address, message)]
+    async with contextlib.aclosing(transport.request(address, message)) as stream:
+        answers = [answer async for answer in stream]
     if len(answers) != 1:
         raise MalformedMessageError(f"expected one answer to {message.TYPE}, got {len(answers)}")
     raise_for(answers[0])
@@ -138,7 +154,7 @@ async def sync_database(
             cids = await offload(functools.partial(db.missing_from, held_common))
             assert isinstance(cids, list)
             if len(cids) <= MAX_ENTRIES_PER_MESSAGE:
-                push = [raw for raw in (db.raw(c) for c in cids) if raw is not None]
+                push = db.raws(cids)
             if push_only and not cids:
                 # Sync on commit with nothing the peer lacks (say, an echo of what it sent).
                 result.skipped = True
@@ -157,22 +173,36 @@ async def sync_database(
     result.round_trips += 1
     result.sent += len(push)
     final: Bootstrap | Incremental | None = None
-    async for answer in transport.request(address, request):
-        raise_for(answer)
-        if isinstance(answer, BootstrapPending):
-            raise AccessPendingError(f"access request {answer.request_id} waits for an admin")
-        if not isinstance(answer, Bootstrap | Incremental):
-            raise MalformedMessageError(f"unexpected answer {answer.TYPE} to SyncTree")
-        if answer.db != db_cid:
-            raise MalformedMessageError("answer is for another database")
-        if answer.entries:
-            entries = answer.entries
-            stored = await offload(functools.partial(instance.put_remote_entries, entries, database_id=db_cid))
-            result.received += len(entries)
-            result.verified += len(getattr(stored, "verified", ()))
-        if not answer.more:
-            final = answer
-            break
+    frames_in, frames_out = trio.open_memory_channel[Message](FRAMES_AHEAD)
+
+    async def receive() -> None:
+        # Reading the next frame while the previous one is verified keeps both the wire
+        # and the verifying cores busy; the channel bound keeps memory to a few frames.
+        async with frames_in, contextlib.aclosing(transport.request(address, request)) as answers:
+            async for answer in answers:
+                await frames_in.send(answer)
+
+    async with _one_error(), trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        async with frames_out:
+            async for answer in frames_out:
+                raise_for(answer)
+                if isinstance(answer, BootstrapPending):
+                    raise AccessPendingError(f"access request {answer.request_id} waits for an admin")
+                if not isinstance(answer, Bootstrap | Incremental):
+                    raise MalformedMessageError(f"unexpected answer {answer.TYPE} to SyncTree")
+                if answer.db != db_cid:
+                    raise MalformedMessageError("answer is for another database")
+                if answer.entries:
+                    stored = await offload(
+                        functools.partial(instance.put_remote_entries, answer.entries, database_id=db_cid)
+                    )
+                    result.received += len(answer.entries)
+                    result.verified += len(getattr(stored, "verified", ()))
+                if not answer.more:
+                    final = answer
+                    break
+        nursery.cancel_scope.cancel()
     if final is None:
         raise MalformedMessageError("the answer ended before its last frame")
     result.peer_tips = final.tips
@@ -188,7 +218,7 @@ async def sync_database(
         cids = await offload(lambda: db.missing_from(final.tips, ours=ours))
         assert isinstance(cids, list)
         for start in range(0, len(cids), PUSH_BATCH):
-            raws = tuple(raw for raw in (db.raw(c) for c in cids[start : start + PUSH_BATCH]) if raw is not None)
+            raws = tuple(db.raws(cids[start : start + PUSH_BATCH]))
             result.round_trips += 1
             answer = await _one(
                 transport,

@@ -143,10 +143,22 @@ class SyncState:
 
     # ---- which databases sync with which peers ----------------------------------------
 
-    def ensure_related(self, db: str, peer: str, *, interval_s: int = DEFAULT_INTERVAL_S) -> None:
-        """Create the relationship with defaults unless it exists (keeps its settings)."""
-        if not isinstance(self.db.doc("dbs").to_dict().get(db, {}).get(peer), dict):
-            self.relate(db, peer, interval_s=interval_s)
+    def ensure_related(
+        self, db: str, peer: str, *, interval_s: int = DEFAULT_INTERVAL_S, access: str | None = None
+    ) -> None:
+        """Create the relationship with defaults unless it exists (then keep its settings,
+        updating only ``access`` when one is given)."""
+        current = self.db.doc("dbs").to_dict().get(db, {}).get(peer)
+        if not isinstance(current, dict):
+            self.relate(db, peer, interval_s=interval_s, access=access)
+        elif access is not None and current.get("access") != access:
+            self.relate(
+                db,
+                peer,
+                on_commit=bool(current.get("on_commit", True)),
+                interval_s=int(current.get("interval_s", interval_s)),
+                access=access,
+            )
 
     def relate(
         self,

@@ -8,7 +8,7 @@ be streamed in several frames.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -50,7 +50,7 @@ Handler = Callable[[Message, RequestContext], AsyncIterator[Message]]
 class Transport(Protocol):
     """One way to reach peers. ``request`` raises :class:`~sync.errors.TransportError`."""
 
-    def request(self, address: str, message: Message) -> AsyncIterator[Message]:
+    def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
         """Send ``message`` to ``address``; yield the answers until the last one."""
         ...
 

@@ -24,7 +24,7 @@ import errno
 import logging
 import re
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from functools import partial
 from typing import Final, cast
 
@@ -342,7 +342,7 @@ class HttpTransport:
         if client is not None:
             await client.aclose()
 
-    async def request(self, address: str, message: Message) -> AsyncIterator[Message]:
+    async def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
         """POST ``message`` to ``address``; yield the answers as their frames arrive."""
         try:
             parse_host_port(address)

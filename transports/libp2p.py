@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import multiaddr
@@ -278,7 +278,7 @@ class Libp2pTransport:
         except Exception as exc:
             raise UnreachableError(f"p2p:{address}: {type(exc).__name__}: {exc}") from exc
 
-    async def request(self, address: str, message: Message) -> AsyncIterator[Message]:
+    async def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
         stream = await self._open(address)
         try:
             try:

@@ -10,7 +10,7 @@ and seeded schedules run fast and never sleep for real.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import trio
@@ -87,7 +87,7 @@ class SimNetwork:
             return True
         return False
 
-    async def request(self, source: str, target: str, message: Message) -> AsyncIterator[Message]:
+    async def request(self, source: str, target: str, message: Message) -> AsyncGenerator[Message, None]:
         if not self.reachable(source, target):
             raise UnreachableError(f"memory:{target} is not reachable from {source}")
         self.stats.requests += 1
@@ -118,7 +118,7 @@ class MemoryTransport:
         self.name = name
         self._serving = False
 
-    def request(self, address: str, message: Message) -> AsyncIterator[Message]:
+    def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
         return self._network.request(self.name, address, message)
 
     async def serve(self, handler: Handler, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

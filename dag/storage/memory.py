@@ -23,6 +23,13 @@ class MemoryStorage:
     def get_meta(self, cids: Collection[bytes]) -> dict[bytes, EntryMeta]:
         return {cid: self._meta[cid] for cid in cids if cid in self._meta}
 
+    def get_raws(self, cids: Collection[bytes]) -> dict[bytes, bytes]:
+        return {cid: self._raw[cid] for cid in cids if cid in self._raw}
+
+    def iter_cids(self, tree: bytes, status: Status | None) -> Iterator[bytes]:
+        for cid, _height, _raw in self.iter_entries(tree, status):
+            yield cid
+
     def tips(self, tree: bytes, store: str) -> list[bytes]:
         return sorted(self._tips.get((tree, store), ()))
 

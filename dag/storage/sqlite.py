@@ -67,6 +67,26 @@ class SqliteStorage:
                 found[cid] = EntryMeta(tree, height, Status(status), parents, view)
         return found
 
+    def get_raws(self, cids: Collection[bytes]) -> dict[bytes, bytes]:
+        found: dict[bytes, bytes] = {}
+        wanted = list(cids)
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for cid, raw in self._db.execute(f"SELECT cid, raw FROM entries WHERE cid IN ({marks})", chunk):
+                found[cid] = bytes(raw)
+        return found
+
+    def iter_cids(self, tree: bytes, status: Status | None) -> Iterator[bytes]:
+        if status is None:
+            cursor = self._db.execute("SELECT cid FROM entries WHERE tree = ? ORDER BY height, cid", (tree,))
+        else:
+            cursor = self._db.execute(
+                "SELECT cid FROM entries WHERE tree = ? AND status = ? ORDER BY height, cid", (tree, int(status))
+            )
+        for (cid,) in cursor:
+            yield cid
+
     def tips(self, tree: bytes, store: str) -> list[bytes]:
         rows = self._db.execute("SELECT cid FROM tips WHERE tree = ? AND store = ? ORDER BY cid", (tree, store))
         return [row[0] for row in rows]
