@@ -1,6 +1,7 @@
 """A sync node in a process of its own, driven line by line (for multi-process tests).
 
     python -m tests.proc_node --transport http --data-dir DIR --bind 127.0.0.1:0
+    python -m tests.proc_node --transport p2p --data-dir DIR --bind /ip4/127.0.0.1/tcp/0
 
 Once serving it prints one JSON line, ``{"ready": true, "device_id": ..., "addresses":
 ["http:127.0.0.1:PORT"]}``, then reads commands from stdin, one per line, and answers
@@ -33,6 +34,7 @@ import trio
 from dag import Instance, Permission
 from sync import Sync, SyncConfig, Transport, enable_sync
 from transports.http import HttpTransport
+from transports.libp2p import Libp2pTransport
 
 # A command is one exchange with one peer at most (join: a handshake and a bootstrap); a
 # node that cannot finish one in this long answers with an error instead of hanging.
@@ -45,7 +47,11 @@ def _http(args: argparse.Namespace, _instance: Instance) -> Transport:
     return HttpTransport(bind=args.bind or "127.0.0.1:0")
 
 
-TRANSPORTS: dict[str, TransportFactory] = {"http": _http}
+def _p2p(args: argparse.Namespace, instance: Instance) -> Transport:
+    return Libp2pTransport(instance.device_key, listen=[args.bind or "/ip4/127.0.0.1/tcp/0"])
+
+
+TRANSPORTS: dict[str, TransportFactory] = {"http": _http, "p2p": _p2p}
 
 
 def _emit(payload: dict[str, Any]) -> None:
