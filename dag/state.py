@@ -12,8 +12,8 @@ in ascending order. After a local commit on linear history F is the previous tip
 replay is one delta: a read costs the delta, not the history. With no cached frontier the
 walk reaches the root: the worst case is the whole store history, once.
 
-Cached states are never mutated: a fold copies the top level and every nested dict it
-touches (path copying). A state too large to copy cheaply is instead moved: its old key
+Cached states are never mutated: a fold copies the top level, and the CRDT apply functions
+copy every nested dict they touch (path copying). A state too large to copy cheaply is moved: its old key
 is dropped and the dict is extended in place.
 """
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import libipld
 
-from .crdt.doc import TOMBSTONE, DocDelta, decode_doc_delta
-from .crdt.table import decode_table_delta
+from .crdt.doc import apply_doc_delta, decode_doc_delta
+from .crdt.table import apply_table_delta, decode_table_delta
 from .entry import Entry
 from .errors import InvalidValueError
 
@@ -38,27 +38,6 @@ _MOVE_ABOVE = 4096  # top-level keys past which a fold extends the cached dict i
 _FRONTIER_PROBE = 8  # only look the frontier up in the cache while it is this small
 
 StateKey = tuple[bytes, str, str, frozenset[bytes]]
-
-
-def _apply_doc_cow(state: dict[str, Any], delta: DocDelta) -> None:
-    for key, node in delta.fields.items():
-        if node is TOMBSTONE:
-            state.pop(key, None)
-        elif isinstance(node, DocDelta):
-            current = state.get(key)
-            current = {} if node.atomic or not isinstance(current, dict) else dict(current)
-            state[key] = current
-            _apply_doc_cow(current, node)
-        else:
-            state[key] = node
-
-
-def _apply_table(state: dict[str, Any], delta: dict[str, Any]) -> None:
-    for row_id, row in delta.items():
-        if row is TOMBSTONE:
-            state.pop(row_id, None)
-        else:
-            state[row_id] = row
 
 
 def decode_delta(kind: str, data: bytes) -> Any:
@@ -155,8 +134,8 @@ class StateCache:
             if delta is None:
                 continue
             if kind == DOC:
-                _apply_doc_cow(state, delta)
+                apply_doc_delta(state, delta)
             else:
-                _apply_table(state, delta)
+                apply_table_delta(state, delta)
         self._put(key, state)
         return state

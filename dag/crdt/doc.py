@@ -144,15 +144,18 @@ def copy_value(value: Any) -> Any:
 
 
 def apply_doc_delta(state: dict[str, Any], delta: DocDelta) -> None:
-    """Fold ``delta`` into ``state`` in place (the caller owns ``state``)."""
+    """Fold ``delta`` into ``state``, which the caller owns.
+
+    Nested documents the delta touches are copied before they change (path copying), so
+    a nested dict that ``state`` shares with another state is never changed under it.
+    """
     for key, node in delta.fields.items():
         if node is TOMBSTONE:
             state.pop(key, None)
         elif isinstance(node, DocDelta):
             current = state.get(key)
-            if node.atomic or not isinstance(current, dict):
-                current = {}
-                state[key] = current
+            current = {} if node.atomic or not isinstance(current, dict) else dict(current)
+            state[key] = current
             apply_doc_delta(current, node)
         else:
             state[key] = node
