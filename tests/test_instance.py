@@ -1,8 +1,7 @@
-"""The data directory: device key, lock, reopening; the package's public names; the CLI."""
+"""The data directory: device key, lock, reopening; the package's public names (the CLI: test_cli.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -13,7 +12,6 @@ import pytest
 
 import dag
 from dag import DataDirLockedError, Instance, KeyFormatError, NotFoundError
-from node.cli import main
 
 
 def test_device_key_is_created_owner_only_and_kept(tmp_path: Path) -> None:
@@ -61,24 +59,3 @@ def test_public_names_are_exported_once() -> None:
         assert getattr(dag, name) is not None
     public = {name for name in vars(dag) if not name.startswith("_") and name[0].isupper()}
     assert public <= set(dag.__all__)
-
-
-def test_cli_info_and_create(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = str(tmp_path / "cli")
-    assert main(["--data-dir", data, "db-create", "notes"]) == 0
-    created = capsys.readouterr().out.strip()
-    assert created.startswith("bafyr4i")
-    assert main(["--data-dir", data, "--json", "info"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["device_id"].startswith("ed25519:")
-    assert info["databases"] == [{"id": created, "name": "notes", "entries": 1, "tips": [created]}]
-    assert main(["--data-dir", data]) == 0
-    assert "notes" in capsys.readouterr().out
-
-
-def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    assert main(["--data-dir", str(blocker / "sub")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("eidetica-node: error: cannot use data directory") and err.count("\n") == 1

@@ -1,0 +1,156 @@
+"""``eidetica-node run``: the node process.
+
+Opens the data directory (which locks it: one node per directory), enables sync,
+registers the configured transports (each wrapped to count traffic), starts listening,
+serves the control API on the data directory's unix socket (and, if asked, health and
+metrics on TCP), and runs until SIGINT or SIGTERM. Stopping flushes sync (bounded, so a
+container's stop timeout is met) and closes the transports and storage in that order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from dag import DataDirLockedError, Instance, SigningKey
+from sync import SyncConfig, Transport, enable_sync
+from sync.transport import TaskStatus
+
+from .config import NodeConfig
+from .control import serve_control, serve_metrics, tcp_socket
+from .errors import AlreadyRunningError, ConfigError
+from .metrics import CountingTransport, Metrics, counting
+from .netaddr import expand_multiaddr, is_wildcard_host, local_ipv4_addresses
+from .service import NodeService
+
+log = logging.getLogger(__name__)
+
+# Docker and systemd wait 10 s after SIGTERM before killing: flush for less than that.
+SHUTDOWN_FLUSH_S = 8.0
+
+
+def open_instance(config: NodeConfig) -> Instance:
+    try:
+        return Instance.open(config.data_dir)
+    except DataDirLockedError:
+        raise AlreadyRunningError(config.data_dir) from None
+
+
+def _libp2p(config: NodeConfig, key: SigningKey) -> Transport:
+    from transports.libp2p import Libp2pTransport
+
+    options: dict[str, Any] = {"listen": list(config.p2p_listen)}
+    accepted = inspect.signature(Libp2pTransport).parameters
+    # Relays arrive with the transport's relay support; until then they are reported, not fatal.
+    if config.relays:
+        if "relays" in accepted:
+            options["relays"] = list(config.relays)
+        else:
+            log.warning("this libp2p transport has no relay support; ignoring relays %s", ", ".join(config.relays))
+    if config.relay_service:
+        if "relay_service" in accepted:
+            options["relay_service"] = True
+        else:
+            log.warning("this libp2p transport cannot offer a relay service; ignoring --relay-service")
+    try:
+        return Libp2pTransport(key, **options)
+    except (ValueError, TypeError) as exc:  # multiaddr parse errors are ValueError subclasses
+        raise ConfigError(f"bad --p2p-listen address in {', '.join(config.p2p_listen)}: {exc}") from None
+
+
+def _http(config: NodeConfig) -> Transport:
+    from transports.http import HttpTransport, parse_host_port
+
+    try:
+        host, port = parse_host_port(config.http_bind)
+    except ValueError:
+        raise ConfigError(f"--http-bind must be host:port, not {config.http_bind!r}") from None
+    advertise = list(config.http_advertise) or None
+    if advertise is None and is_wildcard_host(host) and port != 0:
+        advertise = [f"{ip}:{port}" for ip in local_ipv4_addresses()]
+    try:
+        return HttpTransport(bind=config.http_bind, advertise=advertise)
+    except ValueError as exc:
+        raise ConfigError(f"bad --http-advertise address: {exc}") from None
+
+
+def _expand_wildcards(addresses: list[str]) -> list[str]:
+    hosts: list[str] | None = None
+    out: list[str] = []
+    for address in addresses:
+        if address.startswith("/ip4/0.0.0.0/"):
+            hosts = hosts or local_ipv4_addresses()
+            out.extend(expand_multiaddr(address, hosts))
+        else:
+            out.append(address)
+    return out
+
+
+def build_transports(config: NodeConfig, instance: Instance, metrics: Metrics) -> dict[str, CountingTransport]:
+    """The enabled transports, by the name their addresses carry (``p2p:...``, ``http:...``)."""
+    transports: dict[str, CountingTransport] = {}
+    if config.p2p:
+        transports["p2p"] = counting("p2p", _libp2p(config, instance.device_key), metrics, advertise=_expand_wildcards)
+    if config.http:
+        transports["http"] = counting("http", _http(config), metrics)
+    return transports
+
+
+async def _until_signalled() -> int:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            return int(signum)
+    return 0
+
+
+async def run_node(
+    config: NodeConfig,
+    *,
+    on_ready: Callable[[dict[str, Any]], None] | None = None,
+    handle_signals: bool = True,
+    task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the node until a signal (or until cancelled, when ``handle_signals`` is False)."""
+    instance = open_instance(config)
+    try:
+        metrics = Metrics()
+        transports = build_transports(config, instance, metrics)
+        metrics_sock = tcp_socket(config.metrics_bind) if config.metrics_bind else None
+        sync_config = SyncConfig(display_name=config.name, flush_timeout_s=SHUTDOWN_FLUSH_S)
+        try:
+            async with enable_sync(instance, config=sync_config) as sync:
+                service = NodeService(instance, sync, config, metrics, transports)
+                for name, transport in transports.items():
+                    sync.register_transport(name, transport)
+                await sync.accept_connections()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(serve_control, service, config.control_socket)
+                    if metrics_sock is not None:
+                        host, port = metrics_sock.getsockname()[:2]
+                        service.metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                        await nursery.start(serve_metrics, service, metrics_sock)
+                        metrics_sock = None  # serve_metrics owns it now
+                    if on_ready is not None:
+                        on_ready(await service.info())
+                    log.info("node %s ready on %s", instance.device_id, ", ".join(service.addresses()) or "no address")
+                    task_status.started(service)
+                    if handle_signals:
+                        signum = await _until_signalled()
+                        log.info("%s: flushing sync and stopping", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                    else:
+                        await trio.sleep_forever()
+        finally:
+            if metrics_sock is not None:
+                metrics_sock.close()
+    finally:
+        instance.close()
+    log.info("node stopped")
+
+
+__all__ = ["SHUTDOWN_FLUSH_S", "build_transports", "run_node"]

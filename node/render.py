@@ -1,0 +1,187 @@
+"""Human-readable output of the CLI's commands (``--json`` prints the results as they are).
+
+One function per command result; each returns the lines to print, so the CLI stays a
+dispatcher and the wording lives in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def short(key: str | None, width: int = 16) -> str:
+    """A device key or ID shortened for a table (the full one is in ``--json``)."""
+    if not key:
+        return "-"
+    return key if len(key) <= width else key[: width - 1] + "…"
+
+
+def ago(ms: int | None, now_ms: int | None = None) -> str:
+    if ms is None:
+        return "never"
+    seconds = max(0, ((now_ms if now_ms is not None else int(time.time() * 1000)) - ms) // 1000)
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    if seconds < 86400:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"
+
+
+def value_text(value: Any) -> str:
+    """A stored value as text: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def info(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"data directory  {result['data_dir']}",
+        f"device ID       {result['device_id']}",
+    ]
+    if result.get("running"):
+        lines.append(f"node            running (pid {result['pid']}), name {result.get('display_name')}")
+        for address in result.get("addresses") or ["(listening on no address)"]:
+            lines.append(f"address         {address}")
+        totals = result.get("metrics", {})
+        lines.append(
+            f"peers           {result.get('peers', 0)} known; {totals.get('syncs', 0)} syncs, "
+            f"{totals.get('errors', 0)} errors"
+        )
+    else:
+        lines.append(f"node            not running (start it: eidetica-node run --data-dir {result['data_dir']})")
+    databases = result.get("databases", [])
+    if not databases:
+        lines.append("databases       none yet (create one: eidetica-node db create NAME)")
+    for db in databases:
+        lines.append(f"database        {db['id']}  {db['name'] or '(unnamed)'}  {db['entries']} entries")
+    return lines
+
+
+def health(result: dict[str, Any]) -> list[str]:
+    transports = ", ".join(f"{k} {'up' if v else 'down'}" for k, v in result.get("transports", {}).items())
+    return [f"{result['status']} (up {result.get('uptime_s', 0):g} s{'; ' + transports if transports else ''})"]
+
+
+def db_list(result: dict[str, Any]) -> list[str]:
+    rows = result["databases"]
+    if not rows:
+        return ["no databases yet (create one: eidetica-node db create NAME)"]
+    return [
+        f"{db['id']}  {db['name'] or '(unnamed)':<20} {db['entries']:>6} entries"
+        + (f"  ({db['unverified']} unverified, {db['failed']} failed)" if db["unverified"] or db["failed"] else "")
+        for db in rows
+    ]
+
+
+def db_show(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"id          {result['id']}",
+        f"name        {result['name'] or '(unnamed)'}",
+        f"entries     {result['entries']} ({result['verified']} verified, {result['unverified']} unverified, "
+        f"{result['failed']} failed)",
+        "tips        " + ", ".join(result["tips"]),
+        "stores      " + (", ".join(f"{k} ({v})" for k, v in sorted(result.get("stores", {}).items())) or "none"),
+    ]
+    auth = result.get("auth", {})
+    for key, grant in sorted((auth.get("keys") or {}).items()):
+        if isinstance(grant, dict):
+            lines.append(f"key         {key}  {grant.get('permissions')}  {grant.get('status', '')}")
+    grant = auth.get("global")
+    if isinstance(grant, dict):
+        lines.append(f"any key     {grant.get('permissions')}  {grant.get('status', '')}")
+    for peer in result.get("peers", []):
+        state = peer["state"] + (f" by {peer['behind_by']}" if peer.get("behind_by") else "")
+        error = f"  last error: {peer['last_error']}" if peer.get("last_error") else ""
+        lines.append(f"peer        {peer['peer']}  {state}, synced {ago(peer['last_sync_ms'])}{error}")
+    if not result.get("peers"):
+        lines.append("peers       none (share it: eidetica-node share DB)")
+    return lines
+
+
+def db_get(result: dict[str, Any]) -> list[str]:
+    return [value_text(result["value"])]
+
+
+def nothing(_result: Any) -> list[str]:
+    return []
+
+
+def created(result: dict[str, Any]) -> list[str]:
+    return [result["id"]]
+
+
+def table_list(result: dict[str, Any]) -> list[str]:
+    return [f"{row_id}  {json.dumps(row, ensure_ascii=False)}" for row_id, row in sorted(result["rows"].items())]
+
+
+def share(result: dict[str, Any]) -> list[str]:
+    return [result["ticket"]]
+
+
+def join(result: dict[str, Any]) -> list[str]:
+    return [f"joined {result['db']} ({result['name'] or 'unnamed'}, {result['entries']} entries)"]
+
+
+def peers(result: dict[str, Any]) -> list[str]:
+    rows = result["peers"]
+    if not rows:
+        return ["no peers yet (join a ticket: eidetica-node join TICKET)"]
+    lines = []
+    for peer in rows:
+        connection = peer.get("connection") or "not connected"
+        lines.append(
+            f"{peer['pubkey']}  {peer.get('display_name') or '-'}  {connection}, seen {ago(peer.get('last_seen_ms'))}, "
+            f"{len(peer.get('databases', []))} databases"
+        )
+        lines.extend(f"    {address}" for address in peer.get("addresses", []))
+    return lines
+
+
+def sync(result: dict[str, Any]) -> list[str]:
+    if not result["results"]:
+        return ["nothing to sync: no database syncs with a peer yet"]
+    return [
+        f"{'ok    ' if r['ok'] else 'FAILED'} {r['db']} with {r['peer']}" + ("" if r["ok"] else f": {r['error']}")
+        for r in result["results"]
+    ]
+
+
+def access_list(result: dict[str, Any]) -> list[str]:
+    rows = result["requests"]
+    if not rows:
+        return ["no access requests"]
+    return [
+        f"{r['id']}  {r['status']:<8} {r['key']} asks {r['permission']} on {r['db']}, {ago(r['requested_ms'])}"
+        for r in rows
+    ]
+
+
+def decided(result: dict[str, Any]) -> list[str]:
+    return [f"{result['status']} {result['id']}: {result['key']} on {result['db']}"]
+
+
+RENDERERS: dict[str, Callable[[Any], list[str]]] = {
+    "info": info,
+    "health": health,
+    "db.create": created,
+    "db.list": db_list,
+    "db.show": db_show,
+    "db.get": db_get,
+    "db.set": nothing,
+    "db.delete": nothing,
+    "table.insert": created,
+    "table.list": table_list,
+    "share": share,
+    "join": join,
+    "peers": peers,
+    "sync": sync,
+    "access.list": access_list,
+    "access.approve": decided,
+    "access.reject": decided,
+}
+
+__all__ = ["RENDERERS", "ago", "short", "value_text"]

@@ -1,0 +1,434 @@
+"""The node's commands, as the control API serves them: one method per CLI command.
+
+Everything here runs in the daemon's trio thread, next to the sync engine, and returns
+plain JSON-able data; the control server (``node/control.py``) only routes and encodes.
+A user's mistake raises :class:`CommandError` or a ``dag``/``sync`` error with a message
+fit to be shown as it is; ``control.py`` maps each to an error code.
+
+Databases are named by ID or, when the name is unique, by name. The node's own ``_sync``
+database (its peers, cursors and history) is left out of listings and is never shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from dag import Database, Instance, NotFoundError, Permission, Status, cid_from_text, cid_to_text
+from dag.errors import BadCidError
+from sync import AccessPendingError, Sync, Ticket, UnauthorizedError
+
+from .config import NodeConfig
+from .metrics import CountingTransport, Metrics, render
+from .netstatus import libp2p_connections, peer_id_of, transport_status
+
+DEFAULT_STORE = "data"
+HISTORY_ROWS = 50
+JOIN_TIMEOUT_S = 120.0  # a handshake and a bootstrap per ticket address, each bounded by sync's own timeouts
+SYNC_TIMEOUT_S = 120.0
+
+
+class CommandError(Exception):
+    """A command's arguments cannot be used; ``code`` is the control API error code."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass
+class NodeService:
+    """The commands of one running node."""
+
+    instance: Instance
+    sync: Sync
+    config: NodeConfig
+    metrics: Metrics
+    transports: dict[str, CountingTransport] = field(default_factory=dict)
+    metrics_address: str | None = None  # host:port of the TCP health and metrics listener, if any
+    started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    now_ms: Callable[[], int] = field(default=lambda: int(time.time() * 1000))
+
+    # ---- lookups ----------------------------------------------------------------------
+
+    def _user_databases(self) -> list[Database]:
+        return [db for db in self.instance.databases() if db.id != self.sync.state.database_id]
+
+    def database(self, ref: str) -> Database:
+        """The database ``ref`` names: its ID, or a name only one database has."""
+        if not isinstance(ref, str) or not ref:
+            raise CommandError("a database ID or name is required")
+        if ref.startswith("bafy"):
+            try:
+                cid_from_text(ref)
+            except BadCidError:
+                raise CommandError(f"{ref!r} is not a valid database ID") from None
+            if ref == self.sync.state.database_id:
+                raise CommandError("the _sync database is the node's own state; it is not for commands")
+            return self.instance.open_database(ref)
+        named = [db for db in self._user_databases() if db.name == ref]
+        if not named:
+            raise NotFoundError(f"no database named {ref!r} here (eidetica-node db list shows them)")
+        if len(named) > 1:
+            raise CommandError(
+                f"{len(named)} databases are named {ref!r}; use an ID: " + ", ".join(d.id for d in named)
+            )
+        return named[0]
+
+    # ---- node -------------------------------------------------------------------------
+
+    def addresses(self) -> list[str]:
+        return [str(a) for a in self.sync.listen_addresses()]
+
+    def _connections(self) -> dict[str, str]:
+        """device key -> "direct" / "relayed" for peers with a live connection.
+
+        A transport's own status report (its ``peers``, each with ``device`` and ``kind``)
+        is preferred; otherwise a libp2p host's connection table is read directly.
+        """
+        by_device: dict[str, str] = {}
+        by_peer_id: dict[str, str] = {}
+        for transport in self.transports.values():
+            status = transport_status(transport.inner)
+            reported = status.get("peers") if status else None
+            if isinstance(reported, list):
+                for item in reported:
+                    if isinstance(item, dict) and item.get("device") and item.get("kind"):
+                        by_device[str(item["device"])] = str(item["kind"])
+            else:
+                by_peer_id.update(libp2p_connections(transport.inner))
+        out: dict[str, str] = {}
+        for peer in self.sync.peers():  # only sync peers: a transport also sees relays and probes
+            kind = by_device.get(peer.pubkey) or by_peer_id.get(peer_id_of(peer.pubkey) or "")
+            if kind:
+                out[peer.pubkey] = kind
+        return out
+
+    async def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "device_id": self.instance.device_id,
+            "uptime_s": round((self.now_ms() - self.started_ms) / 1000, 1),
+            "transports": {name: bool(t.listen_addresses()) for name, t in self.transports.items()},
+        }
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "data_dir": str(self.config.data_dir),
+            "control_socket": str(self.config.control_socket),
+            "metrics_address": self.metrics_address,
+            "device_id": self.instance.device_id,
+            "display_name": self.sync.display_name,
+            "addresses": self.addresses(),
+            "transports": self._transports(),
+            "databases": [self._summary(db) for db in self._user_databases()],
+            "peers": len(self.sync.peers()),
+            "started_ms": self.started_ms,
+            "metrics": self.metrics.totals(),
+        }
+
+    def _transports(self) -> list[dict[str, Any]]:
+        out = []
+        for name, transport in self.transports.items():
+            item: dict[str, Any] = {"name": name, "addresses": transport.listen_addresses()}
+            status = transport_status(transport.inner)
+            if status is not None:
+                item["status"] = status
+            out.append(item)
+        return out
+
+    async def status(self) -> dict[str, Any]:
+        """Everything the TUI shows, in one answer (it polls this)."""
+        connections = self._connections()
+        return {
+            "node": await self.info(),
+            "peers": [self._peer(p, connections) for p in self.sync.peers()],
+            "databases": [self._detail(db) for db in self._user_databases()],
+            "history": self.sync.state.history()[-HISTORY_ROWS:],
+            "access_pending": len(self.sync.access_requests("pending")),
+            "now_ms": self.now_ms(),
+        }
+
+    def gauges(self) -> dict[str, Any]:
+        """Scrape-time values for /metrics."""
+        entries: dict[str, int] = {s.name.lower(): 0 for s in Status}
+        databases = self._user_databases()
+        for db in databases:
+            for status, count in db.status_counts().items():
+                entries[status] = entries.get(status, 0) + count
+        return {
+            "peers": len(self.sync.peers()),
+            "connected": len(self._connections()),
+            "databases": len(databases),
+            "entries": entries,
+            "relationships": len(self.sync.state.relationships()),
+            "pending": len(self.sync.access_requests("pending")),
+        }
+
+    def prometheus(self) -> bytes:
+        return render(self.metrics, self.gauges)
+
+    # ---- databases --------------------------------------------------------------------
+
+    def _summary(self, db: Database) -> dict[str, Any]:
+        counts = db.status_counts()
+        return {
+            "id": db.id,
+            "name": db.name,
+            "entries": sum(counts.values()),
+            "verified": counts.get("verified", 0),
+            "unverified": counts.get("unverified", 0),
+            "failed": counts.get("failed", 0),
+            "tips": db.tips(),
+        }
+
+    def _peer_state(self, db: Database, peer: str, tips: list[bytes]) -> dict[str, Any]:
+        """Where ``peer`` stands for ``db``, from its cursor (what both held at the last exchange).
+
+        behind: we hold entries outside the cursor's closure (ours since, not yet sent);
+        ahead: the cursor names entries we do not hold verified (theirs, not yet here).
+        """
+        cursor = self.sync.state.cursor(db.id, peer)
+        item: dict[str, Any] = {
+            "peer": peer,
+            "last_sync_ms": cursor.last_sync_ms,
+            "last_error": cursor.last_error,
+        }
+        if cursor.last_sync_ms is None and not cursor.common:
+            item.update(state="never", behind_by=0, ahead=False)
+            return item
+        common = set(cursor.common)
+        behind_by = 0 if set(tips) <= common else len(db.missing_from(list(common)))
+        ahead = any(db.status_of(c) is not Status.VERIFIED for c in common)
+        state = "diverged" if behind_by and ahead else "behind" if behind_by else "ahead" if ahead else "up to date"
+        item.update(state=state, behind_by=behind_by, ahead=ahead)
+        return item
+
+    def _detail(self, db: Database) -> dict[str, Any]:
+        summary = self._summary(db)
+        tips = db.tip_cids()
+        summary["peers"] = [self._peer_state(db, r.peer, tips) for r in self.sync.state.relationships(db.id)]
+        return summary
+
+    def _peer(self, peer: Any, connections: Mapping[str, str]) -> dict[str, Any]:
+        return {
+            "pubkey": peer.pubkey,
+            "display_name": peer.display_name,
+            "addresses": [str(a) for a in peer.addresses],
+            "last_seen_ms": peer.last_seen_ms,
+            "connection": connections.get(peer.pubkey),
+            "databases": sorted(r.db for r in self.sync.state.relationships() if r.peer == peer.pubkey),
+        }
+
+    async def db_create(self, name: str, public: str | None = None) -> dict[str, Any]:
+        if not isinstance(name, str) or not name.strip():
+            raise CommandError("a database needs a name")
+        permission = Permission.parse(public) if public else None
+        db = self.instance.create_database(name=name)
+        if permission is not None:
+            with db.transaction() as txn:
+                txn.settings().set_global(permission)
+        return {"id": db.id, "name": name, "public": str(permission) if permission else None}
+
+    async def db_list(self, all: bool = False) -> dict[str, Any]:
+        databases = self.instance.databases() if all else self._user_databases()
+        return {"databases": [self._summary(db) for db in databases]}
+
+    async def db_show(self, db: str) -> dict[str, Any]:
+        database = self.database(db)
+        detail = self._detail(database)
+        settings = database.settings().to_dict()
+        detail["stores"] = database.store_types()
+        detail["auth"] = settings.get("auth", {})
+        detail["missing"] = [cid_to_text(c) for c in database.missing_entries()]
+        return detail
+
+    async def db_get(self, db: str, key: str | None = None, store: str = DEFAULT_STORE) -> dict[str, Any]:
+        doc = self.database(db).doc(store)
+        if key is None:
+            return {"value": doc.to_dict()}
+        if key not in doc:
+            raise NotFoundError(f"no key {key!r} in store {store!r} of {db}")
+        return {"value": doc.get(key)}
+
+    async def db_set(self, db: str, key: str, value: Any, store: str = DEFAULT_STORE) -> dict[str, Any]:
+        if not key:
+            raise CommandError("a key is required")
+        database = self.database(db)
+        with database.transaction() as txn:
+            txn.doc(store).set(key, value)
+        return {"db": database.id, "tips": database.tips()}
+
+    async def db_delete(self, db: str, key: str, store: str = DEFAULT_STORE) -> dict[str, Any]:
+        database = self.database(db)
+        if key not in database.doc(store):
+            raise NotFoundError(f"no key {key!r} in store {store!r} of {db}")
+        with database.transaction() as txn:
+            txn.doc(store).delete(key)
+        return {"db": database.id, "tips": database.tips()}
+
+    async def table_insert(self, db: str, table: str, row: Any) -> dict[str, Any]:
+        if isinstance(row, str):
+            try:
+                row = json.loads(row)
+            except json.JSONDecodeError as exc:
+                raise CommandError(f"a row is a JSON object: {exc}") from None
+        if not isinstance(row, dict):
+            raise CommandError('a row is a JSON object, like {"title": "milk"}')
+        database = self.database(db)
+        with database.transaction() as txn:
+            row_id = txn.table(table).insert(row)
+        return {"id": row_id}
+
+    async def table_list(self, db: str, table: str) -> dict[str, Any]:
+        return {"rows": self.database(db).table(table).rows()}
+
+    # ---- sharing and syncing -----------------------------------------------------------
+
+    async def share(self, db: str) -> dict[str, Any]:
+        database = self.database(db)
+        if not self.addresses():
+            raise CommandError("this node listens on no address, so no peer could use a ticket (enable p2p or http)")
+        return {"db": database.id, "ticket": str(self.sync.create_ticket(database.id))}
+
+    async def join(self, ticket: str, access: str | None = None) -> dict[str, Any]:
+        if access is not None:
+            Permission.parse(access)
+        parsed = Ticket.parse(ticket)
+        try:
+            with trio.fail_after(JOIN_TIMEOUT_S):
+                database = await self.sync.join(parsed, access=access)
+        except UnauthorizedError as exc:
+            if access is not None:
+                raise
+            raise CommandError(
+                f"access refused: {exc}; ask its admins for access with: eidetica-node join TICKET --access read "
+                "(or write:N)",
+                code="access",
+            ) from None
+        except AccessPendingError as exc:
+            # Keep asking in the background (the engine's retries, then its period): the
+            # database arrives by itself once an admin approves.
+            for relation in self.sync.state.relationships(parsed.db):
+                self.sync.schedule(relation.peer, parsed.db, delay_s=2.0)
+            raise CommandError(
+                f"{exc}; the node keeps asking, and {parsed.db} arrives once an admin of it runs: "
+                "eidetica-node access approve <request id>",
+                code="pending",
+            ) from None
+        except trio.TooSlowError:
+            raise CommandError(f"no address in the ticket answered in {JOIN_TIMEOUT_S:g} s", "unreachable") from None
+        return {"db": database.id, "name": database.name, "entries": len(database)}
+
+    async def peers(self) -> dict[str, Any]:
+        connections = self._connections()
+        return {"peers": [self._peer(p, connections) for p in self.sync.peers()]}
+
+    async def sync_now(self, db: str | None = None, peer: str | None = None) -> dict[str, Any]:
+        """Sync now with every peer a database (or every database) syncs with."""
+        if db is not None:
+            db_id = self._db_for_sync(db)
+            relations = self.sync.state.relationships(db_id)
+            if not relations:
+                raise CommandError(f"{db} syncs with no peer yet (share it, or join a ticket for it)")
+        else:
+            relations = self.sync.state.relationships()
+        if peer is not None:
+            relations = [r for r in relations if r.peer == peer or r.peer.startswith(peer)]
+            if not relations:
+                raise CommandError(f"no database syncs with peer {peer}")
+        results = []
+        with trio.move_on_after(SYNC_TIMEOUT_S):
+            for relation in relations:
+                try:
+                    await self.sync.sync_now(relation.peer, relation.db)
+                    results.append({"db": relation.db, "peer": relation.peer, "ok": True, "error": None})
+                except Exception as exc:  # one peer's failure is reported, the others still sync
+                    results.append({"db": relation.db, "peer": relation.peer, "ok": False, "error": str(exc)})
+        done = {(r["db"], r["peer"]) for r in results}
+        for relation in relations:
+            if (relation.db, relation.peer) not in done:
+                results.append({"db": relation.db, "peer": relation.peer, "ok": False, "error": "timed out"})
+        return {"results": results}
+
+    def _db_for_sync(self, ref: str) -> str:
+        """A database to sync may not be here yet (a join waiting for approval): IDs pass as they are."""
+        if ref.startswith("bafy") and not self.instance.has_database(ref):
+            try:
+                cid_from_text(ref)
+            except BadCidError:
+                raise CommandError(f"{ref!r} is not a valid database ID") from None
+            if self.sync.state.relationships(ref):
+                return ref
+        return self.database(ref).id
+
+    # ---- access requests ---------------------------------------------------------------
+
+    async def access_list(self, all: bool = False) -> dict[str, Any]:
+        requests = self.sync.access_requests(None if all else "pending")
+        return {
+            "requests": [
+                {
+                    "id": r.request_id,
+                    "db": r.db,
+                    "key": r.key,
+                    "permission": r.permission,
+                    "status": r.status,
+                    "requested_ms": r.requested_ms,
+                    "decided_ms": r.decided_ms,
+                }
+                for r in requests
+            ]
+        }
+
+    def _request_id(self, request: str) -> str:
+        ids = [r.request_id for r in self.sync.access_requests() if r.request_id.startswith(request)]
+        if not request or not ids:
+            raise NotFoundError(f"no access request {request} (eidetica-node access list shows them)")
+        if len(ids) > 1:
+            raise CommandError(f"{request!r} names {len(ids)} access requests; give more of the ID")
+        return ids[0]
+
+    async def access_approve(self, request: str) -> dict[str, Any]:
+        decided = self.sync.approve_request(self._request_id(request))
+        return {"id": decided.request_id, "db": decided.db, "key": decided.key, "status": decided.status}
+
+    async def access_reject(self, request: str) -> dict[str, Any]:
+        decided = self.sync.reject_request(self._request_id(request))
+        return {"id": decided.request_id, "db": decided.db, "key": decided.key, "status": decided.status}
+
+    # ---- dispatch -----------------------------------------------------------------------
+
+    def commands(self) -> dict[str, Callable[..., Any]]:
+        """Control API command name -> method (names mirror the CLI: ``db.create`` ...)."""
+        return {
+            "health": self.health,
+            "info": self.info,
+            "status": self.status,
+            "db.create": self.db_create,
+            "db.list": self.db_list,
+            "db.show": self.db_show,
+            "db.get": self.db_get,
+            "db.set": self.db_set,
+            "db.delete": self.db_delete,
+            "table.insert": self.table_insert,
+            "table.list": self.table_list,
+            "share": self.share,
+            "join": self.join,
+            "peers": self.peers,
+            "sync": self.sync_now,
+            "access.list": self.access_list,
+            "access.approve": self.access_approve,
+            "access.reject": self.access_reject,
+        }
+
+
+__all__ = ["DEFAULT_STORE", "CommandError", "NodeService"]
