@@ -1,0 +1,429 @@
+"""``eidetica-node status``: a live view of a running node (Textual).
+
+The app polls the node's ``status`` command once a second over the control socket and
+redraws: identity and addresses, databases (entries by verification status, tips, and
+for each peer whether it is up to date, behind or ahead), peers (connected directly or
+through a relay, last seen), recent sync events and throughput. It holds no state of
+its own that the node does not have, so it can be closed and reopened at any time.
+
+Keys: tab / shift+tab move between panes, enter opens the highlighted database or peer,
+s syncs it now (everything when the events pane is focused), t shows a database's
+ticket, r refreshes, escape closes a detail view, q quits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from .errors import NodeError
+from .render import ago, short
+
+REFRESH_S = 1.0
+
+
+class Client(Protocol):
+    """What the app needs of a control client (``AsyncControlClient``, or a fake in tests)."""
+
+    async def call(self, command: str, **arguments: Any) -> Any: ...
+
+
+def _rate(bytes_per_s: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if bytes_per_s < 1024 or unit == "GiB":
+            return f"{bytes_per_s:.0f} {unit}/s" if unit == "B" else f"{bytes_per_s:.1f} {unit}/s"
+        bytes_per_s /= 1024
+    return ""
+
+
+def transport_summary(status: dict[str, Any] | None) -> str:
+    """The parts of a transport's status report a person wants at a glance."""
+    if not status:
+        return ""
+    parts = []
+    if status.get("reachability"):
+        parts.append(f"reachability {status['reachability']}")
+    reservations = status.get("reservations")
+    if isinstance(reservations, list) and reservations:
+        parts.append(f"{len(reservations)} relay reservation(s)")
+    service = status.get("relay_service")
+    if isinstance(service, dict):
+        parts.append(f"relay service on ({service.get('active_circuits', 0)} circuits)")
+    return ", ".join(parts)
+
+
+def peer_summary(db: dict[str, Any]) -> str:
+    """``2 up to date, 1 behind`` for a database's peers."""
+    states: dict[str, int] = {}
+    for peer in db.get("peers", []):
+        states[peer["state"]] = states.get(peer["state"], 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no peers"
+
+
+class DetailScreen(ModalScreen[None]):
+    """A database's or peer's details; escape or q closes it."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss", "Close"), Binding("q", "dismiss", "Close")]
+    DEFAULT_CSS = """
+    DetailScreen { align: center middle; }
+    DetailScreen > VerticalScroll {
+        width: 90%; height: 80%; border: thick $accent; background: $surface; padding: 1 2;
+    }
+    """
+
+    def __init__(self, title: str, body: str) -> None:
+        super().__init__()
+        self.title_text = title
+        self.body = body
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(Text.assemble((self.title_text, "bold"), "\n\n", self.body), id="detail")
+
+    async def action_dismiss(self, result: None = None) -> None:
+        self.dismiss(result)
+
+
+class StatusApp(App[None]):
+    """The live view (see the module docstring)."""
+
+    TITLE = "eidetica-node"
+    CSS = """
+    #identity { height: auto; padding: 0 1; border: round $primary; }
+    #panes { height: 1fr; }
+    #databases { width: 3fr; height: 1fr; border: round $secondary; }
+    #peers { width: 2fr; height: 1fr; border: round $secondary; }
+    #events { height: 10; border: round $secondary; }
+    DataTable:focus { border: round $accent; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "quit", "Quit"),
+        Binding("s", "sync", "Sync"),
+        Binding("t", "ticket", "Ticket"),
+        Binding("r", "refresh", "Refresh"),
+        Binding("enter", "open", "Open"),
+        Binding("tab", "focus_next", "Next pane"),
+    ]
+
+    TABLES: ClassVar[list[tuple[str, str, list[tuple[str, str]]]]] = [
+        (
+            "#databases",
+            "databases",
+            [
+                ("name", "name"),
+                ("peers", "peers"),
+                ("entries", "entries"),
+                ("verified", "verified"),
+                ("unverified", "unverified"),
+                ("failed", "failed"),
+                ("tips", "tips"),
+                ("id", "id"),
+            ],
+        ),
+        (
+            "#peers",
+            "peers",
+            [
+                ("name", "name"),
+                ("connection", "connection"),
+                ("seen", "last seen"),
+                ("dbs", "dbs"),
+                ("device", "device"),
+            ],
+        ),
+        (
+            "#events",
+            "recent syncs",
+            [
+                ("when", "when"),
+                ("peer", "peer"),
+                ("db", "database"),
+                ("sent", "sent"),
+                ("received", "received"),
+                ("result", "result"),
+            ],
+        ),
+    ]
+
+    def __init__(self, client: Client, *, refresh_s: float = REFRESH_S) -> None:
+        super().__init__()
+        self.client = client
+        self.refresh_s = refresh_s
+        self.snapshot: dict[str, Any] | None = None
+        self.error: str | None = None
+        self._last_totals: tuple[float, int, int] | None = None
+        self.rates = (0.0, 0.0)
+
+    # ---- layout -------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("connecting to the node…", id="identity")
+        with Horizontal(id="panes"):
+            yield DataTable(id="databases", cursor_type="row", zebra_stripes=True)
+            yield DataTable(id="peers", cursor_type="row", zebra_stripes=True)
+        yield DataTable(id="events", cursor_type="row")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for selector, title, columns in self.TABLES:
+            table = self.query_one(selector, DataTable)
+            table.border_title = title
+            for key, label in columns:
+                table.add_column(label, key=key)
+        databases = self.query_one("#databases", DataTable)
+        databases.focus()
+        self.poll()
+        self.set_interval(self.refresh_s, self.poll)
+
+    # ---- polling ------------------------------------------------------------------------
+
+    @work(exclusive=True, group="poll")
+    async def poll(self) -> None:
+        try:
+            snapshot = await self.client.call("status")
+        except NodeError as exc:
+            self.error = str(exc)
+            self.query_one("#identity", Static).update(Text.assemble(("node not answering", "bold red"), f": {exc}"))
+            return
+        self.error = None
+        self.apply(snapshot)
+
+    def apply(self, snapshot: dict[str, Any]) -> None:
+        """Redraw from one ``status`` answer (public so tests can feed one directly)."""
+        self.snapshot = snapshot
+        self._update_rates(snapshot)
+        self._identity(snapshot)
+        now = snapshot.get("now_ms")
+        names = {p["pubkey"]: p.get("display_name") or short(p["pubkey"]) for p in snapshot["peers"]}
+        db_names = {d["id"]: d.get("name") or short(d["id"]) for d in snapshot["databases"]}
+        self._fill(
+            "#databases",
+            {
+                db["id"]: {
+                    "name": db.get("name") or "(unnamed)",
+                    "id": short(db["id"], 20),
+                    "entries": db["entries"],
+                    "verified": db["verified"],
+                    "unverified": db["unverified"],
+                    "failed": Text(str(db["failed"]), style="bold red" if db["failed"] else ""),
+                    "tips": len(db["tips"]),
+                    "peers": peer_summary(db),
+                }
+                for db in snapshot["databases"]
+            },
+        )
+        self._fill(
+            "#peers",
+            {
+                peer["pubkey"]: {
+                    "name": peer.get("display_name") or "-",
+                    "device": short(peer["pubkey"], 20),
+                    "connection": Text(
+                        peer.get("connection") or "not connected", style="green" if peer.get("connection") else "dim"
+                    ),
+                    "seen": ago(peer.get("last_seen_ms"), now),
+                    "dbs": len(peer.get("databases", [])),
+                }
+                for peer in snapshot["peers"]
+            },
+        )
+        events = {}
+        for index, row in enumerate(reversed(snapshot.get("history", []))):  # newest first
+            events[str(index)] = {
+                "when": ago(row.get("at_ms"), now),
+                "peer": names.get(row.get("peer", ""), short(row.get("peer"))),
+                "db": db_names.get(row.get("db", ""), short(row.get("db"))),
+                "sent": row.get("sent", 0),
+                "received": row.get("received", 0),
+                "result": Text(row["error"][:80], style="red") if row.get("error") else Text("ok", style="green"),
+            }
+        # Keyed by position: the newest row stays on top, and the cells update in place.
+        self._fill("#events", events)
+
+    def _update_rates(self, snapshot: dict[str, Any]) -> None:
+        totals = snapshot["node"].get("metrics", {})
+        now = time.monotonic()
+        sent, received = int(totals.get("bytes_sent", 0)), int(totals.get("bytes_received", 0))
+        if self._last_totals is not None:
+            then, sent_before, received_before = self._last_totals
+            elapsed = max(now - then, 1e-3)
+            self.rates = (max(0, sent - sent_before) / elapsed, max(0, received - received_before) / elapsed)
+        self._last_totals = (now, sent, received)
+
+    def _identity(self, snapshot: dict[str, Any]) -> None:
+        node = snapshot["node"]
+        text = Text()
+        text.append(str(node.get("display_name") or "-"), style="bold")
+        text.append(f"  {node['device_id']}\n")
+        text.append(f"data {node['data_dir']}   pid {node.get('pid')}\n", style="dim")
+        for transport in node.get("transports", []):
+            text.append(f"{transport['name']:<5}", style="bold")
+            text.append(" " + ", ".join(transport.get("addresses") or ["not listening"]))
+            summary = transport_summary(transport.get("status"))
+            if summary:
+                text.append(f"  {summary}", style="cyan")
+            text.append("\n")
+        totals = node.get("metrics", {})
+        text.append(
+            f"throughput ↑ {_rate(self.rates[0])}  ↓ {_rate(self.rates[1])}   "
+            f"syncs {totals.get('syncs', 0)}, errors {totals.get('errors', 0)}"
+        )
+        pending = snapshot.get("access_pending", 0)
+        if pending:
+            text.append(f"   {pending} access request(s) pending (eidetica-node access list)", style="bold yellow")
+        self.query_one("#identity", Static).update(text)
+        self.sub_title = str(node.get("display_name") or "")
+
+    def _fill(self, selector: str, rows: dict[str, dict[str, Any]]) -> None:
+        """Make the table show ``rows`` (key -> column values), in place, keeping the cursor."""
+        table = self.query_one(selector, DataTable)
+        existing = {key.value for key in table.rows if key.value is not None}
+        for key in existing - set(rows):
+            table.remove_row(key)
+        for key, values in rows.items():
+            if key in existing:
+                for column, value in values.items():
+                    table.update_cell(key, column, value)
+            else:
+                table.add_row(*(values[str(column.value)] for column in table.columns), key=key)
+
+    # ---- actions --------------------------------------------------------------------------
+
+    def _selected(self, selector: str) -> str | None:
+        table = self.query_one(selector, DataTable)
+        if table.row_count == 0:
+            return None
+        row_key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
+        return row_key.value
+
+    def _focused_pane(self) -> str | None:
+        focused = self.focused
+        return f"#{focused.id}" if focused is not None and focused.id else None
+
+    def action_refresh(self) -> None:
+        self.poll()
+
+    def action_open(self) -> None:
+        pane = self._focused_pane()
+        if pane == "#databases" and (db := self._selected("#databases")):
+            self.open_database(db)
+        elif pane == "#peers" and (peer := self._selected("#peers")):
+            self.open_peer(peer)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter (or a click) on a row opens it."""
+        if event.data_table.id == "databases" and event.row_key.value:
+            self.open_database(event.row_key.value)
+        elif event.data_table.id == "peers" and event.row_key.value:
+            self.open_peer(event.row_key.value)
+
+    @work(group="detail")
+    async def open_database(self, db_id: str) -> None:
+        try:
+            detail = await self.client.call("db.show", db=db_id)
+        except NodeError as exc:
+            self.notify(str(exc), title="cannot open database", severity="error")
+            return
+        lines = [
+            f"id        {detail['id']}",
+            f"entries   {detail['entries']} ({detail['verified']} verified, {detail['unverified']} unverified, "
+            f"{detail['failed']} failed)",
+            f"tips      {', '.join(detail['tips'])}",
+            f"stores    {', '.join(f'{k} ({v})' for k, v in sorted(detail.get('stores', {}).items())) or 'none'}",
+            "",
+            "peers:",
+        ]
+        for peer in detail.get("peers", []):
+            behind = f" by {peer['behind_by']} entries" if peer.get("behind_by") else ""
+            error = f"\n    last error: {peer['last_error']}" if peer.get("last_error") else ""
+            lines.append(f"  {peer['peer']}\n    {peer['state']}{behind}, synced {ago(peer['last_sync_ms'])}{error}")
+        if not detail.get("peers"):
+            lines.append("  none yet: press t for a ticket to share")
+        lines += ["", "auth:", json.dumps(detail.get("auth", {}), indent=2)]
+        await self.push_screen(DetailScreen(f"database {detail.get('name') or detail['id']}", "\n".join(lines)))
+
+    def open_peer(self, pubkey: str) -> None:
+        snapshot = self.snapshot or {}
+        peer = next((p for p in snapshot.get("peers", []) if p["pubkey"] == pubkey), None)
+        if peer is None:
+            return
+        now = snapshot.get("now_ms")
+        lines = [
+            f"device     {peer['pubkey']}",
+            f"connection {peer.get('connection') or 'not connected'}",
+            f"last seen  {ago(peer.get('last_seen_ms'), now)}",
+            "addresses:",
+            *[f"  {a}" for a in peer.get("addresses", [])],
+            "databases:",
+        ]
+        for db in snapshot.get("databases", []):
+            for state in db.get("peers", []):
+                if state["peer"] == pubkey:
+                    lines.append(
+                        f"  {db.get('name') or db['id']}: {state['state']}, synced {ago(state['last_sync_ms'])}"
+                    )
+        lines.append("recent syncs:")
+        for row in reversed(snapshot.get("history", [])):
+            if row.get("peer") == pubkey:
+                result = row.get("error") or "ok"
+                lines.append(
+                    f"  {ago(row.get('at_ms'), now)}  {short(row.get('db'), 20)}  "
+                    f"sent {row.get('sent', 0)}, received {row.get('received', 0)}: {result}"
+                )
+        self.push_screen(DetailScreen(f"peer {peer.get('display_name') or short(pubkey)}", "\n".join(lines)))
+
+    @work(group="sync")
+    async def action_sync(self) -> None:
+        pane = self._focused_pane()
+        arguments: dict[str, Any] = {}
+        if pane == "#databases" and (db := self._selected("#databases")):
+            arguments["db"] = db
+        elif pane == "#peers" and (peer := self._selected("#peers")):
+            arguments["peer"] = peer
+        self.notify("syncing " + (arguments.get("db") or arguments.get("peer") or "everything") + "…")
+        try:
+            result = await self.client.call("sync", **arguments)
+        except NodeError as exc:
+            self.notify(str(exc), title="sync failed", severity="error")
+            return
+        failed = [r for r in result["results"] if not r["ok"]]
+        if failed:
+            self.notify(f"{len(failed)} of {len(result['results'])} failed: {failed[0]['error']}", severity="error")
+        else:
+            self.notify(f"synced {len(result['results'])} pair(s)")
+        self.poll()
+
+    @work(group="ticket")
+    async def action_ticket(self) -> None:
+        db = self._selected("#databases")
+        if db is None:
+            self.notify("no database to share", severity="warning")
+            return
+        try:
+            result = await self.client.call("share", db=db)
+        except NodeError as exc:
+            self.notify(str(exc), title="no ticket", severity="error")
+            return
+        await self.push_screen(DetailScreen("ticket (give it to: eidetica-node join TICKET)", result["ticket"]))
+
+
+def run_tui(data_dir: Path) -> None:
+    """Run the app against the node of ``data_dir`` until the user quits."""
+    from .client import AsyncControlClient
+
+    client = AsyncControlClient(data_dir)
+    StatusApp(client).run()
+
+
+__all__ = ["StatusApp", "run_tui"]
