@@ -524,12 +524,6 @@ def test_values_and_entries_round_trip(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="dag/crdt/doc.py check_json accepts -0.0 and keeps it in the transaction's delta, so reads "
-    "inside the transaction show -0.0, but libipld encodes -0.0 as +0.0 (and refuses to decode a negative "
-    "zero), so the committed value is 0.0: the same value reads back differently before and after commit",
-)
 def test_negative_zero_reads_back_consistently(backend: str) -> None:
     with Nodes(backend) as nodes:
         db = nodes.new().create_database()

@@ -62,7 +62,7 @@ def check_json(value: Any, where: str = "value") -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidValueError(f"{where}: {value} cannot be stored (NaN and infinity are not allowed)")
-        return value
+        return value if value != 0.0 else 0.0  # DAG-CBOR has no negative zero: store what reads back
     if isinstance(value, list | tuple):
         return [check_json(item, where) for item in value]
     if isinstance(value, dict):
