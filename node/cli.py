@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -159,6 +160,7 @@ def build_parser() -> Parser:
     add("status", "live view of the running node (Textual TUI; q quits)")
     add("info", "the node's identity, addresses and databases (works with no node running, too)")
     add("health", "check that the node answers (exit 0 if healthy)")
+    add("stop", "stop the running node as SIGTERM does (flush sync, close); waits until it has stopped")
 
     db = add("db", "databases: create, list, show, get, set, delete").add_subparsers(
         dest="action", metavar="ACTION", required=True, parser_class=Parser
@@ -225,7 +227,22 @@ def build_parser() -> Parser:
     return parser
 
 
-COMMANDS = {"init", "run", "status", "info", "health", "db", "table", "share", "join", "peers", "sync", "access"}
+COMMANDS = {
+    "init",
+    "run",
+    "status",
+    "info",
+    "health",
+    "stop",
+    "db",
+    "table",
+    "share",
+    "join",
+    "peers",
+    "sync",
+    "access",
+}
+STOP_WAIT_S = 30.0  # the node flushes sync for at most 8 s, then closes transports and storage
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
@@ -439,12 +456,36 @@ def _remote(config: NodeConfig, args: argparse.Namespace) -> int:
             if command != "info":
                 raise
             result = _offline_info(config)
+    if command == "stop":
+        _wait_stopped(config)
     _print(args, command, result)
     if command == "sync":
         failed = [r for r in result["results"] if not r["ok"]]
         if failed:
             _fail(f"{len(failed)} of {len(result['results'])} syncs failed; first: {failed[0]['error']}")
     return 0
+
+
+def _wait_stopped(config: NodeConfig) -> None:
+    """Return once the node has released the data directory's lock (it has flushed and closed)."""
+    import fcntl
+
+    from dag.instance import LOCK_FILE
+
+    deadline = time.monotonic() + STOP_WAIT_S
+    with (config.data_dir / LOCK_FILE).open("a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise NodeError(
+                        f"the node at {config.data_dir} is still stopping after {STOP_WAIT_S:g} s"
+                    ) from None
+                time.sleep(0.05)
+                continue
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

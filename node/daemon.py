@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # Docker and systemd wait 10 s after SIGTERM before killing: flush for less than that.
 SHUTDOWN_FLUSH_S = 8.0
+STOP_GRACE_S = 0.1
 
 
 def open_instance(config: NodeConfig) -> Instance:
@@ -101,11 +102,12 @@ def build_transports(config: NodeConfig, instance: Instance, metrics: Metrics) -
     return transports
 
 
-async def _until_signalled() -> int:
+async def _stop_on_signal(service: NodeService) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            return int(signum)
-    return 0
+            log.info("%s: flushing sync and stopping", signal.Signals(signum).name)
+            service.request_stop()
+            return
 
 
 async def run_node(
@@ -115,7 +117,11 @@ async def run_node(
     handle_signals: bool = True,
     task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the node until a signal (or until cancelled, when ``handle_signals`` is False)."""
+    """Run the node until SIGINT/SIGTERM (if ``handle_signals``) or the ``stop`` command.
+
+    Stopping leaves the sync block normally, so the engine is still running while it
+    flushes; cancelling this task from outside stops at once, without that flush.
+    """
     instance = open_instance(config)
     try:
         metrics = Metrics()
@@ -140,11 +146,10 @@ async def run_node(
                     log.info("node %s ready on %s", instance.device_id, ", ".join(service.addresses()) or "no address")
                     task_status.started(service)
                     if handle_signals:
-                        signum = await _until_signalled()
-                        log.info("%s: flushing sync and stopping", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                    else:
-                        await trio.sleep_forever()
+                        nursery.start_soon(_stop_on_signal, service)
+                    await service.stopping.wait()
+                    await trio.sleep(STOP_GRACE_S)  # the stop command's own answer goes out first
+                    nursery.cancel_scope.cancel()
         finally:
             if metrics_sock is not None:
                 metrics_sock.close()

@@ -182,6 +182,7 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "access.list": access_list,
     "access.approve": decided,
     "access.reject": decided,
+    "stop": lambda result: [f"stopped the node (pid {result['pid']})"],
 }
 
 __all__ = ["RENDERERS", "ago", "short", "value_text"]

@@ -54,6 +54,10 @@ class NodeService:
     metrics_address: str | None = None  # host:port of the TCP health and metrics listener, if any
     started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     now_ms: Callable[[], int] = field(default=lambda: int(time.time() * 1000))
+    stopping: trio.Event = field(default_factory=trio.Event)  # set: the daemon flushes and exits
+
+    def request_stop(self) -> None:
+        self.stopping.set()
 
     # ---- lookups ----------------------------------------------------------------------
 
@@ -405,6 +409,11 @@ class NodeService:
         decided = self.sync.reject_request(self._request_id(request))
         return {"id": decided.request_id, "db": decided.db, "key": decided.key, "status": decided.status}
 
+    async def stop(self) -> dict[str, Any]:
+        """Stop the node as SIGTERM does: flush sync, close transports and storage."""
+        self.request_stop()
+        return {"stopping": True, "pid": os.getpid()}
+
     # ---- dispatch -----------------------------------------------------------------------
 
     def commands(self) -> dict[str, Callable[..., Any]]:
@@ -428,6 +437,7 @@ class NodeService:
             "access.list": self.access_list,
             "access.approve": self.access_approve,
             "access.reject": self.access_reject,
+            "stop": self.stop,
         }
 
 

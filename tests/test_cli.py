@@ -48,7 +48,7 @@ def assert_one_line_error(err: str, fragment: str) -> None:
 def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(["--help"], capsys)
     assert code == 0
-    for command in ("init", "run", "status", "info", "health", "db", "table", "share", "join", "peers", "sync"):
+    for command in ("init", "run", "status", "info", "health", "stop", "db", "table", "share", "join", "peers", "sync"):
         assert f"    {command}" in out, command
     assert "access" in out and "EIDETICA_" in out and "Exit status" in out
     for command in (
@@ -106,6 +106,7 @@ def test_bad_flags_are_one_line_usage_errors(
         ["sync"],
         ["access", "list"],
         ["status"],
+        ["stop"],
     ],
 )
 def test_commands_need_a_running_node(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -243,8 +244,10 @@ def test_two_nodes_share_join_write_and_read_each_other(tmp_path: Path) -> None:
         two.ok("db", "delete", "notes", "count")
         wait_for(lambda: one.cli("db", "get", "notes", "count").returncode == 1, message="delete reaches one")
 
-        assert one.stop() == 0 and two.stop() == 0
-        assert not (one_dir / "control.sock").exists()
+        assert one.ok("stop").startswith("stopped the node (pid ")  # returns once the node has let go
+        assert one.process.wait(timeout=10) == 0
+        assert two.stop() == 0  # SIGTERM
+        assert not (one_dir / "control.sock").exists() and not (two_dir / "control.sock").exists()
     finally:
         for node in nodes:
             node.stop()
