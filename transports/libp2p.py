@@ -14,17 +14,31 @@ What this module does about py-libp2p's traps (see the project's notes):
   SO_REUSEPORT, so a second process would silently share the port);
 * a peer's "recently failed" mark is cleared before each dial, so a peer that came back
   is reachable at once instead of after 60 s;
+* a dial goes to exactly the address asked for (``host.connect`` dials whichever one
+  address of the peerstore it ranks best, which may be one a peer advertised badly), and
+  wildcard listen addresses are advertised expanded (see ``advertised_addresses``);
 * the host is closed explicitly when the transport stops (leaving ``run`` does not close
   the listeners).
+
+Behind NAT (see :mod:`transports.relay`, :mod:`transports.reachability`,
+:mod:`transports.holepunch`): a node can offer circuit relay v2 (``relay_service=True``);
+a node given ``relays`` reserves a slot on each and advertises its ``/p2p-circuit``
+addresses; ``/p2p-circuit`` addresses are dialled through the relay (``host.connect``
+drops them); reachability comes from a real dial-back on a fresh connection; DCUtR
+upgrades relayed connections to direct ones where the NATs allow. ``status()`` tells
+which of all that is the case right now.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import os
 import socket
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import multiaddr
 import trio
@@ -33,11 +47,12 @@ from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.peer.id import ID as PeerID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.utils.address_validation import expand_wildcard_address
 
 from dag import SigningKey
 from dag.keys import pubkey_to_text
@@ -52,6 +67,22 @@ from sync.errors import (
 from sync.messages import Error, Message, decode_message, encode_message
 from sync.transport import Handler, RequestContext, TaskStatus
 
+from .holepunch import HolePuncher, HolePunchResult
+from .reachability import RECHECK_S, DialbackOutcome, DialbackServer, Reachability, ReachabilityMonitor
+from .relay import (
+    DEFAULT_RELAY_LIMITS,
+    RelayClient,
+    RelayError,
+    RelayLimits,
+    RelayService,
+    ReservationStatus,
+    dial_exactly,
+    dial_through_relay,
+    is_circuit_address,
+    is_relayed,
+    split_circuit_address,
+)
+
 log = logging.getLogger(__name__)
 
 PROTOCOL_ID = TProtocol("/eidetica/sync/1.0.0")
@@ -61,6 +92,9 @@ CONNECT_TIMEOUT_S = 10.0  # a dial that takes longer is a dead or unreachable pe
 REQUEST_FRAME_TIMEOUT_S = 30.0  # between a stream opening and its request frame arriving
 ANSWER_FRAME_TIMEOUT_S = 60.0  # between two answer frames (a big batch is being verified)
 READ_CHUNK = 1 << 20
+# serve() waits this long for the first reservations, so that addresses handed out right after
+# accept_connections() already reach the node through its relays; a relay that is down costs no more.
+INITIAL_RESERVATION_WAIT_S = 5.0
 
 
 class FrameTooLarge(OversizeMessageError):
@@ -113,6 +147,62 @@ async def _no_auto_connect() -> None:
     return None
 
 
+def _is_loopback(address: multiaddr.Multiaddr) -> bool:
+    try:
+        return ipaddress.ip_address(address.value_for_protocol("ip4")).is_loopback
+    except Exception:
+        return False
+
+
+def advertised_addresses(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """What a host tells peers (identify, reservations, ``get_addrs``): wildcards expanded.
+
+    py-libp2p advertises a ``0.0.0.0`` listen address as it is; a peer that dials it reaches
+    *itself* (connecting to 0.0.0.0 means this machine), fails the Noise handshake with "peer
+    ID mismatch", and the swarm then clears every address it had for the peer. Loopback
+    addresses are dropped when there are others, for the same reason.
+    """
+    expanded: list[multiaddr.Multiaddr] = []
+    for address in candidates:
+        try:
+            wildcard = address.value_for_protocol("ip4") == "0.0.0.0"
+        except Exception:
+            wildcard = False
+        for concrete in expand_wildcard_address(address) if wildcard else [address]:
+            if concrete not in expanded:
+                expanded.append(concrete)
+    others = [a for a in expanded if not _is_loopback(a)]
+    return others or expanded
+
+
+def new_noise_host(key_pair: Any, *, dial_timeout_s: float, retries: bool = True) -> IHost:
+    """A host that offers Noise only (a default host also accepts plaintext), with Yamux,
+    one connection per peer and no auto-connector."""
+    security = {NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)}
+    config = ConnectionConfig(
+        max_connections_per_peer=1,
+        min_connections=0,
+        low_watermark=0,
+        dial_timeout=dial_timeout_s,
+    )
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt=security,
+        muxer_opt=create_yamux_muxer_option(),
+        connection_config=config,
+        addrs_factory=advertised_addresses,
+    )
+    network: Any = host.get_network()
+    # The auto-connector aims at (low + high watermark) / 2 connections and redials
+    # every peer in the peerstore to get there; the sync engine dials on demand instead.
+    connector = getattr(network, "auto_connector", None)
+    if connector is not None:
+        connector.maybe_connect = _no_auto_connect
+    if not retries:
+        network.retry_config = RetryConfig(max_retries=0)
+    return host
+
+
 def _check_port_free(address: multiaddr.Multiaddr) -> None:
     try:
         port = int(address.value_for_protocol("tcp"))
@@ -122,6 +212,9 @@ def _check_port_free(address: multiaddr.Multiaddr) -> None:
     if port == 0:
         return
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # SO_REUSEADDR: connections of a previous run left in TIME_WAIT must not block a restart
+    # (a relay that restarts on its port); a live listener on the port still makes bind() fail.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind((host, port))
     except OSError as exc:
@@ -130,9 +223,60 @@ def _check_port_free(address: multiaddr.Multiaddr) -> None:
         probe.close()
 
 
+ConnectionKind = Literal["direct", "relayed"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConnection:
+    """How this node is connected to one peer right now."""
+
+    peer_id: str
+    device: str | None  # the device key the peer ID names (``ed25519:...``)
+    kind: ConnectionKind  # direct if any connection to the peer is direct
+    relay: str | None  # the relay's peer ID, while relayed
+    connections: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelayServiceStatus:
+    """The relay this node offers (``relay_service=True``)."""
+
+    reservations: dict[str, float]  # peer ID -> expiry (unix time)
+    active_circuits: int
+    circuits_opened: int
+    circuits_cut: int  # reset by the relay at a data or duration limit
+
+
+@dataclass(frozen=True, slots=True)
+class Libp2pStatus:
+    """A snapshot of the transport's view of the network (see ``Libp2pTransport.status``)."""
+
+    peer_id: str
+    serving: bool
+    reachability: Reachability
+    reachability_checked_by: str | None  # the peer whose dial-back decided it
+    listen_addresses: tuple[str, ...]
+    reservations: tuple[ReservationStatus, ...]
+    peers: tuple[PeerConnection, ...]
+    hole_punches: tuple[HolePunchResult, ...]  # the latest attempt per peer
+    relay_service: RelayServiceStatus | None
+    dialbacks: tuple[DialbackOutcome, ...]  # what this node found dialling others back
+
+
 class Libp2pTransport:
     """Sync over libp2p. ``run`` (started by ``Sync.register_transport``) keeps the host up;
-    ``serve`` (``accept_connections``) adds the listeners."""
+    ``serve`` (``accept_connections``) adds the listeners.
+
+    Args:
+        key: the device key; the host's identity.
+        listen: multiaddrs to listen on (``0.0.0.0`` is advertised as each interface's address,
+            loopback only when there is no other).
+        relay_service: offer circuit relay v2 to other nodes, with ``relay_limits``.
+        relays: multiaddrs (with ``/p2p/<id>``) of relays to reserve a slot on; their
+            ``/p2p-circuit`` addresses are advertised (first, once the node knows it is private).
+        hole_punching: answer and start DCUtR to turn relayed connections into direct ones.
+        reachability_recheck_s: how often the node asks a peer to dial it back again.
+    """
 
     def __init__(
         self,
@@ -142,40 +286,40 @@ class Libp2pTransport:
         max_frame_bytes: int = DEFAULT_MAX_FRAME,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         answer_timeout_s: float = ANSWER_FRAME_TIMEOUT_S,
+        relay_service: bool = False,
+        relay_limits: RelayLimits = DEFAULT_RELAY_LIMITS,
+        relays: Sequence[str] = (),
+        hole_punching: bool = True,
+        reachability_recheck_s: float = RECHECK_S,
     ) -> None:
         self._key_pair = create_new_key_pair(key.seed)
         self._listen = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/4001"])]
         self.max_frame_bytes = max_frame_bytes
         self._connect_timeout_s = connect_timeout_s
         self._answer_timeout_s = answer_timeout_s
-        self._host: IHost = self._new_host()
+        self._host: IHost = new_noise_host(self._key_pair, dial_timeout_s=connect_timeout_s)
         self._ready = trio.Event()
         self._stopped = False
         self._serving = False
         self._handler: Handler | None = None
+        self._relay_service = RelayService(self._host, relay_limits) if relay_service else None
+        self._relay_client = (
+            RelayClient(self._host, relays, on_inbound_circuit=self._on_inbound_circuit) if relays else None
+        )
+        self._puncher = HolePuncher(self._host) if hole_punching else None
+        self._dialback = DialbackServer(self._host, self._fresh_host)
+        self._reachability = ReachabilityMonitor(
+            self._host,
+            candidates=self._dialback_candidates,
+            own_addresses=self._direct_addresses,
+            recheck_s=reachability_recheck_s,
+        )
+        self._dial_locks: dict[PeerID, trio.Lock] = {}
 
-    def _new_host(self) -> IHost:
-        security = {
-            NOISE_PROTOCOL_ID: NoiseTransport(self._key_pair, noise_privkey=create_x25519_key_pair().private_key)
-        }
-        config = ConnectionConfig(
-            max_connections_per_peer=1,
-            min_connections=0,
-            low_watermark=0,
-            dial_timeout=self._connect_timeout_s,
-        )
-        host = new_host(
-            key_pair=self._key_pair,
-            sec_opt=security,
-            muxer_opt=create_yamux_muxer_option(),
-            connection_config=config,
-        )
-        # The auto-connector aims at (low + high watermark) / 2 connections and redials
-        # every peer in the peerstore to get there; the sync engine dials on demand instead.
-        connector = getattr(host.get_network(), "auto_connector", None)
-        if connector is not None:
-            connector.maybe_connect = _no_auto_connect
-        return host
+    def _fresh_host(self) -> IHost:
+        """A throwaway host with a new identity, for dial-backs: it cannot reuse a connection."""
+        key_pair = create_new_key_pair(os.urandom(32))
+        return new_noise_host(key_pair, dial_timeout_s=self._connect_timeout_s, retries=False)
 
     @property
     def host(self) -> IHost:
@@ -185,12 +329,23 @@ class Libp2pTransport:
     def peer_id(self) -> str:
         return str(self._host.get_id())
 
+    @property
+    def relay_client(self) -> RelayClient | None:
+        return self._relay_client
+
+    @property
+    def reachability(self) -> ReachabilityMonitor:
+        return self._reachability
+
     # ---- lifecycle --------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the host's network service up (needed to dial, even without listening)."""
+        """Keep the host's network service up (needed to dial, even without listening), and
+        hole punching, which both ends of a relayed connection take part in."""
         try:
-            async with self._host.run([]):
+            async with self._host.run([]), trio.open_nursery() as nursery:
+                if self._puncher is not None:
+                    await nursery.start(self._puncher.run)
                 self._ready.set()
                 task_status.started()
                 await trio.sleep_forever()
@@ -206,6 +361,8 @@ class Libp2pTransport:
             await self._ready.wait()
 
     async def serve(self, handler: Handler, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen; while listening also serve dial-backs, the relay (if offered), hold the
+        reservations on our relays and keep reachability current."""
         await self._wait_ready()
         for address in self._listen:
             _check_port_free(address)
@@ -215,19 +372,106 @@ class Libp2pTransport:
         if not await network.listen(*self._listen):
             raise TransportError(f"libp2p could not listen on {', '.join(map(str, self._listen))}")
         self._serving = True
-        task_status.started()
         try:
-            await trio.sleep_forever()
+            async with trio.open_nursery() as nursery:
+                self._dialback.start()
+                if self._relay_service is not None:
+                    self._relay_service.start()
+                if self._relay_client is not None:
+                    await nursery.start(self._relay_client.run)
+                    with trio.move_on_after(INITIAL_RESERVATION_WAIT_S):
+                        await self._relay_client.wait_reserved()
+                nursery.start_soon(self._reachability.run)
+                task_status.started()
         finally:
             self._serving = False
+            self._dialback.stop()
+            if self._relay_service is not None:
+                self._relay_service.stop()
             for listener in list(getattr(network, "listeners", {}).values()):
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await listener.close()
 
-    def listen_addresses(self) -> list[str]:
+    def _direct_addresses(self) -> list[str]:
         if not self._serving:
             return []
-        return [str(a) for a in self._host.get_addrs()]
+        return [str(a) for a in self._host.get_addrs() if not is_circuit_address(a)]
+
+    def listen_addresses(self) -> list[str]:
+        """Direct addresses, then ``/p2p-circuit`` ones; the circuits come first once a
+        dial-back has shown that peers cannot dial us directly."""
+        if not self._serving:
+            return []
+        direct = self._direct_addresses()
+        circuits = self._relay_client.circuit_addresses() if self._relay_client is not None else []
+        if self._reachability.reachability == "private":
+            return circuits + direct
+        return direct + circuits
+
+    # ---- status -------------------------------------------------------------------------
+
+    def connection_kind(self, peer_id: str) -> ConnectionKind | None:
+        """``direct`` or ``relayed`` for a connected peer, None if not connected."""
+        connection = self._peer_connection(PeerID.from_base58(peer_id))
+        return connection.kind if connection is not None else None
+
+    def _peer_connection(self, peer: PeerID) -> PeerConnection | None:
+        network: Any = self._host.get_network()
+        connections = [c for c in network.get_connections(peer) if not c.is_closed]
+        if not connections:
+            return None
+        relayed = [c for c in connections if is_relayed(c)]
+        relay: str | None = None
+        if len(relayed) == len(connections):
+            with contextlib.suppress(Exception):
+                relay = str(split_circuit_address(relayed[0].get_transport_addresses()[0])[0].peer_id)
+        kind: ConnectionKind = "relayed" if len(relayed) == len(connections) else "direct"
+        return PeerConnection(str(peer), peer_pubkey(peer), kind, relay, len(connections))
+
+    def status(self) -> Libp2pStatus:
+        """Reachability, reservations, how each connected peer is reached, hole punching."""
+        network: Any = self._host.get_network()
+        peers = tuple(
+            connection for peer in list(network.connections) if (connection := self._peer_connection(peer)) is not None
+        )
+        service = None
+        if self._relay_service is not None:
+            service = RelayServiceStatus(
+                self._relay_service.reservations(),
+                self._relay_service.active_circuits(),
+                self._relay_service.circuits_opened,
+                self._relay_service.circuits_cut,
+            )
+        last = self._reachability.last
+        return Libp2pStatus(
+            peer_id=self.peer_id,
+            serving=self._serving,
+            reachability=self._reachability.reachability,
+            reachability_checked_by=last.peer if last else None,
+            listen_addresses=tuple(self.listen_addresses()),
+            reservations=self._relay_client.status() if self._relay_client is not None else (),
+            peers=peers,
+            hole_punches=tuple(self._puncher.results.values()) if self._puncher is not None else (),
+            relay_service=service,
+            dialbacks=tuple(self._dialback.outcomes.values()),
+        )
+
+    def _dialback_candidates(self) -> list[PeerID]:
+        """Peers to ask for a dial-back: our relays, then anyone we hold a direct connection to."""
+        network: Any = self._host.get_network()
+
+        def direct(peer: PeerID) -> bool:
+            return any(not c.is_closed and not is_relayed(c) for c in network.get_connections(peer))
+
+        relays = self._relay_client.relay_peers if self._relay_client is not None else set()
+        ordered = [p for p in relays if direct(p)]
+        ordered += [p for p in list(network.connections) if p not in relays and direct(p)]
+        return ordered
+
+    def _on_inbound_circuit(self, peer: PeerID) -> None:
+        """We accepted a relayed connection: the accepting end starts DCUtR (the spec's choice)."""
+        if self._puncher is not None:
+            self._puncher.request(peer)
 
     # ---- serving ----------------------------------------------------------------------
 
@@ -259,22 +503,35 @@ class Libp2pTransport:
     # ---- asking -------------------------------------------------------------------------
 
     async def _open(self, address: str) -> INetStream:
+        """A stream to the peer at ``address``, reusing any connection to that peer.
+
+        ``/p2p-circuit`` addresses are dialled through their relay (``host.connect`` drops
+        them); one relayed dial per peer at a time, so concurrent requests share a circuit.
+        """
         await self._wait_ready()
         try:
             target = multiaddr.Multiaddr(address)
-            info = info_from_p2p_addr(target)
+            if is_circuit_address(target):
+                info = None
+                peer = split_circuit_address(target)[1]
+            else:
+                info = info_from_p2p_addr(target)
+                peer = info.peer_id
         except Exception as exc:
             raise UnreachableError(f"not a libp2p address with a /p2p/ peer ID: {address!r}") from exc
-        network: Any = self._host.get_network()
-        cache = getattr(network, "_negative_peer_cache", None)
-        if cache is not None:
-            cache.evict(str(info.peer_id))  # a peer that failed once may be back now
         try:
             with trio.fail_after(self._connect_timeout_s):
-                await self._host.connect(info)
-                return await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+                if self._peer_connection(peer) is None:
+                    async with self._dial_locks.setdefault(peer, trio.Lock()):
+                        if info is not None:
+                            await dial_exactly(self._host, info)
+                        elif self._peer_connection(peer) is None:
+                            await dial_through_relay(self._host, target)
+                return await self._host.new_stream(peer, [PROTOCOL_ID])
         except trio.TooSlowError as exc:
             raise RequestTimeoutError(f"p2p:{address}: no connection in {self._connect_timeout_s:g} s") from exc
+        except RelayError as exc:
+            raise UnreachableError(f"p2p:{address}: {exc}") from exc
         except Exception as exc:
             raise UnreachableError(f"p2p:{address}: {type(exc).__name__}: {exc}") from exc
 

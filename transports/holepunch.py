@@ -1,0 +1,152 @@
+"""Hole punching (DCUtR): upgrade a relayed connection to a direct one where the NATs allow.
+
+py-libp2p's ``DCUtRProtocol`` does the exchange (CONNECT with observed addresses, SYNC,
+simultaneous TCP dials from the listen port, three rounds) and closes the relayed
+connection 60 s after a direct one verifies. What this module changes:
+
+* Its auto-drive loop makes *both* ends start sessions towards every relayed peer every
+  2 s. Here only the end that accepted the relayed connection starts one, once, as the
+  spec says; the other end answers through the protocol handler.
+* Before punching it first dials the peer's known direct addresses (spec step 0) with its
+  10 s dial timeout, so when those are private addresses behind another NAT every attempt
+  costs 10 s before the punch even starts (measured: 0.2 s upgrades became 10.2 s). Here
+  step 0 is bounded by ``UNILATERAL_TIMEOUT_S`` and stops at the first direct connection.
+* It reports nothing. :class:`HolePuncher` times every attempt on both ends and keeps the
+  outcome per peer, for the transport's status.
+
+When punching fails the relayed connection stays, and sync goes on over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.peer.id import ID as PeerID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.tools.anyio_service import background_trio_service
+
+from sync.transport import TaskStatus
+
+from .relay import is_circuit_address
+
+log = logging.getLogger(__name__)
+
+UNILATERAL_TIMEOUT_S = 2.0  # a plain dial to the peer's known addresses before punching (public peers)
+DIAL_TIMEOUT_S = 5.0  # one punch dial; rounds are bounded by py-libp2p at 5 s each
+PUNCH_TIMEOUT_S = 45.0  # a whole attempt: step 0, the exchange over the relay, three rounds
+REQUEST_BUFFER = 64  # inbound circuits waiting for a punch; more are dropped (they stay relayed)
+HISTORY = 64  # attempts kept for the status
+
+Role = Literal["initiator", "responder"]
+
+
+@dataclass(frozen=True, slots=True)
+class HolePunchResult:
+    """One hole-punching attempt with one peer."""
+
+    peer: str
+    role: Role  # initiator: we accepted the relayed connection and started DCUtR
+    succeeded: bool  # a direct connection to the peer exists afterwards
+    duration_s: float
+    at: float  # unix time the attempt ended
+    error: str | None = None
+
+
+class _Dcutr(DCUtRProtocol):
+    """py-libp2p's DCUtR with the changes the module docstring lists."""
+
+    def __init__(self, host: IHost, puncher: HolePuncher) -> None:
+        super().__init__(host, dial_timeout=int(DIAL_TIMEOUT_S))
+        self._puncher = puncher
+
+    async def _auto_drive_loop(self) -> None:
+        await trio.sleep_forever()  # attempts are started by HolePuncher.request
+
+    async def _try_unilateral_upgrade(self, peer_id: PeerID) -> bool:
+        try:
+            addresses = [a for a in self.host.get_peerstore().addrs(peer_id) if not is_circuit_address(a)]
+        except Exception:
+            return False
+        if not addresses:
+            return False
+        with trio.move_on_after(UNILATERAL_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+
+                async def dial(address: Any) -> None:
+                    await self._dial_peer(peer_id, address)
+                    if await self._verify_direct_connection(peer_id):
+                        nursery.cancel_scope.cancel()
+
+                for address in addresses:
+                    nursery.start_soon(dial, address)
+        return bool(await self._verify_direct_connection(peer_id))
+
+    async def _handle_dcutr_stream(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        started = time.monotonic()
+        error: str | None = None
+        try:
+            await super()._handle_dcutr_stream(stream)  # catches its own errors
+        except Exception as exc:  # a stream handler must never raise
+            error = f"{type(exc).__name__}: {exc}"
+        succeeded = bool(await self._verify_direct_connection(peer))
+        self._puncher.record(peer, "responder", succeeded, time.monotonic() - started, error)
+
+
+class HolePuncher:
+    """Runs DCUtR and keeps the outcome of every attempt."""
+
+    def __init__(self, host: IHost) -> None:
+        self._host = host
+        self._service = _Dcutr(host, self)
+        self._requests_in, self._requests_out = trio.open_memory_channel[PeerID](REQUEST_BUFFER)
+        self.results: dict[str, HolePunchResult] = {}  # the latest attempt per peer
+        self.history: deque[HolePunchResult] = deque(maxlen=HISTORY)
+        self._running: set[PeerID] = set()
+
+    def record(self, peer: PeerID, role: Role, succeeded: bool, duration_s: float, error: str | None) -> None:
+        result = HolePunchResult(str(peer), role, succeeded, duration_s, time.time(), error)
+        self.results[str(peer)] = result
+        self.history.append(result)
+        log.info(
+            "hole punching with %s (%s): %s in %.2f s",
+            peer,
+            role,
+            "direct connection" if succeeded else "failed, staying on the relay",
+            duration_s,
+        )
+
+    def request(self, peer: PeerID) -> None:
+        """Start an attempt towards ``peer`` (called when we accept a relayed connection from it)."""
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._requests_in.send_nowait(peer)
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with background_trio_service(self._service), trio.open_nursery() as nursery:
+            task_status.started()
+            async for peer in self._requests_out:
+                if peer not in self._running:
+                    self._running.add(peer)
+                    nursery.start_soon(self._punch, peer)
+
+    async def _punch(self, peer: PeerID) -> None:
+        started = time.monotonic()
+        error: str | None = None
+        succeeded = False
+        try:
+            with trio.fail_after(PUNCH_TIMEOUT_S):
+                succeeded = bool(await self._service.initiate_hole_punch(peer))
+        except trio.TooSlowError:
+            error = f"no result in {PUNCH_TIMEOUT_S:g} s"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._running.discard(peer)
+        self.record(peer, "initiator", succeeded, time.monotonic() - started, error)
