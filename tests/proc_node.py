@@ -2,6 +2,8 @@
 
     python -m tests.proc_node --transport http --data-dir DIR --bind 127.0.0.1:0
     python -m tests.proc_node --transport p2p --data-dir DIR --bind /ip4/127.0.0.1/tcp/0
+    python -m tests.proc_node --transport p2p --data-dir DIR --bind /ip4/0.0.0.0/tcp/4001 --relay-service
+    python -m tests.proc_node --transport p2p --data-dir DIR --relay /ip4/R/tcp/4001/p2p/ID [--no-hole-punching]
 
 Once serving it prints one JSON line, ``{"ready": true, "device_id": ..., "addresses":
 ["http:127.0.0.1:PORT"]}``, then reads commands from stdin, one per line, and answers
@@ -12,6 +14,8 @@ each with one JSON line, ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."
     set DB KEY VALUE    -> {}                             (VALUE: the rest of the line, as text)
     get DB KEY          -> {"value": VALUE or null}
     info                -> {"device_id": ..., "addresses": [...], "peers": [...]}
+    status              -> {"status": {...}}  (the transport's status(): reachability, reservations,
+                                               direct or relayed per peer, hole punching; p2p only)
     quit                -> {}, then the node stops (end of input does the same)
 
 A transport is one factory in ``TRANSPORTS``, keyed by the name it is registered under
@@ -22,6 +26,7 @@ Logs go to stderr; stdout carries only the JSON lines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -35,6 +40,7 @@ from dag import Instance, Permission
 from sync import Sync, SyncConfig, Transport, enable_sync
 from transports.http import HttpTransport
 from transports.libp2p import Libp2pTransport
+from transports.relay import RelayLimits
 
 # A command is one exchange with one peer at most (join: a handshake and a bootstrap); a
 # node that cannot finish one in this long answers with an error instead of hanging.
@@ -48,7 +54,15 @@ def _http(args: argparse.Namespace, _instance: Instance) -> Transport:
 
 
 def _p2p(args: argparse.Namespace, instance: Instance) -> Transport:
-    return Libp2pTransport(instance.device_key, listen=[args.bind or "/ip4/127.0.0.1/tcp/0"])
+    limits = RelayLimits(reservation_ttl_s=args.relay_ttl) if args.relay_ttl else RelayLimits()
+    return Libp2pTransport(
+        instance.device_key,
+        listen=[args.bind or "/ip4/127.0.0.1/tcp/0"],
+        relay_service=args.relay_service,
+        relay_limits=limits,
+        relays=args.relay,
+        hole_punching=not args.no_hole_punching,
+    )
 
 
 TRANSPORTS: dict[str, TransportFactory] = {"http": _http, "p2p": _p2p}
@@ -61,9 +75,10 @@ def _emit(payload: dict[str, Any]) -> None:
 class Commands:
     """The command set: each takes the line's words after the verb and returns the answer's fields."""
 
-    def __init__(self, instance: Instance, sync: Sync) -> None:
+    def __init__(self, instance: Instance, sync: Sync, transport: Transport | None = None) -> None:
         self.instance = instance
         self.sync = sync
+        self.transport = transport
 
     async def create(self, name: str) -> dict[str, Any]:
         db = self.instance.create_database(name=name)
@@ -90,6 +105,10 @@ class Commands:
             "peers": [p.pubkey for p in self.sync.peers()],
         }
 
+    async def status(self) -> dict[str, Any]:
+        status = getattr(self.transport, "status", None)
+        return {"status": dataclasses.asdict(status()) if callable(status) else {}}
+
     def lookup(self, line: str) -> Callable[[], Awaitable[dict[str, Any]]] | None:
         """The call a command line stands for, or None if it is not one."""
         verb, _, rest = line.strip().partition(" ")
@@ -105,6 +124,8 @@ class Commands:
             return lambda: self.get(words[0], words[1])
         if verb == "info" and not words:
             return self.info
+        if verb == "status" and not words:
+            return self.status
         return None
 
 
@@ -113,9 +134,10 @@ async def _run(args: argparse.Namespace) -> None:
     try:
         config = SyncConfig(display_name=args.name or Path(args.data_dir).name)
         async with enable_sync(instance, config=config) as sync:
-            sync.register_transport(args.transport, TRANSPORTS[args.transport](args, instance))
+            transport = TRANSPORTS[args.transport](args, instance)
+            sync.register_transport(args.transport, transport)
             await sync.accept_connections()
-            commands = Commands(instance, sync)
+            commands = Commands(instance, sync, transport)
             _emit({"ready": True, **await commands.info()})
             stdin = trio.wrap_file(sys.stdin)
             while line := await stdin.readline():
@@ -141,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--bind", help="where the transport listens (its own address syntax)")
     parser.add_argument("--name", help="display name (default: the data directory's name)")
+    parser.add_argument("--relay", action="append", default=[], help="p2p: a relay's multiaddr to reserve on")
+    parser.add_argument("--relay-service", action="store_true", help="p2p: offer circuit relay v2")
+    parser.add_argument("--relay-ttl", type=int, help="p2p: reservation lifetime this relay grants (seconds)")
+    parser.add_argument("--no-hole-punching", action="store_true", help="p2p: keep relayed connections relayed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     trio.run(_run, args)
