@@ -157,7 +157,7 @@ def build_parser() -> Parser:
         "run the node: storage, sync, transports and the control API, until Ctrl-C or SIGTERM",
         parents=[_daemon_options()],
     )
-    add("status", "live view of the running node (Textual TUI; q quits)")
+    add("status", "live view of the running node (Textual TUI; q quits); with --json, one snapshot")
     add("info", "the node's identity, addresses and databases (works with no node running, too)")
     add("health", "check that the node answers (exit 0 if healthy)")
     add("stop", "stop the running node as SIGTERM does (flush sync, close); waits until it has stopped")
@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Callable[[NodeConfig, argparse.Namespace], int]] = {"init": _init, "run": _run}
     try:
         config = load_config(_flags(args))
-        if args.command == "status":
+        if args.command == "status" and not getattr(args, "json", False):
             return _status(config)
         return handlers.get(args.command, _remote)(config, args)
     except NodeError as exc:

@@ -12,6 +12,7 @@ database (its peers, cursors and history) is left out of listings and is never s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,8 @@ from sync import AccessPendingError, Sync, Ticket, UnauthorizedError
 from .config import NodeConfig
 from .metrics import CountingTransport, Metrics, render
 from .netstatus import libp2p_connections, peer_id_of, transport_status
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "data"
 HISTORY_ROWS = 50
@@ -411,6 +414,7 @@ class NodeService:
 
     async def stop(self) -> dict[str, Any]:
         """Stop the node as SIGTERM does: flush sync, close transports and storage."""
+        log.info("stop requested over the control socket: flushing sync and stopping")
         self.request_stop()
         return {"stopping": True, "pid": os.getpid()}
 

@@ -240,6 +240,13 @@ def test_two_nodes_share_join_write_and_read_each_other(tmp_path: Path) -> None:
         assert {d["name"] for d in two.json("db", "list", "--all")["databases"]} == {"notes", "_sync"}
         info = one.json("info")
         assert info["running"] and info["peers"] == 1 and info["metrics"]["syncs"] > 0
+        snapshot = one.json("status")  # what the TUI shows, once
+        assert snapshot["node"]["device_id"] == one.ready["device_id"]
+        assert [p["display_name"] for p in snapshot["peers"]] == ["two"]
+        assert snapshot["databases"][0]["peers"][0]["peer"] == two.ready["device_id"]
+        assert snapshot["history"] and {"at_ms", "peer", "db", "sent", "received", "error"} <= set(
+            snapshot["history"][0]
+        )
 
         two.ok("db", "delete", "notes", "count")
         wait_for(lambda: one.cli("db", "get", "notes", "count").returncode == 1, message="delete reaches one")
