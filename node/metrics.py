@@ -134,6 +134,12 @@ class CountingTransport:
         self.metrics = metrics
         self._advertise = advertise
 
+    def __getattr__(self, name: str) -> Any:
+        """Anything else is the inner transport's (``status()``, ``host``, what sync may ask later)."""
+        if name == "inner":  # not set yet (during unpickling or a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def listen_addresses(self) -> list[str]:
         addresses = self.inner.listen_addresses()
         return self._advertise(addresses) if self._advertise and addresses else addresses

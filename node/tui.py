@@ -155,9 +155,10 @@ class StatusApp(App[None]):
         ),
     ]
 
-    def __init__(self, client: Client, *, refresh_s: float = REFRESH_S) -> None:
+    def __init__(self, client: Client, *, refresh_s: float = REFRESH_S, owns_client: bool = False) -> None:
         super().__init__()
         self.client = client
+        self.owns_client = owns_client
         self.refresh_s = refresh_s
         self.snapshot: dict[str, Any] | None = None
         self.error: str | None = None
@@ -185,6 +186,11 @@ class StatusApp(App[None]):
         databases.focus()
         self.poll()
         self.set_interval(self.refresh_s, self.poll)
+
+    async def on_unmount(self) -> None:
+        close = getattr(self.client, "aclose", None)
+        if self.owns_client and close is not None:
+            await close()
 
     # ---- polling ------------------------------------------------------------------------
 
@@ -422,8 +428,7 @@ def run_tui(data_dir: Path) -> None:
     """Run the app against the node of ``data_dir`` until the user quits."""
     from .client import AsyncControlClient
 
-    client = AsyncControlClient(data_dir)
-    StatusApp(client).run()
+    StatusApp(AsyncControlClient(data_dir), owns_client=True).run()
 
 
 __all__ = ["StatusApp", "run_tui"]
