@@ -253,6 +253,9 @@ async def test_hole_punching_upgrades_a_relayed_connection_and_reports_it() -> N
             relay = await stack.enter_async_context(relay_node(SigningKey.generate()))
             a = await sync_node(stack, "a", relays=relay.listen_addresses(), hole_punching=True)
             b = await sync_node(stack, "b", hole_punching=True)
+            for node in (a, b):
+                assert node.transport.hole_puncher is not None
+                node.transport.hole_puncher.relay_grace_s = 0.5  # then the relayed twin is closed
             db_id = _shared_db(a)
             await b.sync.join(Ticket(db_id, (a.circuit,)))
             # A accepted the relayed connection, so A starts DCUtR; B answers.
@@ -266,6 +269,10 @@ async def test_hole_punching_upgrades_a_relayed_connection_and_reports_it() -> N
             with a.instance.open_database(db_id).transaction() as txn:
                 txn.doc("notes").set("direct", True)
             await _until(lambda: b.instance.open_database(db_id).doc("notes").get("direct") is True)
+            # The relayed connection is closed after the grace period, and the relay's circuit with it.
+            await _until(lambda: relay.status().relay_service.active_circuits == 0)  # type: ignore[union-attr]
+            peer = next(p for p in b.transport.status().peers if p.peer_id == a.transport.peer_id)
+            assert peer.kind == "direct" and peer.connections == 1
 
 
 async def test_reachability_comes_from_a_dial_back_on_a_fresh_connection() -> None:

@@ -13,6 +13,10 @@ connection 60 s after a direct one verifies. What this module changes:
   step 0 is bounded by ``UNILATERAL_TIMEOUT_S`` and stops at the first direct connection.
 * It reports nothing. :class:`HolePuncher` times every attempt on both ends and keeps the
   outcome per peer, for the transport's status.
+* It closes the relayed connection after a success only on the path that punched (not
+  when step 0's plain dial succeeded). :class:`HolePuncher` closes it on both ends, on every
+  path, ``RELAY_GRACE_S`` after the direct connection appeared (new streams already prefer
+  the direct one), so the relay's circuit slot is given back.
 
 When punching fails the relayed connection stays, and sync goes on over it.
 """
@@ -34,15 +38,18 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from sync.transport import TaskStatus
 
-from .relay import is_circuit_address
+from .relay import is_circuit_address, is_relayed
 
 log = logging.getLogger(__name__)
 
 UNILATERAL_TIMEOUT_S = 2.0  # a plain dial to the peer's known addresses before punching (public peers)
 DIAL_TIMEOUT_S = 5.0  # one punch dial; rounds are bounded by py-libp2p at 5 s each
 PUNCH_TIMEOUT_S = 45.0  # a whole attempt: step 0, the exchange over the relay, three rounds
+RELAY_GRACE_S = 60.0  # streams already on the relayed connection get this long to finish once direct exists
+SWEEP_INTERVAL_S = 1.0  # how often relayed connections that have a direct twin are looked for
 REQUEST_BUFFER = 64  # inbound circuits waiting for a punch; more are dropped (they stay relayed)
 HISTORY = 64  # attempts kept for the status
+CLOSE_TIMEOUT_S = 2.0  # closing a connection whose other end may be gone
 
 Role = Literal["initiator", "responder"]
 
@@ -103,9 +110,11 @@ class _Dcutr(DCUtRProtocol):
 class HolePuncher:
     """Runs DCUtR and keeps the outcome of every attempt."""
 
-    def __init__(self, host: IHost) -> None:
+    def __init__(self, host: IHost, *, relay_grace_s: float = RELAY_GRACE_S) -> None:
         self._host = host
+        self.relay_grace_s = relay_grace_s
         self._service = _Dcutr(host, self)
+        self._direct_since: dict[PeerID, float] = {}
         self._requests_in, self._requests_out = trio.open_memory_channel[PeerID](REQUEST_BUFFER)
         self.results: dict[str, HolePunchResult] = {}  # the latest attempt per peer
         self.history: deque[HolePunchResult] = deque(maxlen=HISTORY)
@@ -113,6 +122,8 @@ class HolePuncher:
 
     def record(self, peer: PeerID, role: Role, succeeded: bool, duration_s: float, error: str | None) -> None:
         result = HolePunchResult(str(peer), role, succeeded, duration_s, time.time(), error)
+        if succeeded:
+            self._direct_since.setdefault(peer, trio.current_time())
         self.results[str(peer)] = result
         self.history.append(result)
         log.info(
@@ -130,6 +141,7 @@ class HolePuncher:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self._service), trio.open_nursery() as nursery:
+            nursery.start_soon(self._close_relayed_twins)
             task_status.started()
             async for peer in self._requests_out:
                 if peer not in self._running:
@@ -150,3 +162,23 @@ class HolePuncher:
         finally:
             self._running.discard(peer)
         self.record(peer, "initiator", succeeded, time.monotonic() - started, error)
+
+    async def _close_relayed_twins(self) -> None:
+        """Close a peer's relayed connections once a direct one has lived ``relay_grace_s``."""
+        network: Any = self._host.get_network()
+        while True:
+            await trio.sleep(SWEEP_INTERVAL_S)
+            now = trio.current_time()
+            for peer, since in list(self._direct_since.items()):
+                connections = [c for c in network.get_connections(peer) if not c.is_closed]
+                if not any(not is_relayed(c) for c in connections):
+                    del self._direct_since[peer]  # the direct connection is gone: keep the relay
+                    continue
+                if now - since < self.relay_grace_s:
+                    continue
+                del self._direct_since[peer]
+                for connection in connections:
+                    if is_relayed(connection):
+                        log.info("closing the relayed connection to %s: a direct one is up", peer)
+                        with trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(Exception):
+                            await connection.close()

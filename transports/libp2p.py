@@ -337,6 +337,10 @@ class Libp2pTransport:
     def reachability(self) -> ReachabilityMonitor:
         return self._reachability
 
+    @property
+    def hole_puncher(self) -> HolePuncher | None:
+        return self._puncher
+
     # ---- lifecycle --------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
