@@ -410,3 +410,34 @@ def test_stale_socket_is_replaced_and_kill_leaves_no_lock(tmp_path: Path) -> Non
         assert os.access(tmp_path / "n" / "control.sock", os.W_OK)
     finally:
         second.stop()
+
+
+def _relay_support() -> bool:
+    import inspect
+
+    from transports.libp2p import Libp2pTransport
+
+    return {"relays", "relay_service"} <= set(inspect.signature(Libp2pTransport).parameters)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _relay_support(), reason="this libp2p transport has no relay options yet")
+def test_relay_options_reach_the_transport(tmp_path: Path) -> None:
+    nodes: list[NodeProcess] = []
+    try:
+        relay = NodeProcess.start(tmp_path / "relay", "--no-http", "--relay-service")
+        nodes.append(relay)
+        relay_address = relay.ready["addresses"][0].split(":", 1)[1]
+        behind = NodeProcess.start(tmp_path / "behind", "--no-http", "--relay", relay_address)
+        nodes.append(behind)
+        wait_for(
+            lambda: any("/p2p-circuit/" in a for a in behind.json("info")["addresses"]),
+            message="a relayed address",
+        )
+        [transport] = relay.json("info")["transports"]
+        assert transport["status"]["relay_service"] is not None
+        db = behind.ok("db", "create", "notes")
+        assert "/p2p-circuit/" in behind.ok("share", db)  # relayed addresses go into tickets
+    finally:
+        for node in nodes:
+            node.stop()
