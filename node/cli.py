@@ -197,11 +197,13 @@ def build_parser() -> Parser:
     table = add("table", "table stores: insert and list rows").add_subparsers(
         dest="action", metavar="ACTION", required=True, parser_class=Parser
     )
-    insert = table.add_parser("insert", help="insert a row; prints its ID", parents=[common])
+    insert = table.add_parser(
+        "insert", help="insert a row; prints its ID", description="insert a row; prints its ID", parents=[common]
+    )
     insert.add_argument("db", help="database ID or name")
     insert.add_argument("table", help="table store name")
     insert.add_argument("row", help='the row, a JSON object: \'{"title": "milk"}\'')
-    rows = table.add_parser("list", help="list a table's rows", parents=[common])
+    rows = table.add_parser("list", help="list a table's rows", description="list a table's rows", parents=[common])
     rows.add_argument("db", help="database ID or name")
     rows.add_argument("table", help="table store name")
 
@@ -218,11 +220,18 @@ def build_parser() -> Parser:
     access = add("access", "access requests from peers: list, approve, reject").add_subparsers(
         dest="action", metavar="ACTION", required=True, parser_class=Parser
     )
-    requests = access.add_parser("list", help="pending access requests", parents=[common])
+    requests = access.add_parser(
+        "list", help="pending access requests", description="pending access requests", parents=[common]
+    )
     requests.add_argument("--all", action="store_true", help="decided ones too")
-    approve = access.add_parser("approve", help="grant a request with this node's key", parents=[common])
+    approve = access.add_parser(
+        "approve",
+        help="grant a request with this node's key",
+        description="grant a request with this node's key",
+        parents=[common],
+    )
     approve.add_argument("request", help="request ID (or its start)")
-    reject = access.add_parser("reject", help="refuse a request", parents=[common])
+    reject = access.add_parser("reject", help="refuse a request", description="refuse a request", parents=[common])
     reject.add_argument("request", help="request ID (or its start)")
     return parser
 
