@@ -100,11 +100,14 @@ class _Dcutr(DCUtRProtocol):
         started = time.monotonic()
         error: str | None = None
         try:
-            await super()._handle_dcutr_stream(stream)  # catches its own errors
+            try:
+                await super()._handle_dcutr_stream(stream)  # catches its own errors
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            succeeded = bool(await self._verify_direct_connection(peer))
+            self._puncher.record(peer, "responder", succeeded, time.monotonic() - started, error)
         except Exception as exc:  # a stream handler must never raise
-            error = f"{type(exc).__name__}: {exc}"
-        succeeded = bool(await self._verify_direct_connection(peer))
-        self._puncher.record(peer, "responder", succeeded, time.monotonic() - started, error)
+            log.info("DCUtR stream from %s ended: %s: %s", peer, type(exc).__name__, exc)
 
 
 class HolePuncher:
