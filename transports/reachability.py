@@ -50,6 +50,8 @@ MAX_TARGETS = 4  # addresses dialled back per request, so one request cannot mak
 DIAL_TIMEOUT_S = 5.0  # per target: a NAT that drops the SYN costs this much, so keep it short
 REQUEST_TIMEOUT_S = 30.0  # the asker waits for the whole answer: up to MAX_TARGETS dials plus set-up
 READ_TIMEOUT_S = 10.0  # the request itself is one small frame
+CLOSE_TIMEOUT_S = 2.0  # closing a stream whose other end may be gone
+HOST_CLOSE_TIMEOUT_S = 5.0  # closing the throwaway host (its listeners and connections)
 MIN_INTERVAL_PER_PEER_S = 2.0  # a peer asking again sooner than this is refused, not served
 RATE_TABLE_SIZE = 1024  # peers remembered for the rate limit before old entries are dropped
 CONCURRENT_DIALBACKS = 2  # each one starts a host of its own (~2 MiB, a few ms)
@@ -140,7 +142,7 @@ class DialbackServer:
         except Exception as exc:  # a stream handler must never raise
             log.info("dial-back for %s ended: %s: %s", peer, type(exc).__name__, exc)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(Exception):
                 await stream.close()
 
     async def _answer(self, stream: INetStream, peer: PeerID, request: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +188,11 @@ class DialbackServer:
                     except Exception as exc:
                         errors.append(f"{target}: {type(exc).__name__}: {exc}")
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5), contextlib.suppress(Exception):
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(HOST_CLOSE_TIMEOUT_S),
+                contextlib.suppress(Exception),
+            ):
                 await host.close()
         return None, "; ".join(errors)
 
@@ -201,7 +207,7 @@ async def ask_dialback(host: IHost, peer: PeerID, addresses: list[str]) -> dict[
             return await _read(stream)
     finally:
         if stream is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(Exception):
                 await stream.close()
 
 
