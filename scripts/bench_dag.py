@@ -11,8 +11,9 @@ Figures (JSON keys), each measured on a fresh database unless said otherwise:
   with one parent and a small delta; deltas encoded beforehand): pure create+encode+sign.
 * ``verify_store_per_s``: ``Instance.put_remote_entries`` in batches of 1,000 into a fresh
   SQLite instance (``synchronous="full"``), of a linear history committed on an in-memory
-  instance (root first); the median of 3 runs. ``verify_store_per_s_one_thread`` is the same through
-  ``dag.ingest.Ingest(replica, None)``: signatures checked on the calling thread only.
+  instance (root first); the median of 3 runs. ``verify_store_per_s_one_thread`` is the
+  same through ``dag.ingest.Ingest(replica, None)``: signatures checked on the calling
+  thread only. ``verify_store_per_s_per_core`` is the total over ``os.cpu_count()``.
 * ``read_ms``: ``db.doc("bench").get("counter")`` after N commits of linear history, warm:
   same instance, the read right after a commit whose parent's state had been read (the
   median of several commit+read pairs), so it should cost one delta. ``read_cold_ms``:
@@ -37,12 +38,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import libipld
 
-from dag import Instance, SigningKey
+from dag import Database, Instance, SigningKey
 from dag.crdt.doc import DocDelta, encode_doc_delta
 from dag.entry import build_entry, decode_entry
 from dag.ids import cid_of
@@ -50,20 +52,18 @@ from dag.ingest import Ingest
 from dag.instance import DB_FILE
 from dag.keys import verify_signature
 
-FULL = {
-    "commits": 5_000,
-    "sign": 10_000,
-    "history": 20_000,
-    "read_sizes": [1_000, 10_000, 100_000],
-    "primitives": 5_000,
-}
-QUICK = {
-    "commits": 500,
-    "sign": 1_000,
-    "history": 2_000,
-    "read_sizes": [1_000, 5_000],
-    "primitives": 1_000,
-}
+
+@dataclass(frozen=True)
+class Sizes:
+    commits: int  # timed commits (and commits after the largest history)
+    sign: int  # entries built and signed
+    history: int  # commits in the history that put_remote_entries verifies
+    read_sizes: tuple[int, ...]  # history sizes at which reads are timed
+    primitives: int  # iterations of each primitive
+
+
+FULL = Sizes(commits=5_000, sign=10_000, history=20_000, read_sizes=(1_000, 10_000, 100_000), primitives=5_000)
+QUICK = Sizes(commits=500, sign=1_000, history=2_000, read_sizes=(1_000, 5_000), primitives=1_000)
 BATCH = 1_000  # entries per put_remote_entries call
 WARMUP = 20  # commits before timing (the first registers the store in _index)
 VERIFY_REPEATS = 3  # verify runs per mode (median reported)
@@ -89,12 +89,18 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, value
 
 
-def _commit(db: Any, i: int) -> None:
+def _timed_read(db: Database) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = db.doc("bench").get("counter")
+    return time.perf_counter() - start, value
+
+
+def _commit(db: Database, i: int) -> None:
     with db.transaction() as txn:
         txn.doc("bench").set("counter", i)
 
 
-def _commit_run(db: Any, n: int) -> float:
+def _commit_run(db: Database, n: int) -> float:
     """Seconds for ``n`` commits (after a warm-up)."""
     for i in range(WARMUP):
         _commit(db, i)
@@ -232,7 +238,9 @@ def bench_verify(n: int) -> tuple[dict[str, Any], list[bytes]]:
             with _tmpdir() as directory:
                 inst = Instance.open(directory)
                 gc.collect()
-                seconds, _ = _timed(lambda inst=inst, one=one_thread: _put_all(inst, raws, one))
+                start = time.perf_counter()
+                _put_all(inst, raws, one_thread)
+                seconds = time.perf_counter() - start
                 counts = inst.open_database(db.id).status_counts()
                 inst.close()
             if counts["verified"] != len(raws):
@@ -246,7 +254,7 @@ def bench_verify(n: int) -> tuple[dict[str, Any], list[bytes]]:
     return out, raws
 
 
-def bench_reads(sizes: list[int], commits_after: int) -> dict[str, Any]:
+def bench_reads(sizes: tuple[int, ...], commits_after: int) -> dict[str, Any]:
     warm: dict[str, float] = {}
     cold: dict[str, float] = {}
     history_bytes: dict[str, float] = {}
@@ -270,7 +278,7 @@ def bench_reads(sizes: list[int], commits_after: int) -> dict[str, Any]:
             while done < size:
                 _commit(db, done)
                 done += 1
-                seconds, value = _timed(lambda db=db: db.doc("bench").get("counter"))
+                seconds, value = _timed_read(db)
                 assert value == done - 1, (value, done)
                 samples.append(seconds)
             warm[str(size)] = statistics.median(samples) * 1e3
@@ -281,7 +289,7 @@ def bench_reads(sizes: list[int], commits_after: int) -> dict[str, Any]:
                 gc.collect()
                 inst = Instance.open(directory, synchronous="off")
                 db = inst.open_database(db_id)
-                seconds, value = _timed(lambda db=db: db.doc("bench").get("counter"))
+                seconds, value = _timed_read(db)
                 assert value == done - 1
                 cold_samples.append(seconds)
             cold[str(size)] = statistics.median(cold_samples) * 1e3
@@ -315,13 +323,13 @@ def run(quick: bool) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
     started = time.perf_counter()
     result: dict[str, Any] = {}
-    result.update(bench_commits(sizes["commits"]))
-    result.update(bench_sign(sizes["sign"]))
-    verify, raws = bench_verify(sizes["history"])
+    result.update(bench_commits(sizes.commits))
+    result.update(bench_sign(sizes.sign))
+    verify, raws = bench_verify(sizes.history)
     result.update(verify)
-    result.update(bench_primitives(raws, sizes["primitives"]))
-    result.update(bench_reads(sizes["read_sizes"], sizes["commits"]))
-    read_sizes = [str(size) for size in sizes["read_sizes"]]
+    result.update(bench_primitives(raws, sizes.primitives))
+    result.update(bench_reads(sizes.read_sizes, sizes.commits))
+    read_sizes = [str(size) for size in sizes.read_sizes]
     small, large = read_sizes[0], read_sizes[-1]
     result["read_ratio"] = result["read_ms"][large] / result["read_ms"][small]
     result["read_cold_ratio"] = result["read_cold_ms"][large] / result["read_cold_ms"][small]
