@@ -47,6 +47,13 @@ class _Lru(OrderedDict[bytes, Any]):
         if len(self) > self.capacity:
             self.popitem(last=False)
 
+    def recall(self, key: bytes) -> Any:
+        """The cached value (None if absent), kept as most recently used."""
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
 
 class Replica:
     """Storage plus coherent caches. Callers hold ``lock`` around writes."""
@@ -58,7 +65,9 @@ class Replica:
         self._meta = _Lru(200_000)
         self._tips: dict[tuple[bytes, str], frozenset[bytes]] = {}
         self._auth: OrderedDict[tuple[bytes, frozenset[bytes]], AuthSettings] = OrderedDict()
-        self.states = StateCache(self.verified_entry, lock=self.lock)
+        # Folds start from verified tips, so everything they reach is verified (prefix-closed):
+        # they load entries without checking each one's status.
+        self.states = StateCache(self.entry, lock=self.lock)
         # Entries of a batch being ingested, visible to lookups before the batch is written,
         # so that settings and heights over them are computed from what they really are.
         self.overlay_meta: dict[bytes, EntryMeta] = {}
@@ -78,7 +87,7 @@ class Replica:
     @_locked
     def entry(self, cid: bytes) -> Entry | None:
         """A stored entry, decoded (any status)."""
-        entry = self._entries.get(cid) or self.overlay_entries.get(cid)
+        entry = self._entries.recall(cid) or self.overlay_entries.get(cid)
         if entry is None:
             raw = self.storage.get_raw(cid)
             if raw is None:
@@ -87,19 +96,12 @@ class Replica:
             self._entries.remember(cid, entry)
         return entry
 
-    def verified_entry(self, cid: bytes) -> Entry | None:
-        """Used by state folds: entries that are stored and not Failed."""
-        meta = self.meta_of(cid)
-        if meta is None or meta.status is Status.FAILED:
-            return None
-        return self.entry(cid)
-
     @_locked
     def meta(self, cids: Collection[bytes]) -> dict[bytes, EntryMeta]:
         found: dict[bytes, EntryMeta] = {}
         missing = []
         for cid in cids:
-            meta = self.overlay_meta.get(cid) or self._meta.get(cid)
+            meta = self.overlay_meta.get(cid) or self._meta.recall(cid)
             if meta is None:
                 missing.append(cid)
             else:
@@ -112,7 +114,7 @@ class Replica:
 
     @_locked
     def meta_of(self, cid: bytes) -> EntryMeta | None:
-        meta = self.overlay_meta.get(cid) or self._meta.get(cid)
+        meta = self.overlay_meta.get(cid) or self._meta.recall(cid)
         if meta is None:
             meta = self.storage.get_meta([cid]).get(cid)
             if meta is not None:
