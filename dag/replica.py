@@ -61,8 +61,10 @@ class Replica:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.lock = threading.RLock()
-        self._entries = _Lru(20_000)
-        self._meta = _Lru(200_000)
+        # Sized for memory, not hit rate: decoded entries are ~1 KiB each, metadata ~0.2 KiB;
+        # a bootstrap streams through them once, and folds and walks reuse recent ones.
+        self._entries = _Lru(4_096)
+        self._meta = _Lru(65_536)
         self._tips: dict[tuple[bytes, str], frozenset[bytes]] = {}
         self._auth: OrderedDict[tuple[bytes, frozenset[bytes]], AuthSettings] = OrderedDict()
         # Folds start from verified tips, so everything they reach is verified (prefix-closed):

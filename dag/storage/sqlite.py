@@ -39,7 +39,7 @@ SCHEMA_VERSION = 1
 # Entries are appended in arrival order (a rowid table) with a separate index on their
 # random CIDs: clustering the table itself by CID spread every insert over the whole
 # B-tree, and batch writes slowed from ~30 to ~60 us an entry as a database grew to 100K.
-_CACHE_KIB = 16 * 1024
+_CACHE_KIB = 8 * 1024
 _CHUNK = 500  # stay under SQLite's bound-parameter limit
 
 
