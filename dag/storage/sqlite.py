@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import StorageError
 from .base import EntryMeta, Status, WriteBatch
@@ -66,36 +67,34 @@ class SqliteStorage:
         row = self._db.execute("SELECT raw FROM entries WHERE cid = ?", (cid,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def get_meta(self, cids: Collection[bytes]) -> dict[bytes, EntryMeta]:
-        found: dict[bytes, EntryMeta] = {}
+    def _rows_for(self, columns: str, cids: Collection[bytes]) -> Iterator[tuple[Any, ...]]:
+        """Rows of ``entries`` for ``cids``, in chunks under SQLite's bound-parameter limit."""
         wanted = list(cids)
         for start in range(0, len(wanted), _CHUNK):
             chunk = wanted[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            for cid, tree, height, status, parents, view in self._db.execute(
-                f"SELECT cid, tree, height, status, parents, view FROM entries WHERE cid IN ({marks})", chunk
-            ):
-                found[cid] = EntryMeta(tree, height, Status(status), parents, view)
-        return found
+            yield from self._db.execute(f"SELECT {columns} FROM entries WHERE cid IN ({marks})", chunk)
+
+    def get_meta(self, cids: Collection[bytes]) -> dict[bytes, EntryMeta]:
+        return {
+            cid: EntryMeta(tree, height, Status(status), parents, view)
+            for cid, tree, height, status, parents, view in self._rows_for(
+                "cid, tree, height, status, parents, view", cids
+            )
+        }
 
     def get_raws(self, cids: Collection[bytes]) -> dict[bytes, bytes]:
-        found: dict[bytes, bytes] = {}
-        wanted = list(cids)
-        for start in range(0, len(wanted), _CHUNK):
-            chunk = wanted[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for cid, raw in self._db.execute(f"SELECT cid, raw FROM entries WHERE cid IN ({marks})", chunk):
-                found[cid] = bytes(raw)
-        return found
+        return {cid: bytes(raw) for cid, raw in self._rows_for("cid, raw", cids)}
+
+    def _by_height(self, columns: str, tree: bytes, status: Status | None) -> sqlite3.Cursor:
+        if status is None:
+            return self._db.execute(f"SELECT {columns} FROM entries WHERE tree = ? ORDER BY height, cid", (tree,))
+        return self._db.execute(
+            f"SELECT {columns} FROM entries WHERE tree = ? AND status = ? ORDER BY height, cid", (tree, int(status))
+        )
 
     def iter_cids(self, tree: bytes, status: Status | None) -> Iterator[bytes]:
-        if status is None:
-            cursor = self._db.execute("SELECT cid FROM entries WHERE tree = ? ORDER BY height, cid", (tree,))
-        else:
-            cursor = self._db.execute(
-                "SELECT cid FROM entries WHERE tree = ? AND status = ? ORDER BY height, cid", (tree, int(status))
-            )
-        for (cid,) in cursor:
+        for (cid,) in self._by_height("cid", tree, status):
             yield cid
 
     def tips(self, tree: bytes, store: str) -> list[bytes]:
@@ -106,16 +105,7 @@ class SqliteStorage:
         return [row[0] for row in self._db.execute("SELECT cid FROM trees ORDER BY seq")]
 
     def iter_entries(self, tree: bytes, status: Status | None) -> Iterator[tuple[bytes, int, bytes]]:
-        if status is None:
-            cursor = self._db.execute(
-                "SELECT cid, height, raw FROM entries WHERE tree = ? ORDER BY height, cid", (tree,)
-            )
-        else:
-            cursor = self._db.execute(
-                "SELECT cid, height, raw FROM entries WHERE tree = ? AND status = ? ORDER BY height, cid",
-                (tree, int(status)),
-            )
-        yield from cursor
+        yield from self._by_height("cid, height, raw", tree, status)
 
     def status_counts(self, tree: bytes) -> dict[Status, int]:
         counts = dict.fromkeys(Status, 0)
@@ -131,9 +121,8 @@ class SqliteStorage:
         for start in range(0, len(wanted), _CHUNK):
             chunk = wanted[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            children.update(
-                row[0] for row in self._db.execute(f"SELECT child FROM waits WHERE blocker IN ({marks})", chunk)
-            )
+            rows = self._db.execute(f"SELECT child FROM waits WHERE blocker IN ({marks})", chunk)
+            children.update(row[0] for row in rows)
         return sorted(children)
 
     def waits_in_tree(self, tree: bytes) -> list[tuple[bytes, bytes]]:
