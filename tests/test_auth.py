@@ -6,6 +6,7 @@ import pytest
 
 from dag import Instance, InvalidValueError, Permission, PermissionDeniedError, SigningKey, Status
 from dag.auth import AuthSettings
+from tests.forge import forge
 
 
 def _copy(source: Instance, target: Instance) -> None:
@@ -103,25 +104,7 @@ def test_revoked_key_cannot_commit_and_its_forged_entries_fail(make_instance) ->
 
 def _forge_commit(db, stores):  # type: ignore[no-untyped-def]
     """Commit bypassing the local permission check: what a hostile peer can send."""
-    import libipld
-
-    from dag.crdt.doc import doc_from_value, encode_doc_delta
-    from dag.entry import build_entry
-
-    replica, tree = db._replica, db._tree
-    parents = sorted(replica.tips(tree))
-    height = 1 + max(m.height for m in replica.meta(parents).values())
-    pin = list(replica.expected_pin(parents))
-    encoded = [
-        (
-            name,
-            sorted(replica.tips(tree, name)),
-            bytes(libipld.encode_dag_cbor(encode_doc_delta(doc_from_value(v, atomic=False)))),
-        )
-        for name, v in sorted(stores.items())
-    ]
-    entry = build_entry(signer=db.signer, root=tree, parents=parents, height=height, settings_tips=pin, stores=encoded)
-    return entry.raw
+    return forge(db, db.signer, stores).raw
 
 
 def test_write_key_settings_change_fails_verification(make_instance) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ from dag.crdt.doc import doc_from_value, encode_doc_delta
 from dag.entry import build_entry
 from dag.ids import cid_to_text
 from tests.conftest import InstanceFactory
+from tests.forge import forge
 
 
 def _history(instance: Instance, commits: int = 4) -> Any:
@@ -26,21 +27,7 @@ def _raws(db: Any) -> list[bytes]:
     return [raw for _cid, raw in db.raw_entries()]
 
 
-def _forge(db: Any, signer: SigningKey, stores: dict[str, dict[str, Any]], **overrides: Any) -> Any:
-    """An entry signed by ``signer`` built without any local check (what a hostile peer sends)."""
-    replica, tree = db._replica, db._tree
-    parents = overrides.get("parents") or sorted(replica.tips(tree))
-    height = overrides.get("height") or 1 + max(m.height for m in replica.meta(parents).values())
-    pin = overrides.get("pin", list(replica.expected_pin(parents)))
-    encoded = [
-        (
-            name,
-            sorted(replica.tips(tree, name)),
-            bytes(libipld.encode_dag_cbor(encode_doc_delta(doc_from_value(value, atomic=False)))),
-        )
-        for name, value in sorted(stores.items())
-    ]
-    return build_entry(signer=signer, root=tree, parents=parents, height=height, settings_tips=pin, stores=encoded)
+_forge = forge
 
 
 def test_child_before_parent_waits_then_verifies(make_instance: InstanceFactory) -> None:

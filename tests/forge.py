@@ -1,0 +1,28 @@
+"""Entries built the way a hostile peer would: signed, well formed, with no local permission check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import libipld
+
+from dag import Entry, SigningKey
+from dag.crdt.doc import doc_from_value, encode_doc_delta
+from dag.entry import build_entry
+
+
+def forge(db: Any, signer: SigningKey, stores: dict[str, dict[str, Any]], **overrides: Any) -> Entry:
+    """An entry on ``db``'s tips signed by ``signer``; ``parents``, ``height`` and ``pin`` may be overridden."""
+    replica, tree = db._replica, db._tree
+    parents = overrides.get("parents") or sorted(replica.tips(tree))
+    height = overrides.get("height") or 1 + max(m.height for m in replica.meta(parents).values())
+    pin = overrides.get("pin", list(replica.expected_pin(parents)))
+    encoded = [
+        (
+            name,
+            sorted(replica.tips(tree, name)),
+            bytes(libipld.encode_dag_cbor(encode_doc_delta(doc_from_value(value, atomic=False)))),
+        )
+        for name, value in sorted(stores.items())
+    ]
+    return build_entry(signer=signer, root=tree, parents=parents, height=height, settings_tips=pin, stores=encoded)
