@@ -24,7 +24,7 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .ids import cid_from_text, cid_to_text
-from .ingest import PutResult
+from .ingest import PreparedEntries, PutResult
 from .instance import CallbackHandle, Instance
 from .keys import SigningKey
 from .storage import MemoryStorage, SqliteStorage, Status
@@ -53,6 +53,7 @@ __all__ = [
     "OversizeError",
     "Permission",
     "PermissionDeniedError",
+    "PreparedEntries",
     "PutResult",
     "RootRuleError",
     "Settings",

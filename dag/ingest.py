@@ -15,7 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -46,38 +46,55 @@ class PutResult:
     trees: set[bytes] = field(default_factory=set)
 
 
-def _check_chunk(entries: list[Entry]) -> dict[bytes, bool]:
-    return {entry.cid: entry.signature_valid() for entry in entries}
+def _decode_and_check(raws: Sequence[bytes]) -> tuple[list[Entry], list[bool]]:
+    # One entry at a time, decode then check: the GIL is let go (during the check) every
+    # few microseconds, so the thread writing to storage never waits long to get it back.
+    entries = []
+    checks = []
+    for raw in raws:
+        entry = decode_entry(raw)
+        entries.append(entry)
+        checks.append(entry.signature_valid())
+    return entries, checks
 
 
-class SignatureChecks:
-    """Signature checks running on a thread pool while the caller goes on deciding.
+class PreparedEntries:
+    """Remote entries being decoded and signature-checked on a thread pool, ahead of ingest.
 
-    PyNaCl releases the GIL while it verifies, so the pool's threads use the other cores
-    while this thread decodes, orders and checks permissions. Chunks are submitted in
-    the order entries will be decided, so the first answers needed come first.
+    Decoding and Ed25519 checks need nothing but the bytes, so they can start the moment
+    a frame arrives, while the previous frame is still being decided and written: the
+    pool's threads (PyNaCl releases the GIL while it verifies) keep the other core busy
+    instead of waiting for the writer. A malformed entry surfaces when the batch is put,
+    as the same error decoding inline would raise, and nothing of the batch is stored.
     """
 
-    def __init__(self, entries: list[Entry], pool: ThreadPoolExecutor | None) -> None:
-        self._results: dict[bytes, bool] = {}
-        self._pending: dict[bytes, Future[dict[bytes, bool]]] = {}
-        if pool is None or len(entries) < PARALLEL_SIGNATURES_FROM:
+    def __init__(self, raws: Sequence[bytes], pool: ThreadPoolExecutor | None) -> None:
+        self.count = len(raws)
+        self._raws: Sequence[bytes] = ()
+        self._chunks: list[Future[tuple[list[Entry], list[bool]]]] = []
+        if pool is None or len(raws) < PARALLEL_SIGNATURES_FROM:
+            self._raws = raws  # decoded inline when put: a pool hand-off costs more here
             return
-        for start in range(0, len(entries), SIGNATURE_CHUNK):
-            chunk = entries[start : start + SIGNATURE_CHUNK]
-            future = pool.submit(_check_chunk, chunk)
-            for entry in chunk:
-                self._pending[entry.cid] = future
+        for start in range(0, len(raws), SIGNATURE_CHUNK):
+            self._chunks.append(pool.submit(_decode_and_check, raws[start : start + SIGNATURE_CHUNK]))
 
-    def valid(self, entry: Entry) -> bool:
-        result = self._results.get(entry.cid)
-        if result is None:
-            future = self._pending.pop(entry.cid, None)
-            if future is None:
-                return entry.signature_valid()
-            self._results.update(future.result())
-            result = self._results[entry.cid]
-        return result
+    def results(self) -> tuple[list[Entry], dict[bytes, bool]]:
+        """The decoded entries in order and the signature checks done so far (by binary ID)."""
+        if not self._chunks:
+            return [decode_entry(raw) for raw in self._raws], {}
+        entries: list[Entry] = []
+        valid: dict[bytes, bool] = {}
+        for chunk in self._chunks:
+            decoded, checks = chunk.result()  # re-raises the first decoding error
+            entries.extend(decoded)
+            for entry, ok in zip(decoded, checks, strict=True):
+                valid[entry.cid] = ok
+        return entries, valid
+
+    def cancel(self) -> None:
+        """Drop the work not started yet (the batch will not be put)."""
+        for chunk in self._chunks:
+            chunk.cancel()
 
 
 class Ingest:
@@ -92,11 +109,13 @@ class Ingest:
         self.decided: dict[bytes, Status] = {}
         self.views: dict[bytes, bytes] = {}
         self.tips: dict[tuple[bytes, str], set[bytes]] = {}
-        self.signatures = SignatureChecks([], None)
+        self.signatures: dict[bytes, bool] = {}
         self.tips_before: dict[bytes, frozenset[bytes]] = {}
 
-    def run(self, raws: Iterable[bytes], only_tree: bytes | None = None) -> PutResult:
-        decoded = [decode_entry(raw) for raw in raws]  # raises before anything is stored
+    def run(self, raws: Iterable[bytes] | PreparedEntries, only_tree: bytes | None = None) -> PutResult:
+        if not isinstance(raws, PreparedEntries):
+            raws = PreparedEntries(list(raws), self.pool)
+        decoded, self.signatures = raws.results()  # raises before anything is stored
         if only_tree is not None:
             for entry in decoded:
                 if entry.tree != only_tree:
@@ -115,13 +134,12 @@ class Ingest:
             return self.result
         replica = self.replica
         for entry in self.new.values():
-            self.tips_before.setdefault(entry.tree, replica.tips(entry.tree))
+            self.tips_before.setdefault(entry.tree, replica.tips_held(entry.tree))
             meta = EntryMeta(entry.tree, entry.height, Status.UNVERIFIED, join_cids(entry.parents), b"")
             self.batch.entries.append(EntryRecord(entry.cid, meta, entry.raw))
             replica.overlay_meta[entry.cid] = meta
             replica.overlay_entries[entry.cid] = entry
         ordered = sorted(self.new.values(), key=lambda e: (e.height, e.cid))
-        self.signatures = SignatureChecks(ordered, self.pool)
         written = False
         try:
             self._decide_all(ordered)
@@ -133,12 +151,8 @@ class Ingest:
 
     # ---- deciding ---------------------------------------------------------------------
 
-    def _status(self, cid: bytes) -> Status | None:
-        meta = self.replica.meta_of(cid)
-        return None if meta is None else meta.status
-
     def _load(self, cid: bytes) -> Entry | None:
-        return self.new.get(cid) or self.replica.entry(cid)
+        return self.new.get(cid) or self.replica.entry_held(cid)
 
     def _decide_all(self, queue: list[Entry]) -> None:
         while queue:
@@ -178,17 +192,22 @@ class Ingest:
 
     def _decide(self, entry: Entry) -> Status:
         blockers = []
+        metas: dict[bytes, EntryMeta] = {}
+        meta_of = self.replica.meta_of_held
         for dep in sorted(self._dependencies(entry)):
-            status = self._status(dep)
+            meta = meta_of(dep)
+            status = None if meta is None else meta.status
             if status is Status.FAILED:
                 return self._settle(entry, Status.FAILED, f"depends on failed entry {cid_to_text(dep)}")
             if status is not Status.VERIFIED:
                 blockers.append(dep)
+            elif meta is not None:
+                metas[dep] = meta
         if blockers:
             for blocker in blockers:
                 self.batch.waits_added.append((blocker, entry.cid, entry.tree))
             return Status.UNVERIFIED
-        reason = self._check(entry)
+        reason = self._check(entry, metas)
         return self._settle(entry, Status.FAILED if reason else Status.VERIFIED, reason)
 
     def _settle(self, entry: Entry, status: Status, reason: str | None) -> Status:
@@ -202,7 +221,7 @@ class Ingest:
         else:
             self.result.failed[entry.id] = reason or "failed"
         self.batch.statuses[entry.cid] = (status, view)
-        meta = self.replica.meta_of(entry.cid)
+        meta = self.replica.meta_of_held(entry.cid)
         if meta is not None:
             self.replica.overlay_meta[entry.cid] = EntryMeta(meta.tree, meta.height, status, meta.parents, view)
         if entry.cid not in self.new:  # it waited in storage since an earlier batch
@@ -226,19 +245,19 @@ class Ingest:
         key = (tree, store)
         tips = self.tips.get(key)
         if tips is None:
-            tips = set(self.replica.tips(tree, store))
+            tips = set(self.replica.tips_held(tree, store))
             self.tips[key] = tips
         return tips
 
     # ---- the checks ------------------------------------------------------------------
 
-    def _height(self, cid: bytes) -> int:
-        meta = self.replica.meta_of(cid)
-        return meta.height if meta is not None else -1
+    def _check(self, entry: Entry, metas: dict[bytes, EntryMeta]) -> str | None:
+        """Why ``entry`` fails, or None when it verifies.
 
-    def _check(self, entry: Entry) -> str | None:
-        """Why ``entry`` fails, or None when it verifies. All its dependencies are Verified."""
-        if not self.signatures.valid(entry):
+        All its dependencies are Verified; ``metas`` holds their metadata.
+        """
+        valid = self.signatures.get(entry.cid)
+        if not (entry.signature_valid() if valid is None else valid):
             return "signature does not verify"
         stores: dict[str, DocDelta | None] = {}
         try:
@@ -255,12 +274,12 @@ class Ingest:
             return self._check_root(entry, stores)
         tree = entry.tree
         for parent in entry.parents:
-            if self._tree_of(parent) != tree:
+            if metas[parent].tree != tree:
                 return f"parent {cid_to_text(parent)} belongs to another database"
-        expected_height = 1 + max(self._height(p) for p in entry.parents)
+        expected_height = 1 + max(metas[p].height for p in entry.parents)
         if entry.height != expected_height:
             return f"height is {entry.height}, parents give {expected_height}"
-        pin = self.replica.expected_pin(entry.parents, self.views)
+        pin = self.replica.expected_pin_held(entry.parents, self.views)
         if entry.settings_tips != pin:
             return "settings pin is not the settings tips of its parents"
         for node in entry.stores:
@@ -274,14 +293,10 @@ class Ingest:
             if node.name == SETTINGS_STORE and node.parents != pin:
                 return "settings parents are not the settings tips of its parents"
         try:
-            check_write(self.replica.auth_at(tree, frozenset(pin)), entry.pubkey_text, stores)
+            check_write(self.replica.auth_at_held(tree, frozenset(pin)), entry.pubkey_text, stores)
         except PermissionDeniedError as exc:
             return str(exc)
         return None
-
-    def _tree_of(self, cid: bytes) -> bytes | None:
-        meta = self.replica.meta_of(cid)
-        return None if meta is None else meta.tree
 
     def _check_root(self, entry: Entry, stores: dict[str, DocDelta | None]) -> str | None:
         settings = stores.get(SETTINGS_STORE)
@@ -310,7 +325,7 @@ class Ingest:
         decided = set(self.decided)
         batch.waits_added = [w for w in batch.waits_added if w[1] not in decided]
         for (tree, store), tips in self.tips.items():
-            before = self.replica.tips(tree, store)
+            before = self.replica.tips_held(tree, store)
             batch.tips_added.extend((tree, store, cid) for cid in sorted(tips - before))
             batch.tips_removed.extend((tree, store, cid) for cid in sorted(before - tips))
         self.replica.write(batch, self.new.values())

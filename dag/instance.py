@@ -5,7 +5,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .database import Database
 from .entry import ROOT_STORE, SETTINGS_STORE, build_entry
 from .errors import DataDirLockedError, NotFoundError, StorageError
 from .ids import cid_from_text, cid_to_text, join_cids
-from .ingest import Ingest, PutResult
+from .ingest import Ingest, PreparedEntries, PutResult
 from .keys import SigningKey, load_or_create_key_file
 from .replica import MAIN, Replica
 from .storage.base import EntryMeta, EntryRecord, Status, Storage, WriteBatch
@@ -62,6 +63,7 @@ class Instance:
         self._callbacks: dict[int, tuple[bytes | None, WriteCallback]] = {}
         self._next_callback = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._closed = False
 
     # ---- opening and closing -----------------------------------------------------------
@@ -96,8 +98,9 @@ class Instance:
         if self._closed:
             return
         self._closed = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
         self._replica.storage.close()
         if self._lock is not None:
             self._lock.close()
@@ -191,7 +194,26 @@ class Instance:
 
     # ---- entries from elsewhere ---------------------------------------------------------
 
-    def put_remote_entries(self, entries: Iterable[bytes], *, database_id: bytes | None = None) -> PutResult:
+    def _verify_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=max(1, min(os.cpu_count() or 1, 8)), thread_name_prefix="eidetica-verify"
+                )
+            return self._pool
+
+    def prepare_remote_entries(self, entries: Sequence[bytes]) -> PreparedEntries:
+        """Start decoding and signature-checking received entries on the verifying threads.
+
+        Returns at once, without touching storage; pass the result to
+        :meth:`put_remote_entries`. A receiver that prepares frame k+1 as it arrives, while
+        frame k is being put, keeps every core busy.
+        """
+        return PreparedEntries(entries, self._verify_pool())
+
+    def put_remote_entries(
+        self, entries: Iterable[bytes] | PreparedEntries, *, database_id: bytes | None = None
+    ) -> PutResult:
         """Store entries received from a peer, then verify them locally.
 
         Every entry is decoded and checked first; one malformed entry raises an
@@ -199,11 +221,13 @@ class Instance:
         Unverified and verified against the settings they pin: Verified, Failed, or left
         Unverified while something they depend on is missing. With ``database_id`` (a
         binary ID), an entry of any other database is refused like a malformed one.
+        ``entries`` may come from :meth:`prepare_remote_entries`.
         """
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8)))
+        pool = self._verify_pool()
+        if not isinstance(entries, PreparedEntries):
+            entries = PreparedEntries(list(entries), pool)
         with self._replica.lock:
-            ingest = Ingest(self._replica, self._pool)
+            ingest = Ingest(self._replica, pool)
             result = ingest.run(entries, database_id)
             after = {tree: self._replica.tips(tree) for tree in ingest.tips_before}
         for tree, before in ingest.tips_before.items():

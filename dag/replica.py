@@ -26,7 +26,12 @@ _R = TypeVar("_R")
 
 
 def _locked(method: Callable[Concatenate[Replica, _P], _R]) -> Callable[Concatenate[Replica, _P], _R]:
-    """Run under the replica's lock: the sync layer verifies batches on a worker thread."""
+    """Run under the replica's lock: the sync layer verifies batches on a worker thread.
+
+    The hottest lookups also exist unlocked (``*_held``) for code that already holds the
+    lock for a whole batch, such as ingest: re-entering an RLock per lookup costs more
+    than the lookup itself.
+    """
 
     def wrapper(self: Replica, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with self.lock:
@@ -86,8 +91,7 @@ class Replica:
 
     # ---- entries and metadata -------------------------------------------------------
 
-    @_locked
-    def entry(self, cid: bytes) -> Entry | None:
+    def entry_held(self, cid: bytes) -> Entry | None:
         """A stored entry, decoded (any status)."""
         entry = self._entries.recall(cid) or self.overlay_entries.get(cid)
         if entry is None:
@@ -97,6 +101,8 @@ class Replica:
             entry = decode_entry(raw)
             self._entries.remember(cid, entry)
         return entry
+
+    entry = _locked(entry_held)
 
     @_locked
     def meta(self, cids: Collection[bytes]) -> dict[bytes, EntryMeta]:
@@ -114,8 +120,7 @@ class Replica:
                 found[cid] = meta
         return found
 
-    @_locked
-    def meta_of(self, cid: bytes) -> EntryMeta | None:
+    def meta_of_held(self, cid: bytes) -> EntryMeta | None:
         meta = self.overlay_meta.get(cid) or self._meta.recall(cid)
         if meta is None:
             meta = self.storage.get_meta([cid]).get(cid)
@@ -123,10 +128,11 @@ class Replica:
                 self._meta.remember(cid, meta)
         return meta
 
+    meta_of = _locked(meta_of_held)
+
     # ---- tips -----------------------------------------------------------------------
 
-    @_locked
-    def tips(self, tree: bytes, store: str = MAIN) -> frozenset[bytes]:
+    def tips_held(self, tree: bytes, store: str = MAIN) -> frozenset[bytes]:
         """Tips of the verified part of a tree (``store`` ``""``) or of one store."""
         key = (tree, store)
         tips = self._tips.get(key)
@@ -135,16 +141,18 @@ class Replica:
             self._tips[key] = tips
         return tips
 
+    tips = _locked(tips_held)
+
     @_locked
     def unverified_tips(self, tree: bytes, store: str = MAIN) -> frozenset[bytes]:
         """Tips over every entry that is not Failed, for the opt-in unverified read."""
         members: set[bytes] = set()
         referenced: set[bytes] = set()
         for cid, _height, _raw in self.storage.iter_entries(tree, None):
-            meta = self.meta_of(cid)
+            meta = self.meta_of_held(cid)
             if meta is None or meta.status is Status.FAILED:
                 continue
-            entry = self.entry(cid)
+            entry = self.entry_held(cid)
             assert entry is not None
             if store == MAIN:
                 members.add(cid)
@@ -164,23 +172,24 @@ class Replica:
             return (entry.cid,)
         return entry.settings_tips
 
-    @_locked
-    def expected_pin(self, parents: Iterable[bytes], views: dict[bytes, bytes] | None = None) -> tuple[bytes, ...]:
+    def expected_pin_held(self, parents: Iterable[bytes], views: dict[bytes, bytes] | None = None) -> tuple[bytes, ...]:
         """The `_settings` tips over the closure of ``parents``: what an entry must pin."""
         union: set[bytes] = set()
         for parent in parents:
             view = views.get(parent) if views is not None else None
             if view is None:
-                meta = self.meta_of(parent)
+                meta = self.meta_of_held(parent)
                 view = meta.settings_view if meta is not None else b""
             union.update(split_cids(view))
         if len(union) > 1:
             union = self._maximal_settings(union)
         return tuple(sorted(union))
 
+    expected_pin = _locked(expected_pin_held)
+
     def _maximal_settings(self, candidates: set[bytes]) -> set[bytes]:
         """Drop the candidates that are `_settings` ancestors of another candidate."""
-        entries = {cid: self.entry(cid) for cid in candidates}
+        entries = {cid: self.entry_held(cid) for cid in candidates}
         floor = min((e.store_height(SETTINGS_STORE) for e in entries.values() if e is not None), default=0)
         heap: list[tuple[int, bytes]] = []
         reached: set[bytes] = set()
@@ -194,7 +203,7 @@ class Replica:
                     heapq.heappush(heap, (0, parent))
         while heap:
             _, cid = heapq.heappop(heap)
-            entry = self.entry(cid)
+            entry = self.entry_held(cid)
             if entry is None or entry.store_height(SETTINGS_STORE) <= floor:
                 continue
             node = entry.store(SETTINGS_STORE)
@@ -207,8 +216,7 @@ class Replica:
     def settings_state(self, tree: bytes, pin: frozenset[bytes]) -> dict[str, Any]:
         return self.states.state(tree, SETTINGS_STORE, DOC, pin)
 
-    @_locked
-    def auth_at(self, tree: bytes, pin: frozenset[bytes]) -> AuthSettings:
+    def auth_at_held(self, tree: bytes, pin: frozenset[bytes]) -> AuthSettings:
         key = (tree, pin)
         auth = self._auth.get(key)
         if auth is None:
@@ -218,6 +226,8 @@ class Replica:
                 self._auth.popitem(last=False)
         return auth
 
+    auth_at = _locked(auth_at_held)
+
     # ---- writing --------------------------------------------------------------------
 
     def write(self, batch: WriteBatch, decoded: Iterable[Entry] = ()) -> None:
@@ -226,16 +236,16 @@ class Replica:
         for record in batch.entries:
             self._meta.remember(record.cid, record.meta)
         for cid, (status, view) in batch.statuses.items():
-            old = self.meta_of(cid)
+            old = self.meta_of_held(cid)
             if old is not None:
                 self._meta.remember(cid, EntryMeta(old.tree, old.height, status, old.parents, view))
         for entry in decoded:
             self._entries.remember(entry.cid, entry)
         changed: dict[tuple[bytes, str], set[bytes]] = {}
         for tree, store, cid in batch.tips_removed:
-            changed.setdefault((tree, store), set(self.tips(tree, store))).discard(cid)
+            changed.setdefault((tree, store), set(self.tips_held(tree, store))).discard(cid)
         for tree, store, cid in batch.tips_added:
-            changed.setdefault((tree, store), set(self.tips(tree, store))).add(cid)
+            changed.setdefault((tree, store), set(self.tips_held(tree, store))).add(cid)
         for key, tips in changed.items():
             self._tips[key] = frozenset(tips)
 

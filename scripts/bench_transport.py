@@ -690,6 +690,33 @@ def profile(name: str, size: int, out_dir: Path, rate: int) -> int:
     return 0
 
 
+def bootstrap_only(names: list[str], sizes: list[int], repeat: int) -> int:
+    """Only the bootstrap figures, ``repeat`` times per transport and size: for quick iterations."""
+    with tempfile.TemporaryDirectory(prefix="bench-transport-boot-") as tmp:
+        root = Path(tmp)
+        db_id, built = _build(root, sizes)
+        for name in names:
+            for size in sizes:
+                for run_index in range(repeat):
+                    server, client = _start_pair(
+                        TRANSPORTS[name], built[size]["dir"], root, f"{name}-{size}-{run_index}"
+                    )
+                    try:
+                        ticket = server.call("ticket", db=db_id)["ticket"]
+                        cpu_before = (server.cpu_s(), client.cpu_s())
+                        joined = client.call("join", timeout_s=JOIN_TIMEOUT_S, ticket=ticket, expect=size)
+                        cpu = (server.cpu_s() - cpu_before[0], client.cpu_s() - cpu_before[1])
+                        print(
+                            f"{name:7} {size:>7}: {joined['seconds']:.3f} s, {size / joined['seconds']:,.0f} entries/s,"
+                            f" cpu server {cpu[0]:.2f} s, client {cpu[1]:.2f} s",
+                            flush=True,
+                        )
+                    finally:
+                        server.stop()
+                        client.stop()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", action="store_true", help="run one node driven over stdin/stdout")
@@ -698,6 +725,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data-dir")
     parser.add_argument("--profile", action="store_true", help="profile one bootstrap with py-spy")
     parser.add_argument("--size", type=int, default=100_000)
+    parser.add_argument("--bootstrap", action="store_true", help="only time bootstraps (--sizes, --repeat)")
+    parser.add_argument("--sizes", default="10000,100000", help="with --bootstrap: comma-separated sizes")
+    parser.add_argument("--repeat", type=int, default=2, help="with --bootstrap: runs per transport and size")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--out", default=tempfile.gettempdir(), help="where the profiles go")
     args = parser.parse_args(argv)
@@ -707,6 +737,11 @@ def main(argv: list[str]) -> int:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
         trio.run(_child, args)
         return 0
+    if args.bootstrap:
+        names = list(TRANSPORTS) if args.transport == "all" else [args.transport]
+        if any(name not in TRANSPORTS for name in names):
+            parser.error(f"--transport is all or one of {', '.join(TRANSPORTS)}")
+        return bootstrap_only(names, [int(x) for x in args.sizes.split(",")], args.repeat)
     if args.profile:
         if args.transport not in TRANSPORTS:
             parser.error(f"--transport is one of {', '.join(TRANSPORTS)}")

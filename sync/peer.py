@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from dag import Database, Instance, SigningKey, cid_from_text
+from dag import Database, Instance, PreparedEntries, SigningKey, cid_from_text
 
 from . import proofs
 from .errors import (
@@ -173,36 +173,47 @@ async def sync_database(
     result.round_trips += 1
     result.sent += len(push)
     final: Bootstrap | Incremental | None = None
-    frames_in, frames_out = trio.open_memory_channel[Message](FRAMES_AHEAD)
+    frames_in, frames_out = trio.open_memory_channel[tuple[Message, PreparedEntries | None]](FRAMES_AHEAD)
+    unput: list[PreparedEntries] = []
 
     async def receive() -> None:
-        # Reading the next frame while the previous one is verified keeps both the wire
-        # and the verifying cores busy; the channel bound keeps memory to a few frames.
+        # Each frame is handed to the verifying threads (decode + signatures) the moment it
+        # arrives, while the frame before it is still being put: the wire, the verifying
+        # cores and the writer all stay busy. The channel bound keeps memory to a few frames.
         async with frames_in, contextlib.aclosing(transport.request(address, request)) as answers:
             async for answer in answers:
-                await frames_in.send(answer)
+                prepared = None
+                if isinstance(answer, Bootstrap | Incremental) and answer.entries and answer.db == db_cid:
+                    prepared = instance.prepare_remote_entries(answer.entries)
+                    unput.append(prepared)
+                await frames_in.send((answer, prepared))
 
-    async with _one_error(), trio.open_nursery() as nursery:
-        nursery.start_soon(receive)
-        async with frames_out:
-            async for answer in frames_out:
-                raise_for(answer)
-                if isinstance(answer, BootstrapPending):
-                    raise AccessPendingError(f"access request {answer.request_id} waits for an admin")
-                if not isinstance(answer, Bootstrap | Incremental):
-                    raise MalformedMessageError(f"unexpected answer {answer.TYPE} to SyncTree")
-                if answer.db != db_cid:
-                    raise MalformedMessageError("answer is for another database")
-                if answer.entries:
-                    stored = await offload(
-                        functools.partial(instance.put_remote_entries, answer.entries, database_id=db_cid)
-                    )
-                    result.received += len(answer.entries)
-                    result.verified += len(getattr(stored, "verified", ()))
-                if not answer.more:
-                    final = answer
-                    break
-        nursery.cancel_scope.cancel()
+    try:
+        async with _one_error(), trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            async with frames_out:
+                async for answer, prepared in frames_out:
+                    raise_for(answer)
+                    if isinstance(answer, BootstrapPending):
+                        raise AccessPendingError(f"access request {answer.request_id} waits for an admin")
+                    if not isinstance(answer, Bootstrap | Incremental):
+                        raise MalformedMessageError(f"unexpected answer {answer.TYPE} to SyncTree")
+                    if answer.db != db_cid:
+                        raise MalformedMessageError("answer is for another database")
+                    if prepared is not None:
+                        stored = await offload(
+                            functools.partial(instance.put_remote_entries, prepared, database_id=db_cid)
+                        )
+                        unput.remove(prepared)
+                        result.received += prepared.count
+                        result.verified += len(getattr(stored, "verified", ()))
+                    if not answer.more:
+                        final = answer
+                        break
+            nursery.cancel_scope.cancel()
+    finally:
+        for prepared in unput:  # frames left behind by an error: drop their queued checks
+            prepared.cancel()
     if final is None:
         raise MalformedMessageError("the answer ended before its last frame")
     result.peer_tips = final.tips

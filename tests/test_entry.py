@@ -188,3 +188,35 @@ def test_tampered_data_breaks_the_signature() -> None:
     forged = decode_entry(bytes(libipld.encode_dag_cbor(value)))
     assert forged.cid != good.cid
     assert not forged.signature_valid()
+
+
+def _message_by_reencoding(raw: bytes) -> bytes:
+    value = libipld.decode_dag_cbor(raw)
+    value["sig"].pop("sig", None)
+    return bytes(libipld.encode_dag_cbor(value))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _root().raw,
+        _child(),
+        _child(subtrees__0__name="x"),
+        _child(tree__h=2**40),
+    ],
+    ids=["root", "child", "other-store", "large-height"],
+)
+def test_signing_message_cut_from_the_bytes_equals_the_reencoded_one(raw: bytes) -> None:
+    entry = decode_entry(raw)
+    assert entry.signing_message() == _message_by_reencoding(raw)
+    assert entry.signature_valid()
+
+
+def test_signing_message_of_an_unsigned_entry_is_its_bytes() -> None:
+    value = libipld.decode_dag_cbor(_child())
+    del value["sig"]["sig"]
+    raw = bytes(libipld.encode_dag_cbor(value))
+    entry = decode_entry(raw)
+    assert entry.signature is None
+    assert entry.signing_message() == raw
+    assert not entry.signature_valid()

@@ -42,6 +42,10 @@ SCHEMA_VERSION = 1
 # B-tree, and batch writes slowed from ~30 to ~60 us an entry as a database grew to 100K.
 _CACHE_KIB = 8 * 1024
 _CHUNK = 500  # stay under SQLite's bound-parameter limit
+# Entries are inserted many rows per statement: executemany releases and retakes the GIL
+# around every row, and with the verifying threads waiting for it each retake can stall.
+_INSERT_ROWS = 256
+_ENTRY_COLUMNS = "(cid, tree, height, status, parents, view, raw)"
 
 
 class SqliteStorage:
@@ -135,22 +139,7 @@ class SqliteStorage:
             db.execute("BEGIN IMMEDIATE")
             try:
                 if batch.entries:
-                    db.executemany(
-                        "INSERT OR IGNORE INTO entries (cid, tree, height, status, parents, view, raw)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [
-                            (
-                                r.cid,
-                                r.meta.tree,
-                                r.meta.height,
-                                int(r.meta.status),
-                                r.meta.parents,
-                                r.meta.settings_view,
-                                r.raw,
-                            )
-                            for r in batch.entries
-                        ],
-                    )
+                    self._insert_entries(batch)
                 if batch.statuses:
                     db.executemany(
                         "UPDATE entries SET status = ?, view = ? WHERE cid = ?",
@@ -172,6 +161,17 @@ class SqliteStorage:
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StorageError(f"write failed, nothing was stored: {exc}") from exc
+
+    def _insert_entries(self, batch: WriteBatch) -> None:
+        records = batch.entries
+        for start in range(0, len(records), _INSERT_ROWS):
+            chunk = records[start : start + _INSERT_ROWS]
+            values: list[Any] = []
+            for r in chunk:
+                meta = r.meta
+                values += (r.cid, meta.tree, meta.height, int(meta.status), meta.parents, meta.settings_view, r.raw)
+            rows = ",".join(["(?,?,?,?,?,?,?)"] * len(chunk))
+            self._db.execute(f"INSERT OR IGNORE INTO entries {_ENTRY_COLUMNS} VALUES {rows}", values)
 
     def get_value(self, key: str) -> bytes | None:
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
