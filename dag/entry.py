@@ -36,7 +36,7 @@ from .errors import (
     UnsortedParentsError,
     UnsupportedVersionError,
 )
-from .ids import cid_of, cid_to_text, is_cid
+from .ids import CID_LENGTH, CID_PREFIX, cid_of, cid_to_text, is_cid
 
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
 MAX_PARENTS = 1024
@@ -78,6 +78,7 @@ class Entry:
     stores: tuple[StoreNode, ...]
     pubkey: bytes
     signature: bytes | None
+    tree: bytes  # the database this entry belongs to: its root, or itself for a root
 
     @property
     def id(self) -> str:
@@ -86,11 +87,6 @@ class Entry:
     @property
     def is_root(self) -> bool:
         return self.root is None
-
-    @property
-    def tree(self) -> bytes:
-        """The database this entry belongs to (a root belongs to itself)."""
-        return self.cid if self.root is None else self.root
 
     @property
     def pubkey_text(self) -> str:
@@ -200,8 +196,9 @@ def build_entry(
     signature = signer.sign(message)
     value["sig"]["sig"] = keys.signature_to_text(signature)
     raw = bytes(libipld.encode_dag_cbor(value))
+    cid = cid_of(raw)
     return Entry(
-        cid=cid_of(raw),
+        cid=cid,
         raw=raw,
         root=root,
         parents=tuple(parents),
@@ -211,6 +208,7 @@ def build_entry(
         stores=tuple(StoreNode(n, tuple(p), d, None) for n, p, d in stores),
         pubkey=signer.pubkey_bytes,
         signature=signature,
+        tree=cid if root is None else root,
     )
 
 
@@ -229,7 +227,8 @@ def _cid_list(value: object, where: str, limit: int) -> tuple[bytes, ...]:
         raise OversizeError(f"{where} has {len(value)} items (limit {limit})")
     previous = b""
     for item in value:
-        if not is_cid(item):
+        # is_cid(), inlined: this runs for every parent of every entry received
+        if item.__class__ is not bytes or len(item) != CID_LENGTH or item[:4] != CID_PREFIX:
             raise BadCidError(f"{where} holds a link that is not an entry ID")
         if item <= previous:
             raise UnsortedParentsError(f"{where} is not sorted and unique")
@@ -248,6 +247,12 @@ def _decode_metadata(raw: object) -> tuple[tuple[bytes, ...], int | None]:
         raise GarbageEntryError("tree.metadata is not bytes")
     if len(raw) > MAX_METADATA_BYTES:
         raise OversizeError("tree.metadata is too large")
+    if len(raw) <= _CACHED_METADATA_BYTES:
+        return _decode_metadata_cached(raw)
+    return _decode_metadata_bytes(raw)
+
+
+def _decode_metadata_bytes(raw: bytes) -> tuple[tuple[bytes, ...], int | None]:
     try:
         value = libipld.decode_dag_cbor(raw)
         canonical = bytes(libipld.encode_dag_cbor(value)) == raw
@@ -267,6 +272,12 @@ def _decode_metadata(raw: object) -> tuple[tuple[bytes, ...], int | None]:
     if entropy is not None and (not isinstance(entropy, int) or isinstance(entropy, bool)):
         raise GarbageEntryError("entropy is not an integer")
     return pins, entropy
+
+
+# Consecutive entries of a database usually pin the same settings tips, so their metadata
+# bytes are identical: small ones are decoded once. (Errors raise and are not cached.)
+_CACHED_METADATA_BYTES = 1024
+_decode_metadata_cached = functools.lru_cache(maxsize=256)(_decode_metadata_bytes)
 
 
 def _decode_store(value: object, index: int) -> StoreNode:
@@ -354,8 +365,10 @@ def decode_entry(raw: bytes) -> Entry:
     sig = _dict(top.get("sig"), _SIG_KEYS, "sig")
     hint = sig.get("key")
     try:
-        pubkey_text = hint["Direct"]["hint"]["pubkey"]  # type: ignore[index]
-        if hint != key_hint(pubkey_text):
+        direct = hint["Direct"]  # type: ignore[index]
+        inner = direct["hint"]
+        pubkey_text = inner["pubkey"]
+        if len(hint) != 1 or len(direct) != 1 or len(inner) != 1:  # type: ignore[arg-type]
             raise GarbageEntryError("sig.key has unknown fields")
         pubkey = keys.pubkey_from_text(pubkey_text)
         signature = keys.signature_from_text(sig["sig"]) if "sig" in sig else None
@@ -363,8 +376,9 @@ def decode_entry(raw: bytes) -> Entry:
         raise GarbageEntryError(f"sig.key is not a key hint: {exc}") from None
     except KeyFormatError as exc:
         raise GarbageEntryError(str(exc)) from None
+    cid = cid_of(raw)
     return Entry(
-        cid=cid_of(raw),
+        cid=cid,
         raw=raw,
         root=root,
         parents=parents,
@@ -374,4 +388,5 @@ def decode_entry(raw: bytes) -> Entry:
         stores=stores,
         pubkey=pubkey,
         signature=signature,
+        tree=cid if root is None else root,
     )

@@ -25,13 +25,14 @@ from .auth import AuthSettings, check_write
 from .crdt.doc import DocDelta, apply_doc_delta, decode_doc_delta
 from .entry import INDEX_STORE, ROOT_STORE, SETTINGS_STORE, Entry, decode_entry
 from .errors import GarbageEntryError, InvalidValueError, PermissionDeniedError
-from .ids import cid_to_text, join_cids
+from .ids import cid_to_text, join_cids, split_cids
+from .keys import pubkey_to_text
 from .replica import MAIN, Replica
 from .storage.base import EntryMeta, EntryRecord, Status, WriteBatch
 
 PARALLEL_SIGNATURES_FROM = 64  # below this a thread pool costs more than it saves
 SIGNATURE_CHUNK = 100
-_RESERVED_WRITABLE = (SETTINGS_STORE, INDEX_STORE)
+_RESERVED_NAMES = frozenset({SETTINGS_STORE, INDEX_STORE, ROOT_STORE})  # the "_" stores an entry may write
 
 
 @dataclass
@@ -111,6 +112,9 @@ class Ingest:
         self.tips: dict[tuple[bytes, str], set[bytes]] = {}
         self.signatures: dict[bytes, bool] = {}
         self.tips_before: dict[bytes, frozenset[bytes]] = {}
+        # Per-batch memos: entries of a batch mostly share a settings view and a writer.
+        self._pins: dict[bytes, tuple[bytes, ...]] = {}
+        self._may_write: dict[tuple[bytes, tuple[bytes, ...], bytes], str | None] = {}
 
     def run(self, raws: Iterable[bytes] | PreparedEntries, only_tree: bytes | None = None) -> PutResult:
         if not isinstance(raws, PreparedEntries):
@@ -133,12 +137,16 @@ class Ingest:
         if not self.new:
             return self.result
         replica = self.replica
-        for entry in self.new.values():
-            self.tips_before.setdefault(entry.tree, replica.tips_held(entry.tree))
-            meta = EntryMeta(entry.tree, entry.height, Status.UNVERIFIED, join_cids(entry.parents), b"")
-            self.batch.entries.append(EntryRecord(entry.cid, meta, entry.raw))
-            replica.overlay_meta[entry.cid] = meta
-            replica.overlay_entries[entry.cid] = entry
+        overlay_meta = replica.overlay_meta
+        overlay_entries = replica.overlay_entries
+        tips_before = self.tips_before
+        unverified = Status.UNVERIFIED
+        for cid, entry in self.new.items():
+            tree = entry.tree
+            if tree not in tips_before:
+                tips_before[tree] = replica.tips_held(tree)
+            overlay_meta[cid] = EntryMeta(tree, entry.height, unverified, join_cids(entry.parents), b"")
+            overlay_entries[cid] = entry
         ordered = sorted(self.new.values(), key=lambda e: (e.height, e.cid))
         written = False
         try:
@@ -183,7 +191,7 @@ class Ingest:
         return sorted(children.values(), key=lambda e: (e.height, e.cid))
 
     def _dependencies(self, entry: Entry) -> set[bytes]:
-        deps = set(entry.parents) | set(entry.settings_tips)
+        deps = {*entry.parents, *entry.settings_tips}
         for node in entry.stores:
             deps.update(node.parents)
         if entry.root is not None:
@@ -211,21 +219,23 @@ class Ingest:
         return self._settle(entry, Status.FAILED if reason else Status.VERIFIED, reason)
 
     def _settle(self, entry: Entry, status: Status, reason: str | None) -> Status:
-        self.decided[entry.cid] = status
+        cid = entry.cid
+        self.decided[cid] = status
         view = b""
         if status is Status.VERIFIED:
             view = join_cids(self.replica.settings_view(entry))
-            self.views[entry.cid] = view
+            self.views[cid] = view
             self._advance_tips(entry)
-            self.result.verified.append(entry.cid)
+            self.result.verified.append(cid)
         else:
             self.result.failed[entry.id] = reason or "failed"
-        self.batch.statuses[entry.cid] = (status, view)
-        meta = self.replica.meta_of_held(entry.cid)
+        overlay = self.replica.overlay_meta
+        meta = overlay.get(cid) or self.replica.meta_of_held(cid)
         if meta is not None:
-            self.replica.overlay_meta[entry.cid] = EntryMeta(meta.tree, meta.height, status, meta.parents, view)
-        if entry.cid not in self.new:  # it waited in storage since an earlier batch
-            self.batch.waits_cleared.append(entry.cid)
+            overlay[cid] = EntryMeta(meta.tree, meta.height, status, meta.parents, view)
+        if cid not in self.new:  # it waited in storage since an earlier batch: update its row
+            self.batch.statuses[cid] = (status, view)
+            self.batch.waits_cleared.append(cid)
         self.result.trees.add(entry.tree)
         return status
 
@@ -262,12 +272,14 @@ class Ingest:
         stores: dict[str, DocDelta | None] = {}
         try:
             for node in entry.stores:
-                if node.name.startswith("_") and node.name not in (*_RESERVED_WRITABLE, ROOT_STORE):
-                    return f"writes reserved store {node.name!r}"
-                if node.name in _RESERVED_WRITABLE and node.data is not None:
-                    stores[node.name] = decode_doc_delta(libipld.decode_dag_cbor(node.data))
-                else:
-                    stores[node.name] = None
+                name = node.name
+                if name[0] == "_":
+                    if name not in _RESERVED_NAMES:
+                        return f"writes reserved store {name!r}"
+                    if name != ROOT_STORE and node.data is not None:
+                        stores[name] = decode_doc_delta(libipld.decode_dag_cbor(node.data))
+                        continue
+                stores[name] = None
         except (ValueError, InvalidValueError) as exc:
             return f"unreadable settings delta: {exc}"
         if entry.is_root:
@@ -279,11 +291,11 @@ class Ingest:
         expected_height = 1 + max(metas[p].height for p in entry.parents)
         if entry.height != expected_height:
             return f"height is {entry.height}, parents give {expected_height}"
-        pin = self.replica.expected_pin_held(entry.parents, self.views)
+        pin = self._expected_pin(entry.parents, metas)
         if entry.settings_tips != pin:
             return "settings pin is not the settings tips of its parents"
         for node in entry.stores:
-            own_height = entry.store_height(node.name)
+            own_height = entry.height if node.height_override is None else node.height_override
             for parent in node.parents:
                 parent_entry = self._load(parent)
                 if parent_entry is None or parent_entry.tree != tree or parent_entry.store(node.name) is None:
@@ -292,11 +304,39 @@ class Ingest:
                     return f"store {node.name!r} height does not increase"
             if node.name == SETTINGS_STORE and node.parents != pin:
                 return "settings parents are not the settings tips of its parents"
+        if SETTINGS_STORE in stores:
+            return self._write_refusal(tree, pin, entry.pubkey, stores)
+        # Without a settings change the answer depends only on the settings and the key.
+        key = (tree, pin, entry.pubkey)
+        if key not in self._may_write:
+            self._may_write[key] = self._write_refusal(tree, pin, entry.pubkey, stores)
+        return self._may_write[key]
+
+    def _write_refusal(
+        self, tree: bytes, pin: tuple[bytes, ...], pubkey: bytes, stores: dict[str, DocDelta | None]
+    ) -> str | None:
         try:
-            check_write(self.replica.auth_at_held(tree, frozenset(pin)), entry.pubkey_text, stores)
+            check_write(self.replica.auth_at_held(tree, frozenset(pin)), pubkey_to_text(pubkey), stores)
         except PermissionDeniedError as exc:
             return str(exc)
         return None
+
+    def _expected_pin(self, parents: tuple[bytes, ...], metas: dict[bytes, EntryMeta]) -> tuple[bytes, ...]:
+        """The `_settings` tips over ``parents``' closure (``Replica.expected_pin``).
+
+        With one parent that is its own settings view, which is already sorted and has no
+        entry below another: the common case is a dictionary lookup.
+        """
+        if len(parents) != 1:
+            return self.replica.expected_pin_held(parents, self.views)
+        parent = parents[0]
+        view = self.views.get(parent)
+        if view is None:
+            view = metas[parent].settings_view
+        pin = self._pins.get(view)
+        if pin is None:
+            pin = self._pins[view] = tuple(split_cids(view))
+        return pin
 
     def _check_root(self, entry: Entry, stores: dict[str, DocDelta | None]) -> str | None:
         settings = stores.get(SETTINGS_STORE)
@@ -314,14 +354,9 @@ class Ingest:
 
     def _finish(self) -> None:
         batch = self.batch
-        # New entries carry their final status in the insert itself.
-        final = []
-        for record in batch.entries:
-            status, view = batch.statuses.pop(record.cid, (Status.UNVERIFIED, b""))
-            meta = record.meta
-            meta = EntryMeta(meta.tree, meta.height, status, meta.parents, view)
-            final.append(EntryRecord(record.cid, meta, record.raw))
-        batch.entries = final
+        # New entries carry their final status (kept in the overlay) in the insert itself.
+        overlay = self.replica.overlay_meta
+        batch.entries = [EntryRecord(cid, overlay[cid], entry.raw) for cid, entry in self.new.items()]
         decided = set(self.decided)
         batch.waits_added = [w for w in batch.waits_added if w[1] not in decided]
         for (tree, store), tips in self.tips.items():

@@ -26,14 +26,15 @@ def _b64_canonical(text: str, length: int, what: str) -> bytes:
     signature.
     """
     try:
-        raw = base64.b64decode(text, validate=True)
+        raw = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise KeyFormatError(f"{what} is not base64: {text!r}") from exc
-    if len(raw) != length or base64.b64encode(raw).decode("ascii") != text:
+    if len(raw) != length or binascii.b2a_base64(raw, newline=False) != text.encode("ascii"):
         raise KeyFormatError(f"{what} is not canonical base64 of {length} bytes: {text!r}")
     return raw
 
 
+@functools.lru_cache(maxsize=4096)
 def pubkey_to_text(raw: bytes) -> str:
     """``ed25519:`` plus padded standard base64 of the 32 key bytes."""
     return PUBKEY_PREFIX + base64.b64encode(raw).decode("ascii")

@@ -372,7 +372,7 @@ def _run(config: NodeConfig, args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     try:
-        trio.run(lambda: run_node(config, on_ready=ready))
+        trio.run(lambda: run_node(config, on_ready=ready, settle_heap=True))
     except BaseException as exc:  # startup failures come wrapped in exception groups by trio
         raise _user_error(exc) from None
     return 0

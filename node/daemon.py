@@ -21,6 +21,7 @@ from dag import DataDirLockedError, Instance, SigningKey
 from sync import SyncConfig, Transport, enable_sync
 from sync.transport import TaskStatus
 
+from . import runtime
 from .config import NodeConfig
 from .control import serve_control, serve_metrics, tcp_socket
 from .errors import AlreadyRunningError, ConfigError
@@ -115,12 +116,15 @@ async def run_node(
     *,
     on_ready: Callable[[dict[str, Any]], None] | None = None,
     handle_signals: bool = True,
+    settle_heap: bool = False,
     task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node until SIGINT/SIGTERM (if ``handle_signals``) or the ``stop`` command.
 
     Stopping leaves the sync block normally, so the engine is still running while it
     flushes; cancelling this task from outside stops at once, without that flush.
+    ``settle_heap`` applies :func:`node.runtime.settle_heap` once listening: for a
+    process that is nothing but this node.
     """
     instance = open_instance(config)
     try:
@@ -134,6 +138,8 @@ async def run_node(
                 for name, transport in transports.items():
                     sync.register_transport(name, transport)
                 await sync.accept_connections()
+                if settle_heap:
+                    runtime.settle_heap()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(serve_control, service, config.control_socket)
                     if metrics_sock is not None:

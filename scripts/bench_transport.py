@@ -4,7 +4,8 @@ For each transport (``libp2p``: TCP + Noise + Yamux; ``http``: HTTP/1.1 POST), e
 figure is measured between two separate processes, each one node started by this module
 in child mode (``python -m scripts.bench_transport --child ...``): a SQLite data dir in a
 temporary directory (``Instance.open(dir)``, the default ``synchronous="full"``), sync
-enabled, the one transport registered and serving on 127.0.0.1. The driver speaks to a
+enabled, the one transport registered and serving on 127.0.0.1, then the heap settled
+(``node.runtime.settle_heap``) as ``eidetica-node run`` does. The driver speaks to a
 child in JSON lines over stdin/stdout; timestamps crossing processes are
 ``time.monotonic()`` (CLOCK_MONOTONIC is system-wide on Linux).
 
@@ -64,6 +65,7 @@ from typing import Any, TextIO
 import trio
 
 from dag import Instance, Permission, SigningKey, Status, cid_from_text
+from node import runtime
 from sync import Address, Sync, SyncConfig, enable_sync
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,6 +235,7 @@ async def _child(args: argparse.Namespace) -> None:
             transport = _new_transport(args.transport, instance.device_key)
             sync.register_transport(args.transport, transport)
             await sync.accept_connections()
+            runtime.settle_heap()  # as ``eidetica-node run`` does once listening
             node = _Node(instance, sync, args.transport, transport)
             addresses = [str(a) for a in sync.listen_addresses()]
             _emit({"ready": True, "pid": os.getpid(), "device_id": instance.device_id, "addresses": addresses})
@@ -663,6 +666,7 @@ def profile(name: str, size: int, out_dir: Path, rate: int) -> int:
                 folded = out_dir / f"{name}-{size}-{child.role}.folded"
                 command = [spy, "record", "--pid", str(child.pid), "--rate", str(rate), "--format", "raw"]
                 command += ["--threads", "--nonblocking", "--output", str(folded)]
+                command += os.environ.get("PY_SPY_ARGS", "").split()  # e.g. --gil: only the GIL holder
                 spies.append(
                     (child, folded, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
                 )
