@@ -29,6 +29,7 @@ from .ids import cid_to_text, join_cids, split_cids
 from .keys import pubkey_to_text
 from .replica import MAIN, Replica
 from .storage.base import EntryMeta, EntryRecord, Status, WriteBatch
+from .verifier import SignatureProcesses
 
 PARALLEL_SIGNATURES_FROM = 64  # below this a thread pool costs more than it saves
 SIGNATURE_CHUNK = 100
@@ -47,7 +48,14 @@ class PutResult:
     trees: set[bytes] = field(default_factory=set)
 
 
-def _decode_and_check(raws: Sequence[bytes]) -> tuple[list[Entry], list[bool]]:
+def _decode_and_check(raws: Sequence[bytes], processes: SignatureProcesses | None) -> tuple[list[Entry], list[bool]]:
+    if processes is not None:
+        # Decode the chunk, then wait for a worker process without holding the GIL.
+        entries = [decode_entry(raw) for raw in raws]
+        signed = [(entry, entry.signature) for entry in entries if entry.signature is not None]
+        answers = processes.check([(entry.pubkey, entry.signing_message(), sig) for entry, sig in signed])
+        valid = {entry.cid: ok for (entry, _sig), ok in zip(signed, answers, strict=True)}
+        return entries, [valid.get(entry.cid, False) for entry in entries]
     # One entry at a time, decode then check: the GIL is let go (during the check) every
     # few microseconds, so the thread writing to storage never waits long to get it back.
     entries = []
@@ -69,7 +77,9 @@ class PreparedEntries:
     as the same error decoding inline would raise, and nothing of the batch is stored.
     """
 
-    def __init__(self, raws: Sequence[bytes], pool: ThreadPoolExecutor | None) -> None:
+    def __init__(
+        self, raws: Sequence[bytes], pool: ThreadPoolExecutor | None, processes: SignatureProcesses | None = None
+    ) -> None:
         self.count = len(raws)
         self._raws: Sequence[bytes] = ()
         self._chunks: list[Future[tuple[list[Entry], list[bool]]]] = []
@@ -77,7 +87,7 @@ class PreparedEntries:
             self._raws = raws  # decoded inline when put: a pool hand-off costs more here
             return
         for start in range(0, len(raws), SIGNATURE_CHUNK):
-            self._chunks.append(pool.submit(_decode_and_check, raws[start : start + SIGNATURE_CHUNK]))
+            self._chunks.append(pool.submit(_decode_and_check, raws[start : start + SIGNATURE_CHUNK], processes))
 
     def results(self) -> tuple[list[Entry], dict[bytes, bool]]:
         """The decoded entries in order and the signature checks done so far (by binary ID)."""

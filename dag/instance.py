@@ -26,6 +26,7 @@ from .replica import MAIN, Replica
 from .storage.base import EntryMeta, EntryRecord, Status, Storage, WriteBatch
 from .storage.memory import MemoryStorage
 from .storage.sqlite import SqliteStorage
+from .verifier import SignatureProcesses
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Instance:
         self._callbacks: dict[int, tuple[bytes | None, WriteCallback]] = {}
         self._next_callback = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._processes: SignatureProcesses | None = None
         self._pool_lock = threading.Lock()
         self._closed = False
 
@@ -101,6 +103,8 @@ class Instance:
         with self._pool_lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._processes is not None:
+                self._processes.close()
         self._replica.storage.close()
         if self._lock is not None:
             self._lock.close()
@@ -194,12 +198,25 @@ class Instance:
 
     # ---- entries from elsewhere ---------------------------------------------------------
 
+    def use_signature_processes(self, count: int | None = None) -> int:
+        """Check received signatures in ``count`` worker processes (default: one per core).
+
+        For a process that is a node: it starts processes, so it is the process owner's
+        choice, made at start-up; see :mod:`dag.verifier` for why and what was measured.
+        Returns how many workers run. Without this, signatures are checked on threads.
+        """
+        with self._pool_lock:
+            if self._processes is None:
+                self._processes = SignatureProcesses(count)
+            return self._processes.count
+
     def _verify_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=max(1, min(os.cpu_count() or 1, 8)), thread_name_prefix="eidetica-verify"
-                )
+                threads = max(1, min(os.cpu_count() or 1, 8))
+                if self._processes is not None:
+                    threads = self._processes.count  # more feeders only fight the writer for the GIL
+                self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eidetica-verify")
             return self._pool
 
     def prepare_remote_entries(self, entries: Sequence[bytes]) -> PreparedEntries:
@@ -209,7 +226,8 @@ class Instance:
         :meth:`put_remote_entries`. A receiver that prepares frame k+1 as it arrives, while
         frame k is being put, keeps every core busy.
         """
-        return PreparedEntries(entries, self._verify_pool())
+        pool = self._verify_pool()
+        return PreparedEntries(entries, pool, self._processes)
 
     def put_remote_entries(
         self, entries: Iterable[bytes] | PreparedEntries, *, database_id: bytes | None = None
@@ -225,7 +243,7 @@ class Instance:
         """
         pool = self._verify_pool()
         if not isinstance(entries, PreparedEntries):
-            entries = PreparedEntries(list(entries), pool)
+            entries = PreparedEntries(list(entries), pool, self._processes)
         with self._replica.lock:
             ingest = Ingest(self._replica, pool)
             result = ingest.run(entries, database_id)

@@ -133,6 +133,13 @@ def _daemon_options() -> Parser:
         metavar="HOST:PORT",
         help="also serve GET /health and /metrics on TCP here (env EIDETICA_METRICS_BIND)",
     )
+    group.add_argument(
+        "--signature-processes",
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="worker processes checking received signatures: auto (one per core) or a count, 0 for threads"
+        " (env EIDETICA_SIGNATURE_PROCESSES)",
+    )
     return options
 
 
@@ -263,7 +270,7 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 FLAG_SETTINGS = (
     *("data_dir", "config", "name", "log_level", "p2p", "p2p_listen", "relays", "relay_service"),
-    *("http", "http_bind", "http_advertise", "metrics_bind"),
+    *("http", "http_bind", "http_advertise", "metrics_bind", "signature_processes"),
 )
 
 

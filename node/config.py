@@ -27,6 +27,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # carry each interface's address, never the wildcard (see node/netaddr.py).
 DEFAULT_P2P_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
 DEFAULT_HTTP_BIND = "0.0.0.0:8080"
+MAX_COUNT = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,10 +46,21 @@ class NodeConfig:
     http_bind: str = DEFAULT_HTTP_BIND
     http_advertise: tuple[str, ...] = ()
     metrics_bind: str | None = None
+    signature_processes: str = "auto"  # "auto" or a count; 0 checks signatures on threads
 
     @property
     def control_socket(self) -> Path:
         return self.data_dir / CONTROL_SOCKET
+
+    def signature_process_count(self) -> int:
+        """How many signature-checking worker processes to start (see ``dag.verifier``).
+
+        ``auto``: one per core, none on a single core, where a process only adds hand-offs.
+        """
+        if self.signature_processes == "auto":
+            cores = os.cpu_count() or 1
+            return cores if cores > 1 else 0
+        return int(self.signature_processes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +70,14 @@ class Setting:
     field: str
     toml: str  # "section.key" or "key"
     env: str
-    kind: str  # "str", "bool", "list", "path", "level", "optional"
+    kind: str  # "str", "bool", "list", "path", "level", "optional", "count"
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", "data_dir", "EIDETICA_DATA_DIR", "path"),
     Setting("name", "node.name", "EIDETICA_NAME", "optional"),
     Setting("log_level", "node.log_level", "EIDETICA_LOG_LEVEL", "level"),
+    Setting("signature_processes", "node.signature_processes", "EIDETICA_SIGNATURE_PROCESSES", "count"),
     Setting("p2p", "p2p.enabled", "EIDETICA_P2P", "bool"),
     Setting("p2p_listen", "p2p.listen", "EIDETICA_P2P_LISTEN", "list"),
     Setting("relays", "p2p.relays", "EIDETICA_RELAYS", "list"),
@@ -92,6 +105,11 @@ def _convert(setting: Setting, value: Any, source: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise bad("true or false")
+    if setting.kind == "count":  # "auto" or a whole number, 0 included
+        text = str(value).strip().lower() if isinstance(value, int | str) and not isinstance(value, bool) else None
+        if text is None or not (text == "auto" or (text.isdigit() and int(text) <= MAX_COUNT)):
+            raise bad(f"auto or a whole number from 0 to {MAX_COUNT}")
+        return text if text == "auto" else str(int(text))
     if setting.kind == "list":
         if isinstance(value, str):  # environment: comma-separated
             return tuple(part.strip() for part in value.split(",") if part.strip())

@@ -38,9 +38,16 @@ STOP_GRACE_S = 0.1
 
 def open_instance(config: NodeConfig) -> Instance:
     try:
-        return Instance.open(config.data_dir)
+        instance = Instance.open(config.data_dir)
     except DataDirLockedError:
         raise AlreadyRunningError(config.data_dir) from None
+    workers = config.signature_process_count()
+    if workers:
+        try:
+            instance.use_signature_processes(workers)
+        except OSError as exc:  # slower, not broken: threads check the signatures instead
+            log.warning("cannot start signature worker processes (%s); checking signatures on threads", exc)
+    return instance
 
 
 def _libp2p(config: NodeConfig, key: SigningKey) -> Transport:

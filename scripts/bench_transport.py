@@ -5,7 +5,8 @@ figure is measured between two separate processes, each one node started by this
 in child mode (``python -m scripts.bench_transport --child ...``): a SQLite data dir in a
 temporary directory (``Instance.open(dir)``, the default ``synchronous="full"``), sync
 enabled, the one transport registered and serving on 127.0.0.1, then the heap settled
-(``node.runtime.settle_heap``) as ``eidetica-node run`` does. The driver speaks to a
+(``node.runtime.settle_heap``) and signatures checked in worker processes (one per core,
+``dag.verifier``), as ``eidetica-node run`` does by default. The driver speaks to a
 child in JSON lines over stdin/stdout; timestamps crossing processes are
 ``time.monotonic()`` (CLOCK_MONOTONIC is system-wide on Linux).
 
@@ -34,7 +35,8 @@ child in JSON lines over stdin/stdout; timestamps crossing processes are
   over it (the handshake, then the peer recorded in ``_sync``: one more local commit).
 * ``rss_mib``: VmRSS of both children right after the first bootstrap (10K; quick: 2K);
   ``rss_mib_max`` the larger; ``rss_peak_mib`` their VmHWM; ``rss_mib_largest`` after the
-  largest bootstrap.
+  largest bootstrap; ``rss_workers_mib`` the summed VmRSS of each node's signature worker
+  processes, which ``cpu_s`` also counts.
 
 ``python -m scripts.bench_transport --profile [--transport libp2p] [--size N]`` runs one
 bootstrap with py-spy (``$PY_SPY`` or on PATH) recording the client child and prints
@@ -66,6 +68,7 @@ import trio
 
 from dag import Instance, Permission, SigningKey, Status, cid_from_text
 from node import runtime
+from node.config import NodeConfig
 from sync import Address, Sync, SyncConfig, enable_sync
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,6 +232,9 @@ class _Node:
 
 async def _child(args: argparse.Namespace) -> None:
     instance = Instance.open(Path(args.data_dir))
+    workers = NodeConfig().signature_process_count()  # as ``eidetica-node run`` does by default
+    if workers:
+        instance.use_signature_processes(workers)
     try:
         config = SyncConfig(display_name=args.role, request_timeout_s=CHILD_REQUEST_TIMEOUT_S)
         async with enable_sync(instance, config=config) as sync:
@@ -259,6 +265,25 @@ async def _child(args: argparse.Namespace) -> None:
 
 
 # ---- the driver's side of a child ---------------------------------------------------------------
+
+
+def _proc_memory(pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def _proc_cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 class _Child:
@@ -314,20 +339,24 @@ class _Child:
             raise RuntimeError(f"{self.role} {cmd}: {answer.get('error')}; stderr:\n{self._stderr_tail()}")
         return answer
 
+    def workers(self) -> list[int]:
+        """PIDs of the node's own child processes (its signature workers)."""
+        pids: list[int] = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{task}/children", encoding="ascii") as handle:
+                    pids += [int(pid) for pid in handle.read().split()]
+        return pids
+
     def status(self) -> dict[str, float]:
-        """VmRSS and VmHWM in MiB."""
-        out = {}
-        with open(f"/proc/{self.pid}/status", encoding="ascii") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(value.split()[0]) / 1024
+        """VmRSS and VmHWM of the node process in MiB; ``workers_VmRSS``: its workers' summed."""
+        out = _proc_memory(self.pid)
+        out["workers_VmRSS"] = sum(_proc_memory(pid).get("VmRSS", 0.0) for pid in self.workers())
         return out
 
     def cpu_s(self) -> float:
-        with open(f"/proc/{self.pid}/stat", encoding="ascii") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        """CPU seconds of the node process and of its workers."""
+        return sum(_proc_cpu_s(pid) for pid in (self.pid, *self.workers()))
 
     def stop(self) -> None:
         """Ask it to quit; kill it if it has not within a few seconds, or at once if it hangs."""
@@ -447,6 +476,7 @@ def _measure(name: str, db_id: str, built: dict[int, dict[str, Any]], quick: boo
                 continue
             out["rss_mib"] = {k: round(v["VmRSS"], 1) for k, v in status.items()}
             out["rss_mib_max"] = max(out["rss_mib"].values())
+            out["rss_workers_mib"] = {k: round(v["workers_VmRSS"], 1) for k, v in status.items()}
             out["rss_peak_mib"] = {k: round(v["VmHWM"], 1) for k, v in status.items()}
             out["rss_after_entries"] = size
             out.update(_live(client, server, db_id, QUICK_LIVE_COMMITS if quick else LIVE_COMMITS))
@@ -589,6 +619,16 @@ def report(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 verdict(r["rss_mib_max"] < GOALS["rss_mib"]),
             )
         )
+        workers = r.get("rss_workers_mib")
+        if workers:
+            rows.append(
+                (
+                    f"{name}   RSS MiB of their signature workers (all)",
+                    f"{workers['server']} / {workers['client']}",
+                    "",
+                    "",
+                )
+            )
         if r.get("rss_mib_largest") and result["sizes"][-1] != r["rss_after_entries"]:
             big = r["rss_mib_largest"]
             rows.append((f"{name}   RSS MiB after {largest}", f"{big['server']} / {big['client']}", "", ""))

@@ -90,3 +90,18 @@ def test_template_is_valid_toml_with_every_setting_commented() -> None:
     document = tomllib.loads("\n".join(uncommented))
     assert document["p2p"]["listen"] == list(NodeConfig().p2p_listen)
     assert document["http"]["bind"] == NodeConfig().http_bind
+
+
+def test_signature_processes_auto_a_count_or_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert load_config({}, {}).signature_process_count() == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert load_config({}, {}).signature_process_count() == 0  # one core: threads only
+    assert load_config({"signature_processes": "0"}, {}).signature_process_count() == 0
+    assert load_config({}, {"EIDETICA_SIGNATURE_PROCESSES": " 3 "}).signature_process_count() == 3
+    (tmp_path / "c.toml").write_text("[node]\nsignature_processes = 2\n")
+    assert load_config({"config": str(tmp_path / "c.toml")}, {}).signature_process_count() == 2
+    for bad in ("-1", "two", "1.5", "65"):
+        with pytest.raises(ConfigError, match=r"--signature-processes must be auto or a whole number"):
+            load_config({"signature_processes": bad}, {})
