@@ -752,7 +752,8 @@ def bootstrap_only(names: list[str], sizes: list[int], repeat: int) -> int:
                         cpu = (server.cpu_s() - cpu_before[0], client.cpu_s() - cpu_before[1])
                         print(
                             f"{name:7} {size:>7}: {joined['seconds']:.3f} s, {size / joined['seconds']:,.0f} entries/s,"
-                            f" cpu server {cpu[0]:.2f} s, client {cpu[1]:.2f} s",
+                            f" cpu server {cpu[0]:.2f} s, client {cpu[1]:.2f} s,"
+                            f" RSS MiB server {server.status()['VmRSS']:.1f}, client {client.status()['VmRSS']:.1f}",
                             flush=True,
                         )
                     finally:
