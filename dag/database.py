@@ -147,6 +147,15 @@ class Database:
         with self._replica.lock:
             return list(self._replica.storage.iter_cids(self._tree, status))
 
+    def entries_page(
+        self, after: tuple[int, bytes] | None, limit: int, status: Status = Status.VERIFIED
+    ) -> list[tuple[bytes, int, bytes]]:
+        """Up to ``limit`` ``(cid, height, raw)`` in (height, cid) order, after the position
+        ``after`` (the ``(height, cid)`` of the last one of the previous page; None: the start).
+        Parents come before children, so pages can be sent as they are read."""
+        with self._replica.lock:
+            return self._replica.storage.page_entries(self._tree, status, after, limit)
+
     def raws(self, cids: list[bytes]) -> list[bytes]:
         """The bytes of ``cids`` that are in this database, in the order given (missing ones skipped)."""
         found = self.raw_map(cids)

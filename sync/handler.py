@@ -249,16 +249,18 @@ class SyncHandler:
             received = len(result.verified)
             self.stats.entries_received += len(message.entries)
         bootstrap = not message.tips and not message.entries
-        if bootstrap:
-            cids = await self._offload(db.cids)
-        else:
-            boundary = (*message.tips, *message.common, *message.have)
-            cids = await self._offload(lambda: entries_for(db, boundary))
         tips = tuple(db.tip_cids())
         if message.auth is not None and self._on_exchange is not None:
             # The asker will hold our tips; we hold those of its tips we know.
             common = sorted({*tips, *(t for t in message.tips if db.status_of(t) is Status.VERIFIED)})
             self._on_exchange(db, message.auth.key, common)
+        if bootstrap:
+            async for frame, last in self._bootstrap_frames(db):
+                self.stats.entries_sent += len(frame)
+                yield Bootstrap(message.db, tips if last else (), tuple(frame), more=not last)
+            return
+        boundary = (*message.tips, *message.common, *message.have)
+        cids = await self._offload(lambda: entries_for(db, boundary))
         # Frames are read from storage one at a time: memory stays bounded by a frame.
         start = 0
         limit = FIRST_FRAME_ENTRIES
@@ -269,12 +271,33 @@ class SyncHandler:
             start += taken
             last = start >= len(cids)
             self.stats.entries_sent += len(frame)
-            if bootstrap:
-                yield Bootstrap(message.db, tips if last else (), tuple(frame), more=not last)
-            else:
-                yield Incremental(message.db, tips if last else (), tuple(frame), received=received, more=not last)
+            yield Incremental(message.db, tips if last else (), tuple(frame), received=received, more=not last)
             if last:
                 return
+
+    async def _bootstrap_frames(self, db: Database) -> AsyncIterator[tuple[list[bytes], bool]]:
+        """Every verified entry, parents first, a page of storage per frame.
+
+        Paged by position (height, ID), so the first frame goes out after one small read
+        instead of after listing the whole history, and neither side holds the list.
+        """
+        after: tuple[int, bytes] | None = None
+        limit = FIRST_FRAME_ENTRIES
+        while True:
+            page = await self._offload(functools.partial(db.entries_page, after, limit + 1))
+            frame: list[bytes] = []
+            size = 0
+            for cid, height, raw in page[:limit]:
+                if frame and size + len(raw) > ANSWER_BATCH_BYTES:
+                    break
+                frame.append(raw)
+                size += len(raw)
+                after = (height, cid)
+            last = len(frame) == len(page)  # the one extra row read says whether more follow
+            yield frame, last
+            if last:
+                return
+            limit = min(2 * limit, ANSWER_BATCH_ENTRIES)
 
     async def _send_entries(self, message: SendEntries) -> Message:
         db = self._database(message.db)

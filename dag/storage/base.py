@@ -72,6 +72,13 @@ class Storage(Protocol):
         """A tree's entry IDs in (height, cid) order, without their bytes."""
         ...
 
+    def page_entries(
+        self, tree: bytes, status: Status, after: tuple[int, bytes] | None, limit: int
+    ) -> list[tuple[bytes, int, bytes]]:
+        """Up to ``limit`` ``(cid, height, raw)`` of a tree with ``status``, in (height, cid)
+        order, starting after the position ``after`` (``(height, cid)``; None: the start)."""
+        ...
+
     def tips(self, tree: bytes, store: str) -> list[bytes]: ...
 
     def trees(self) -> list[bytes]: ...

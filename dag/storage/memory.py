@@ -30,6 +30,16 @@ class MemoryStorage:
         for cid, _height, _raw in self.iter_entries(tree, status):
             yield cid
 
+    def page_entries(
+        self, tree: bytes, status: Status, after: tuple[int, bytes] | None, limit: int
+    ) -> list[tuple[bytes, int, bytes]]:
+        rows = sorted(
+            (meta.height, cid)
+            for cid, meta in self._meta.items()
+            if meta.tree == tree and meta.status == status and (after is None or (meta.height, cid) > after)
+        )
+        return [(cid, height, self._raw[cid]) for height, cid in rows[:limit]]
+
     def tips(self, tree: bytes, store: str) -> list[bytes]:
         return sorted(self._tips.get((tree, store), ()))
 

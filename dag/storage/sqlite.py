@@ -102,6 +102,24 @@ class SqliteStorage:
         for (cid,) in self._by_height("cid", tree, status):
             yield cid
 
+    def page_entries(
+        self, tree: bytes, status: Status, after: tuple[int, bytes] | None, limit: int
+    ) -> list[tuple[bytes, int, bytes]]:
+        # Keyset paging on the (tree, height) index: each page is a fresh query, so no
+        # cursor stays open across writes, and a page costs the same at any depth.
+        if after is None:
+            rows = self._db.execute(
+                "SELECT cid, height, raw FROM entries WHERE tree = ? AND status = ? ORDER BY height, cid LIMIT ?",
+                (tree, int(status), limit),
+            )
+        else:
+            rows = self._db.execute(
+                "SELECT cid, height, raw FROM entries WHERE tree = ? AND status = ? AND height >= ?"
+                " AND (height, cid) > (?, ?) ORDER BY height, cid LIMIT ?",
+                (tree, int(status), after[0], after[0], after[1], limit),
+            )
+        return [(cid, height, bytes(raw)) for cid, height, raw in rows]
+
     def tips(self, tree: bytes, store: str) -> list[bytes]:
         rows = self._db.execute("SELECT cid FROM tips WHERE tree = ? AND store = ? ORDER BY cid", (tree, store))
         return [row[0] for row in rows]
