@@ -18,7 +18,12 @@ What this module does about py-libp2p's traps (see the project's notes):
   address of the peerstore it ranks best, which may be one a peer advertised badly), and
   wildcard listen addresses are advertised expanded (see ``advertised_addresses``);
 * the host is closed explicitly when the transport stops (leaving ``run`` does not close
-  the listeners).
+  the listeners);
+* a request stream is negotiated lazily (multistream-select's "V1Lazy", as rust-libp2p
+  does for one protocol): the multistream header, the protocol and the request frame go
+  out in one write, and the listener's two echoes are checked before the answer is read.
+  The bytes on the wire are the ones ``host.new_stream`` sends; its two round trips of
+  waiting are gone (3 of the 7 ms a live write took to reach a peer on loopback).
 
 Behind NAT (see :mod:`transports.relay`, :mod:`transports.reachability`,
 :mod:`transports.holepunch`): a node can offer circuit relay v2 (``relay_service=True``);
@@ -53,6 +58,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.utils.address_validation import expand_wildcard_address
+from libp2p.utils.varint import encode_delim, read_delim
 
 from dag import SigningKey
 from dag.keys import pubkey_to_text
@@ -86,6 +92,8 @@ from .relay import (
 log = logging.getLogger(__name__)
 
 PROTOCOL_ID = TProtocol("/eidetica/sync/1.0.0")
+MULTISTREAM_ID = "/multistream/1.0.0"
+_LAZY_PROPOSAL = encode_delim(MULTISTREAM_ID.encode()) + encode_delim(PROTOCOL_ID.encode())
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 HEADER = 4
 CONNECT_TIMEOUT_S = 10.0  # a dial that takes longer is a dead or unreachable peer
@@ -128,6 +136,11 @@ async def read_frame(stream: INetStream, limit: int) -> bytes | None:
     if size > limit:
         raise FrameTooLarge(f"frame of {size} bytes is over the {limit}-byte limit")
     return await _read_exactly(stream, size)
+
+
+async def _negotiated(stream: INetStream) -> str:
+    """One multistream-select message from the listener (a varint length, text, newline)."""
+    return (await read_delim(stream)).decode("utf-8", "replace")
 
 
 async def write_frame(stream: INetStream, payload: bytes) -> None:
@@ -531,7 +544,10 @@ class Libp2pTransport:
                             await dial_exactly(self._host, info)
                         elif self._peer_connection(peer) is None:
                             await dial_through_relay(self._host, target)
-                return await self._host.new_stream(peer, [PROTOCOL_ID])
+                # A raw stream: the request carries its own (lazy) protocol negotiation.
+                stream: INetStream = await self._host.get_network().new_stream(peer)
+                stream.set_protocol(PROTOCOL_ID)
+                return stream
         except trio.TooSlowError as exc:
             raise RequestTimeoutError(f"p2p:{address}: no connection in {self._connect_timeout_s:g} s") from exc
         except RelayError as exc:
@@ -542,23 +558,33 @@ class Libp2pTransport:
     async def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
         stream = await self._open(address)
         try:
+            payload = encode_message(message)
             try:
-                await write_frame(stream, encode_message(message))
+                await stream.write(_LAZY_PROPOSAL + len(payload).to_bytes(HEADER, "big") + payload)
             except Exception as exc:
                 raise TransportError(f"p2p:{address}: sending failed: {exc}") from exc
+            try:
+                with trio.fail_after(self._answer_timeout_s):
+                    answers = (await _negotiated(stream), await _negotiated(stream))
+            except trio.TooSlowError as exc:
+                raise RequestTimeoutError(f"p2p:{address}: no protocol answer in {self._answer_timeout_s:g} s") from exc
+            except Exception as exc:
+                raise TransportError(f"p2p:{address}: protocol negotiation broke: {exc}") from exc
+            if answers != (MULTISTREAM_ID, PROTOCOL_ID):
+                raise UnreachableError(f"p2p:{address}: the peer does not speak {PROTOCOL_ID} (it answered {answers})")
             while True:
                 try:
                     with trio.fail_after(self._answer_timeout_s):
-                        payload = await read_frame(stream, self.max_frame_bytes)
+                        frame = await read_frame(stream, self.max_frame_bytes)
                 except trio.TooSlowError as exc:
                     raise RequestTimeoutError(f"p2p:{address}: no answer in {self._answer_timeout_s:g} s") from exc
                 except SyncError:
                     raise
                 except Exception as exc:
                     raise TransportError(f"p2p:{address}: connection broke mid-answer: {exc}") from exc
-                if payload is None:
+                if frame is None:
                     return
-                yield decode_message(payload)
+                yield decode_message(frame)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
                 await stream.reset()  # the stream is gone either way
