@@ -448,6 +448,13 @@ def _start_pair(wire: str, template: Path, root: Path, tag: str) -> tuple[_Child
     return server, client
 
 
+def _timed_join(server: _Child, client: _Child, ticket: str, size: int) -> tuple[dict[str, Any], tuple[float, float]]:
+    """The client's join answer, and the CPU seconds (server, client) the join took."""
+    cpu_before = (server.cpu_s(), client.cpu_s())
+    joined = client.call("join", timeout_s=JOIN_TIMEOUT_S, ticket=ticket, expect=size)
+    return joined, (server.cpu_s() - cpu_before[0], client.cpu_s() - cpu_before[1])
+
+
 def _measure(name: str, db_id: str, built: dict[int, dict[str, Any]], quick: bool, root: Path) -> dict[str, Any]:
     wire = TRANSPORTS[name]
     sizes = sorted(built)
@@ -458,13 +465,9 @@ def _measure(name: str, db_id: str, built: dict[int, dict[str, Any]], quick: boo
             server, client = _start_pair(wire, built[size]["dir"], root, f"{name}-{size}")
             children = [server, client]
             ticket = server.call("ticket", db=db_id)["ticket"]
-            cpu_before = (server.cpu_s(), client.cpu_s())
-            joined = client.call("join", timeout_s=JOIN_TIMEOUT_S, ticket=ticket, expect=size)
+            joined, cpu = _timed_join(server, client, ticket, size)
             out["bootstrap_s"][str(size)] = round(joined["seconds"], 3)
-            out["cpu_s"][str(size)] = {
-                "server": round(server.cpu_s() - cpu_before[0], 2),
-                "client": round(client.cpu_s() - cpu_before[1], 2),
-            }
+            out["cpu_s"][str(size)] = {"server": round(cpu[0], 2), "client": round(cpu[1], 2)}
             status = {"server": server.status(), "client": client.status()}
             _progress(f"{name}: bootstrap {size} in {joined['seconds']:.3f} s, cpu {out['cpu_s'][str(size)]}")
             if size == sizes[-1]:
@@ -711,9 +714,7 @@ def profile(name: str, size: int, out_dir: Path, rate: int) -> int:
                     (child, folded, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
                 )
             time.sleep(1.0)  # let py-spy attach
-            cpu_before = (server.cpu_s(), client.cpu_s())
-            joined = client.call("join", timeout_s=JOIN_TIMEOUT_S, ticket=ticket, expect=size)
-            cpu = (server.cpu_s() - cpu_before[0], client.cpu_s() - cpu_before[1])
+            joined, cpu = _timed_join(server, client, ticket, size)
             print(
                 f"{name} bootstrap {size}: {joined['seconds']:.3f} s under py-spy; cpu server {cpu[0]:.2f} s, "
                 f"client {cpu[1]:.2f} s"
@@ -747,9 +748,7 @@ def bootstrap_only(names: list[str], sizes: list[int], repeat: int) -> int:
                     )
                     try:
                         ticket = server.call("ticket", db=db_id)["ticket"]
-                        cpu_before = (server.cpu_s(), client.cpu_s())
-                        joined = client.call("join", timeout_s=JOIN_TIMEOUT_S, ticket=ticket, expect=size)
-                        cpu = (server.cpu_s() - cpu_before[0], client.cpu_s() - cpu_before[1])
+                        joined, cpu = _timed_join(server, client, ticket, size)
                         print(
                             f"{name:7} {size:>7}: {joined['seconds']:.3f} s, {size / joined['seconds']:,.0f} entries/s,"
                             f" cpu server {cpu[0]:.2f} s, client {cpu[1]:.2f} s,"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dag import Permission, Status
 from tests.conftest import InstanceFactory
+from tests.histories import history, raws
 
 
 def test_pages_cover_the_verified_history_once_in_order(make_instance: InstanceFactory) -> None:
@@ -43,16 +44,12 @@ def test_pages_cover_the_verified_history_once_in_order(make_instance: InstanceF
 
 
 def test_pages_hold_only_the_status_asked_for(make_instance: InstanceFactory) -> None:
-    source = make_instance()
-    db = source.create_database(name="src")
-    for i in range(3):
-        with db.transaction() as txn:
-            txn.doc("d").set("k", i)
-    raws = [raw for _cid, raw in db.raw_entries()]
+    db = history(make_instance(), 3)
+    entries = raws(db)
     target = make_instance()
-    target.put_remote_entries(raws[:1] + raws[2:])  # one entry missing: the rest waits
+    target.put_remote_entries(entries[:1] + entries[2:])  # one entry missing: the rest waits
     copy = target.open_database(db.id)
     verified = copy.entries_page(None, 100)
     waiting = copy.entries_page(None, 100, status=Status.UNVERIFIED)
-    assert len(verified) == 1 and len(waiting) == len(raws) - 2
+    assert len(verified) == 1 and len(waiting) == len(entries) - 2
     assert not {c for c, _h, _r in verified} & {c for c, _h, _r in waiting}

@@ -13,20 +13,16 @@ from dag.ingest import PARALLEL_SIGNATURES_FROM
 from node import runtime
 from tests.conftest import InstanceFactory
 from tests.forge import forge
+from tests.histories import history, raws
 
 COMMITS = PARALLEL_SIGNATURES_FROM * 2  # large enough to go through the pool
 
 
 def _history(instance: Instance, commits: int = COMMITS) -> Any:
-    db = instance.create_database(name="src")
-    for i in range(commits):
-        with db.transaction() as txn:
-            txn.doc("d").set(f"k{i % 7}", i)
-    return db
+    return history(instance, commits, keys=7)
 
 
-def _raws(db: Any) -> list[bytes]:
-    return [raw for _cid, raw in db.raw_entries()]
+_raws = raws
 
 
 def test_a_prepared_batch_is_put_like_the_bytes(make_instance: InstanceFactory) -> None:

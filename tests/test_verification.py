@@ -13,18 +13,14 @@ from dag.entry import build_entry
 from dag.ids import cid_to_text
 from tests.conftest import InstanceFactory
 from tests.forge import forge
+from tests.histories import history, raws
 
 
 def _history(instance: Instance, commits: int = 4) -> Any:
-    db = instance.create_database(name="src")
-    for i in range(commits):
-        with db.transaction() as txn:
-            txn.doc("d").set(f"k{i}", i)
-    return db
+    return history(instance, commits)
 
 
-def _raws(db: Any) -> list[bytes]:
-    return [raw for _cid, raw in db.raw_entries()]
+_raws = raws
 
 
 _forge = forge

@@ -11,6 +11,7 @@ from dag import SigningKey
 from dag.sigworker import check_items
 from dag.verifier import SignatureItem, SignatureProcesses
 from tests.conftest import InstanceFactory
+from tests.histories import history, raws
 
 KEY = SigningKey(bytes(range(32)))
 OTHER = SigningKey(bytes(range(1, 33)))
@@ -81,17 +82,13 @@ def test_worker_protocol_survives_a_truncated_item() -> None:
 
 
 def test_an_instance_with_worker_processes_verifies_and_refuses(make_instance: InstanceFactory) -> None:
-    source = make_instance()
-    db = source.create_database(name="src")
-    for i in range(150):
-        with db.transaction() as txn:
-            txn.doc("d").set("k", i)
-    raws = [raw for _cid, raw in db.raw_entries()]
+    db = history(make_instance(), 150, keys=1)
+    entries = raws(db)
     target = make_instance()
     assert target.use_signature_processes(2) == 2
-    result = target.put_remote_entries(target.prepare_remote_entries(raws))
-    assert len(result.verified) == len(raws)
-    assert target.open_database(db.id).doc("d").get("k") == 149
+    result = target.put_remote_entries(target.prepare_remote_entries(entries))
+    assert len(result.verified) == len(entries)
+    assert target.open_database(db.id).doc("d").get("k0") == 149
     workers = list(target._processes._all)  # type: ignore[union-attr]
     target.close()
     assert all(worker.process.poll() is not None for worker in workers)
