@@ -16,6 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from .auth import AuthSettings
 from .entry import SETTINGS_STORE, Entry, decode_entry
 from .ids import join_cids, split_cids
+from .snapshots import StorageSnapshots
 from .state import DOC, StateCache
 from .storage.base import EntryMeta, Status, Storage, WriteBatch
 
@@ -80,7 +81,7 @@ class Replica:
         self._auth: OrderedDict[tuple[bytes, frozenset[bytes]], AuthSettings] = OrderedDict()
         # Folds start from verified tips, so everything they reach is verified (prefix-closed):
         # they load entries without checking each one's status.
-        self.states = StateCache(self.entry, lock=self.lock)
+        self.states = StateCache(self.entry, lock=self.lock, snapshots=StorageSnapshots(storage, self._is_verified))
         # Entries of a batch being ingested, visible to lookups before the batch is written,
         # so that settings and heights over them are computed from what they really are.
         self.overlay_meta: dict[bytes, EntryMeta] = {}
@@ -125,6 +126,10 @@ class Replica:
                 self._remember_meta(cid, meta)
                 found[cid] = meta
         return found
+
+    def _is_verified(self, cid: bytes) -> bool:
+        meta = self.meta_of_held(cid)
+        return meta is not None and meta.status is Status.VERIFIED
 
     def _remember_meta(self, cid: bytes, meta: EntryMeta) -> None:
         interned = self._interned

@@ -15,6 +15,11 @@ walk reaches the root: the worst case is the whole store history, once.
 Cached states are never mutated: a fold copies the top level, and the CRDT apply functions
 copy every nested dict they touch (path copying). A state too large to copy cheaply is moved: its old key
 is dropped and the dict is extended in place.
+
+A state depends on nothing but its tips, so it can outlive the process: with a
+``Snapshots`` store, the latest state of each store is saved when the instance closes and
+put back into the cache the first time that store is read again. The first read after a
+restart then replays what arrived since instead of the whole history.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import heapq
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import libipld
 
@@ -38,6 +43,14 @@ _MOVE_ABOVE = 4096  # top-level keys past which a fold extends the cached dict i
 _FRONTIER_PROBE = 8  # only look the frontier up in the cache while it is this small
 
 StateKey = tuple[bytes, str, str, frozenset[bytes]]
+
+
+class Snapshots(Protocol):
+    """Where states outlive the process: one (tips, state) per (tree, store, kind)."""
+
+    def load(self, tree: bytes, store: str, kind: str) -> tuple[frozenset[bytes], dict[str, Any]] | None: ...
+
+    def save(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes], state: dict[str, Any]) -> None: ...
 
 
 def decode_delta(kind: str, data: bytes) -> Any:
@@ -57,14 +70,42 @@ class StateCache:
         load: Callable[[bytes], Entry | None],
         capacity: int = 256,
         lock: threading.RLock | None = None,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self._load = load
         self._lock = lock or threading.RLock()
         self._capacity = capacity
         self._states: OrderedDict[StateKey, dict[str, Any]] = OrderedDict()
+        self._snapshots = snapshots
+        self._restored: set[tuple[bytes, str, str]] = set()
 
     def clear(self) -> None:
         self._states.clear()
+        self._restored.clear()
+
+    def _restore(self, tree: bytes, store: str, kind: str) -> None:
+        """Put the saved state of this store back into the cache (once per store and process)."""
+        if self._snapshots is None or (tree, store, kind) in self._restored:
+            return
+        self._restored.add((tree, store, kind))
+        saved = self._snapshots.load(tree, store, kind)
+        if saved is not None:
+            tips, state = saved
+            self._put((tree, store, kind, tips), state)
+
+    def save_latest(self) -> int:
+        """Save the most recently used state of each store; returns how many were saved."""
+        if self._snapshots is None:
+            return 0
+        with self._lock:
+            latest: dict[tuple[bytes, str, str], StateKey] = {}
+            for key in self._states:  # least recently used first: later ones win
+                latest[key[:3]] = key
+            saved = 0
+            for tree, store, kind, tips in latest.values():
+                self._snapshots.save(tree, store, kind, tips, self._states[(tree, store, kind, tips)])
+                saved += 1
+            return saved
 
     def _get(self, key: StateKey) -> dict[str, Any] | None:
         state = self._states.get(key)
@@ -85,6 +126,10 @@ class StateCache:
 
     def _state(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes]) -> dict[str, Any]:
         key = (tree, store, kind, tips)
+        cached = self._get(key)
+        if cached is not None:
+            return cached
+        self._restore(tree, store, kind)
         cached = self._get(key)
         if cached is not None:
             return cached

@@ -17,7 +17,9 @@ Figures (JSON keys), each measured on a fresh database unless said otherwise:
 * ``read_ms``: ``db.doc("bench").get("counter")`` after N commits of linear history, warm:
   same instance, the read right after a commit whose parent's state had been read (the
   median of several commit+read pairs), so it should cost one delta. ``read_cold_ms``:
-  the first read after closing and reopening the instance (walks the history from
+  the first read after closing and reopening the instance, which starts from the state
+  saved at close (``dag/snapshots.py``); ``read_cold_unsaved_ms``: the same with the saved
+  states deleted first (what a read costs after a crash: it walks the history from
   SQLite; the OS page cache is warm). The history is built on SQLite with
   ``synchronous="off"`` (durability does not change what a read does); its commit rate
   per stretch of history is ``commits_per_s_sync_off_by_history``, and
@@ -51,6 +53,7 @@ from dag.ids import cid_of
 from dag.ingest import Ingest
 from dag.instance import DB_FILE
 from dag.keys import verify_signature
+from dag.snapshots import PREFIX as SNAPSHOT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ def bench_verify(n: int) -> tuple[dict[str, Any], list[bytes]]:
 def bench_reads(sizes: tuple[int, ...], commits_after: int) -> dict[str, Any]:
     warm: dict[str, float] = {}
     cold: dict[str, float] = {}
+    cold_unsaved: dict[str, float] = {}
     history_bytes: dict[str, float] = {}
     build_rate: dict[str, float] = {}
     with _tmpdir() as directory:
@@ -293,6 +297,15 @@ def bench_reads(sizes: tuple[int, ...], commits_after: int) -> dict[str, Any]:
                 assert value == done - 1
                 cold_samples.append(seconds)
             cold[str(size)] = statistics.median(cold_samples) * 1e3
+            inst.close()
+            with sqlite3.connect(Path(directory) / DB_FILE) as raw_db:  # as if the close had never happened
+                raw_db.execute("DELETE FROM kv WHERE key LIKE ?", (SNAPSHOT_PREFIX + "%",))
+            raw_db.close()
+            inst = Instance.open(directory, synchronous="off")
+            db = inst.open_database(db_id)
+            seconds, value = _timed_read(db)
+            assert value == done - 1
+            cold_unsaved[str(size)] = seconds * 1e3
         _progress(f"{commits_after} commits on SQLite, synchronous=full, after {done} commits of history")
         inst.close()
         inst = Instance.open(directory)
@@ -308,6 +321,7 @@ def bench_reads(sizes: tuple[int, ...], commits_after: int) -> dict[str, Any]:
     return {
         "read_ms": warm,
         "read_cold_ms": cold,
+        "read_cold_unsaved_ms": cold_unsaved,
         "read_history_build": "SQLite synchronous=off, one data dir grown to each size; cold = close + reopen",
         "bytes_per_entry_history": history_bytes,
         "commits_per_s_sync_off_by_history": build_rate,
@@ -397,6 +411,8 @@ def report(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append((f"read_ms warm, after {int(size):,} commits", f"{ms:.3f} ms", "", ""))
     for size, ms in result["read_cold_ms"].items():
         rows.append((f"read_cold_ms (reopen), after {int(size):,} commits", f"{ms:.1f} ms", "", ""))
+    for size, ms in result.get("read_cold_unsaved_ms", {}).items():
+        rows.append((f"read_cold_ms (reopen, no saved state), after {int(size):,}", f"{ms:.1f} ms", "", ""))
     sizes = list(result["read_ms"])
     span = f"{int(sizes[-1]) // 1000}K / {int(sizes[0]) // 1000}K"
     rows.append(
