@@ -328,7 +328,7 @@ class NodeService:
                 self.sync.schedule(relation.peer, parsed.db, delay_s=2.0)
             raise CommandError(
                 f"{exc}; the node keeps asking, and {parsed.db} arrives once an admin of it runs: "
-                "eidetica-node access approve <request id>",
+                f"eidetica-node access approve {exc.request_id or '<request id>'}",
                 code="pending",
             ) from None
         except trio.TooSlowError:

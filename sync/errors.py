@@ -80,7 +80,13 @@ class ReplayedRequestError(AccessError):
 
 
 class AccessPendingError(AccessError):
+    """Access was asked for and waits for an admin; ``request_id`` is what the admin approves."""
+
     code = "pending"
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 class AccessRejectedError(AccessError):

@@ -232,14 +232,17 @@ class SyncHandler:
         if existing is None or existing.status == APPROVED:
             existing = self._state.add_request(db.id, key, str(wanted), self._now_ms())
         if not can_read:
-            raise AccessPendingError(existing.request_id)
+            raise AccessPendingError(
+                f"access request {existing.request_id} waits for an admin", request_id=existing.request_id
+            )
 
     async def _sync_tree(self, message: SyncTree) -> AsyncIterator[Message]:
         db = self._database(message.db)
         try:
             self._access(db, message)
         except AccessPendingError as pending:
-            yield BootstrapPending(message.db, str(pending), "access request waits for an admin of this database")
+            assert pending.request_id is not None
+            yield BootstrapPending(message.db, pending.request_id, "access request waits for an admin of this database")
             return
         received = 0
         if message.entries:

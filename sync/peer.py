@@ -195,7 +195,9 @@ async def sync_database(
                 async for answer, prepared in frames_out:
                     raise_for(answer)
                     if isinstance(answer, BootstrapPending):
-                        raise AccessPendingError(f"access request {answer.request_id} waits for an admin")
+                        raise AccessPendingError(
+                            f"access request {answer.request_id} waits for an admin", request_id=answer.request_id
+                        )
                     if not isinstance(answer, Bootstrap | Incremental):
                         raise MalformedMessageError(f"unexpected answer {answer.TYPE} to SyncTree")
                     if answer.db != db_cid:

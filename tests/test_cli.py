@@ -335,6 +335,7 @@ def test_access_requests_join_approve_sync(tmp_path: Path) -> None:
         [request] = admin.json("access", "list")["requests"]
         assert request["db"] == db and request["key"] == guest.ready["device_id"]
         assert request["permission"] == "write:10" and request["status"] == "pending"
+        assert f"access approve {request['id']}" in pending.stderr  # the exact command for the admin
         assert "pending" in admin.ok("access", "list")
 
         assert "approved" in admin.ok("access", "approve", request["id"][:8])

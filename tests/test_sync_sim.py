@@ -86,10 +86,11 @@ async def test_access_request_pending_then_approved_then_served(autojump_clock: 
         with db.transaction() as txn:
             txn.doc("notes").set("secret", 42)
         ticket = a.sync.create_ticket(db.id)
-        with pytest.raises(AccessPendingError):
+        with pytest.raises(AccessPendingError) as pending:
             await b.sync.join(ticket, access="write:10")
         [request] = a.sync.access_requests("pending")
         assert request.key == b.sync.device_id and request.permission == "write:10"
+        assert pending.value.request_id == request.request_id  # what the asker hands to the admin
         with pytest.raises(AccessPendingError):  # asking again does not duplicate the request
             await b.sync.join(ticket, access="write:10")
         assert len(a.sync.access_requests()) == 1
