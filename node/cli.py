@@ -115,6 +115,14 @@ def _daemon_options() -> Parser:
         help="offer a circuit relay service to other nodes (env EIDETICA_RELAY_SERVICE)",
     )
     group.add_argument(
+        "--no-hole-punching",
+        dest="hole_punching",
+        action="store_const",
+        const=False,
+        default=argparse.SUPPRESS,
+        help="never try to turn a relayed connection into a direct one (env EIDETICA_HOLE_PUNCHING)",
+    )
+    group.add_argument(
         "--http-bind", default=argparse.SUPPRESS, metavar="HOST:PORT", help="HTTP transport (env EIDETICA_HTTP_BIND)"
     )
     group.add_argument(
@@ -269,7 +277,7 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 
 FLAG_SETTINGS = (
-    *("data_dir", "config", "name", "log_level", "p2p", "p2p_listen", "relays", "relay_service"),
+    *("data_dir", "config", "name", "log_level", "p2p", "p2p_listen", "relays", "relay_service", "hole_punching"),
     *("http", "http_bind", "http_advertise", "metrics_bind", "signature_processes"),
 )
 

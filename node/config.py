@@ -42,6 +42,7 @@ class NodeConfig:
     p2p_listen: tuple[str, ...] = DEFAULT_P2P_LISTEN
     relays: tuple[str, ...] = ()
     relay_service: bool = False
+    hole_punching: bool = True
     http: bool = True
     http_bind: str = DEFAULT_HTTP_BIND
     http_advertise: tuple[str, ...] = ()
@@ -82,6 +83,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("p2p_listen", "p2p.listen", "EIDETICA_P2P_LISTEN", "list"),
     Setting("relays", "p2p.relays", "EIDETICA_RELAYS", "list"),
     Setting("relay_service", "p2p.relay_service", "EIDETICA_RELAY_SERVICE", "bool"),
+    Setting("hole_punching", "p2p.hole_punching", "EIDETICA_HOLE_PUNCHING", "bool"),
     Setting("http", "http.enabled", "EIDETICA_HTTP", "bool"),
     Setting("http_bind", "http.bind", "EIDETICA_HTTP_BIND", "str"),
     Setting("http_advertise", "http.advertise", "EIDETICA_HTTP_ADVERTISE", "list"),

@@ -9,7 +9,6 @@ container's stop timeout is met) and closes the transports and storage in that o
 
 from __future__ import annotations
 
-import inspect
 import logging
 import signal
 from collections.abc import Callable
@@ -53,21 +52,14 @@ def open_instance(config: NodeConfig) -> Instance:
 def _libp2p(config: NodeConfig, key: SigningKey) -> Transport:
     from transports.libp2p import Libp2pTransport
 
-    options: dict[str, Any] = {"listen": list(config.p2p_listen)}
-    accepted = inspect.signature(Libp2pTransport).parameters
-    # Relays arrive with the transport's relay support; until then they are reported, not fatal.
-    if config.relays:
-        if "relays" in accepted:
-            options["relays"] = list(config.relays)
-        else:
-            log.warning("this libp2p transport has no relay support; ignoring relays %s", ", ".join(config.relays))
-    if config.relay_service:
-        if "relay_service" in accepted:
-            options["relay_service"] = True
-        else:
-            log.warning("this libp2p transport cannot offer a relay service; ignoring --relay-service")
     try:
-        return Libp2pTransport(key, **options)
+        return Libp2pTransport(
+            key,
+            listen=list(config.p2p_listen),
+            relays=list(config.relays),
+            relay_service=config.relay_service,
+            hole_punching=config.hole_punching,
+        )
     except (ValueError, TypeError) as exc:  # multiaddr parse errors are ValueError subclasses
         raise ConfigError(f"bad --p2p-listen address in {', '.join(config.p2p_listen)}: {exc}") from None
 

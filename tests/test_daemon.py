@@ -203,3 +203,15 @@ async def test_peer_state_bytes_and_flush_on_shutdown(tmp_path: Path) -> None:
 
         await eventually(landed, "the write made just before stopping")
         one.scope.cancel()
+
+
+def test_the_libp2p_transport_is_built_as_configured(tmp_path: Path) -> None:
+    from node.daemon import build_transports
+
+    instance = Instance.in_memory()
+    config = NodeConfig(data_dir=tmp_path, p2p_listen=("/ip4/127.0.0.1/tcp/0",), http=False, hole_punching=False)
+    built = build_transports(config, instance, Metrics())
+    assert set(built) == {"p2p"}
+    assert built["p2p"].inner._puncher is None  # type: ignore[attr-defined]
+    config = NodeConfig(data_dir=tmp_path, p2p_listen=("/ip4/127.0.0.1/tcp/0",), http=False)
+    assert build_transports(config, instance, Metrics())["p2p"].inner._puncher is not None  # type: ignore[attr-defined]

@@ -105,3 +105,11 @@ def test_signature_processes_auto_a_count_or_a_clear_error(tmp_path: Path, monke
     for bad in ("-1", "two", "1.5", "65"):
         with pytest.raises(ConfigError, match=r"--signature-processes must be auto or a whole number"):
             load_config({"signature_processes": bad}, {})
+
+
+def test_hole_punching_can_be_turned_off_by_flag_environment_or_file(tmp_path: Path) -> None:
+    assert load_config({}, {}).hole_punching
+    assert not load_config({"hole_punching": False}, {}).hole_punching
+    assert not load_config({}, {"EIDETICA_HOLE_PUNCHING": "off"}).hole_punching
+    (tmp_path / "c.toml").write_text("[p2p]\nhole_punching = false\n")
+    assert not load_config({"config": str(tmp_path / "c.toml")}, {}).hole_punching
