@@ -19,9 +19,11 @@ import contextlib
 import logging
 import os
 import queue
+import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = Path(__file__).with_name("sigworker.py")
 STOP_WAIT_S = 2.0
+# A chunk of 100 checks takes ~4 ms; a worker silent for this long is stuck, not busy.
+ANSWER_TIMEOUT_S = 30.0
 
 SignatureItem = tuple[bytes, bytes, bytes]  # (pubkey, message, signature)
 
@@ -46,6 +50,7 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             close_fds=True,
+            bufsize=0,  # raw pipes: answers are read with a deadline, straight from the descriptor
         )
         assert self.process.stdin is not None and self.process.stdout is not None
         self.stdin: IO[bytes] = self.process.stdin
@@ -56,15 +61,31 @@ class _Worker:
         for pubkey, message, signature in items:
             parts += (pubkey, signature, len(message).to_bytes(4, "big"), message)
         body = b"".join(parts)
-        self.stdin.write(len(body).to_bytes(4, "big") + body)
-        self.stdin.flush()
-        head = self.stdout.read(4)
-        if len(head) != 4:
-            raise EOFError("signature worker closed its pipe")
-        answers = self.stdout.read(int.from_bytes(head, "big"))
+        request = memoryview(len(body).to_bytes(4, "big") + body)
+        while request:  # a raw pipe may take a long request in several writes
+            written = self.stdin.write(request)
+            request = request[written or 0 :]
+        deadline = time.monotonic() + ANSWER_TIMEOUT_S
+        head = self._read(4, deadline)
+        answers = self._read(int.from_bytes(head, "big"), deadline)
         if len(answers) != len(items) or not set(answers) <= {0, 1}:
             raise EOFError("signature worker answered out of protocol")
         return [byte == 1 for byte in answers]
+
+    def _read(self, size: int, deadline: float) -> bytes:
+        fd = self.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        data = b""
+        while len(data) < size:
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not poller.poll(left_ms):
+                raise EOFError(f"signature worker silent for {ANSWER_TIMEOUT_S:g} s")
+            chunk = os.read(fd, size - len(data))
+            if not chunk:
+                raise EOFError("signature worker closed its pipe")
+            data += chunk
+        return data
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):

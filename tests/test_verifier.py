@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -92,3 +93,23 @@ def test_an_instance_with_worker_processes_verifies_and_refuses(make_instance: I
     workers = list(target._processes._all)  # type: ignore[union-attr]
     target.close()
     assert all(worker.process.poll() is not None for worker in workers)
+
+
+def test_a_stuck_worker_is_dropped_after_its_deadline(
+    processes: SignatureProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from dag import verifier
+
+    monkeypatch.setattr(verifier, "ANSWER_TIMEOUT_S", 0.3)
+    items, expected = _items(6)
+    for worker in processes._all:
+        os.kill(worker.process.pid, signal.SIGSTOP)  # alive, but never answers
+    try:
+        assert processes.check(items) == expected
+        assert processes.alive == 1
+    finally:
+        for worker in processes._all:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.process.pid, signal.SIGCONT)
