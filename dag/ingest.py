@@ -125,6 +125,7 @@ class Ingest:
         # Per-batch memos: entries of a batch mostly share a settings view and a writer.
         self._pins: dict[bytes, tuple[bytes, ...]] = {}
         self._may_write: dict[tuple[bytes, tuple[bytes, ...], bytes], str | None] = {}
+        self._stored_waits: bool | None = None  # whether storage holds any wait (asked once)
 
     def run(self, raws: Iterable[bytes] | PreparedEntries, only_tree: bytes | None = None) -> PutResult:
         if not isinstance(raws, PreparedEntries):
@@ -193,7 +194,9 @@ class Ingest:
                 entry = self._load(child)
                 if entry is not None:
                     children[child] = entry
-        for child in self.replica.storage.waiting_children(settled):
+        if self._stored_waits is None:
+            self._stored_waits = self.replica.storage.has_waits()
+        for child in self.replica.storage.waiting_children(settled) if self._stored_waits else ():
             if child not in self.decided and child not in children:
                 entry = self._load(child)
                 if entry is not None:

@@ -89,6 +89,10 @@ class Storage(Protocol):
 
     def status_counts(self, tree: bytes) -> dict[Status, int]: ...
 
+    def has_waits(self) -> bool:
+        """Whether any stored entry waits for another (cheap: lets ingest skip the lookups)."""
+        ...
+
     def waiting_children(self, blockers: Collection[bytes]) -> list[bytes]: ...
 
     def waits_in_tree(self, tree: bytes) -> list[tuple[bytes, bytes]]:

@@ -62,6 +62,9 @@ class MemoryStorage:
                 counts[meta.status] += 1
         return counts
 
+    def has_waits(self) -> bool:
+        return any(self._waits.values())
+
     def waiting_children(self, blockers: Collection[bytes]) -> list[bytes]:
         return sorted({child for blocker in blockers for child in self._waits.get(blocker, {})})
 

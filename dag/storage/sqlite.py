@@ -138,6 +138,9 @@ class SqliteStorage:
             counts[Status(status)] = count
         return counts
 
+    def has_waits(self) -> bool:
+        return self._db.execute("SELECT 1 FROM waits LIMIT 1").fetchone() is not None
+
     def waiting_children(self, blockers: Collection[bytes]) -> list[bytes]:
         children: set[bytes] = set()
         wanted = list(blockers)
