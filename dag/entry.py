@@ -256,7 +256,7 @@ def _decode_metadata_bytes(raw: bytes) -> tuple[tuple[bytes, ...], int | None]:
     try:
         value = libipld.decode_dag_cbor(raw)
         canonical = bytes(libipld.encode_dag_cbor(value)) == raw
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise GarbageEntryError(f"tree.metadata is not DAG-CBOR: {exc}") from None
     if not canonical:
         raise NonCanonicalError("tree.metadata is not canonical")
@@ -310,14 +310,14 @@ def decode_entry(raw: bytes) -> Entry:
         raise OversizeError(f"entry is {len(raw)} bytes (limit {MAX_ENTRY_BYTES})")
     try:
         value = libipld.decode_dag_cbor(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise GarbageEntryError(f"entry is not DAG-CBOR: {exc}") from None
     top = _dict(value, _TOP_KEYS, "entry")
     if "v" in top:
         raise UnsupportedVersionError(f"entry version {top['v']!r} is not supported (only 0)")
     try:
         canonical = bytes(libipld.encode_dag_cbor(value)) == raw
-    except ValueError:
+    except (ValueError, RecursionError):
         canonical = False
     if not canonical:
         raise NonCanonicalError("entry bytes are not canonical DAG-CBOR")

@@ -293,7 +293,7 @@ class Ingest:
                         stores[name] = decode_doc_delta(libipld.decode_dag_cbor(node.data))
                         continue
                 stores[name] = None
-        except (ValueError, InvalidValueError) as exc:
+        except (ValueError, InvalidValueError, RecursionError) as exc:
             return f"unreadable settings delta: {exc}"
         if entry.is_root:
             return self._check_root(entry, stores)

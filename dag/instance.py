@@ -18,7 +18,7 @@ from .auth import ACTIVE, Permission
 from .crdt.doc import DocDelta, doc_from_value, encode_doc_delta
 from .database import Database
 from .entry import ROOT_STORE, SETTINGS_STORE, build_entry
-from .errors import DagError, DataDirLockedError, NotFoundError, StorageError
+from .errors import DataDirLockedError, NotFoundError, StorageError
 from .ids import cid_from_text, cid_to_text, join_cids
 from .ingest import Ingest, PreparedEntries, PutResult
 from .keys import SigningKey, load_or_create_key_file
@@ -109,11 +109,14 @@ class Instance:
             # The latest state of each store read in this run: the next run's first read
             # replays only what arrived since, not the whole history.
             self._replica.states.save_latest()
-        except DagError as exc:
+        except Exception as exc:  # a speed-up for the next run: never a reason not to close
             log.warning("could not save store states for the next start: %s", exc)
-        self._replica.storage.close()
-        if self._lock is not None:
-            self._lock.close()
+        finally:
+            try:
+                self._replica.storage.close()
+            finally:
+                if self._lock is not None:
+                    self._lock.close()
 
     def __enter__(self) -> Instance:
         return self

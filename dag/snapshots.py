@@ -1,8 +1,11 @@
 """Store states kept in storage's key-value table between runs (see ``dag.state``).
 
-A state is a pure function of the store's tips, so a saved one stays true forever; it is
-only used when all its tips are Verified here, and a value that does not come back from
-DAG-CBOR exactly as it went in is not saved at all (the fold computes it as before).
+A state is a pure function of the store's tips and of how a fold works, so a saved one
+stays true as long as the fold does not change: the key carries ``FORMAT``, to be raised
+with any change to folding or to the CRDTs, and states saved under another are ignored.
+A state is only used when all its tips are Verified here. It is kept in msgpack, which
+keeps the order of keys (so rows and keys come back in the order the fold made them), and
+a state that does not come back exactly as it went in is not saved at all.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import libipld
+import msgpack
 
 from .ids import is_cid
 from .storage.base import Storage
 
 log = logging.getLogger(__name__)
 
+FORMAT = 1  # raise with any change to how states are folded
 PREFIX = "state/"
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
 
@@ -29,16 +33,16 @@ class StorageSnapshots:
 
     @staticmethod
     def _key(tree: bytes, store: str, kind: str) -> str:
-        return f"{PREFIX}{tree.hex()}/{kind}/{store}"
+        return f"{PREFIX}v{FORMAT}/{tree.hex()}/{kind}/{store}"
 
     def load(self, tree: bytes, store: str, kind: str) -> tuple[frozenset[bytes], dict[str, Any]] | None:
         raw = self._storage.get_value(self._key(tree, store, kind))
         if raw is None:
             return None
         try:
-            value = libipld.decode_dag_cbor(raw)
+            value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
             tips, state = value["tips"], value["state"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError, msgpack.ExtraData):
             log.warning("saved state of %s/%s is unreadable; folding from the history", tree.hex(), store)
             return None
         if not isinstance(state, dict) or not isinstance(tips, list) or not all(is_cid(t) for t in tips):
@@ -51,9 +55,9 @@ class StorageSnapshots:
         if not tips or not all(self._verified(t) for t in tips):
             return  # only states over Verified entries are facts worth keeping
         try:
-            raw = bytes(libipld.encode_dag_cbor({"tips": sorted(tips), "state": state}))
-            if len(raw) > MAX_SNAPSHOT_BYTES or libipld.decode_dag_cbor(raw)["state"] != state:
+            raw = msgpack.packb({"tips": sorted(tips), "state": state}, use_bin_type=True)
+            if len(raw) > MAX_SNAPSHOT_BYTES or msgpack.unpackb(raw, raw=False)["state"] != state:
                 return
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError, RecursionError):
             return
         self._storage.set_value(self._key(tree, store, kind), raw)

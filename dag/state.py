@@ -58,7 +58,7 @@ def decode_delta(kind: str, data: bytes) -> Any:
     try:
         value = libipld.decode_dag_cbor(data)
         return decode_doc_delta(value) if kind == DOC else decode_table_delta(value)
-    except (ValueError, InvalidValueError):
+    except (ValueError, InvalidValueError, RecursionError):
         return None
 
 

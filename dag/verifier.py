@@ -19,11 +19,9 @@ import contextlib
 import logging
 import os
 import queue
-import select
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -50,7 +48,8 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             close_fds=True,
-            bufsize=0,  # raw pipes: answers are read with a deadline, straight from the descriptor
+            bufsize=0,  # raw pipes: read straight from the descriptor
+            start_new_session=True,  # a Ctrl-C meant for the node must not kill its workers mid-shutdown
         )
         assert self.process.stdin is not None and self.process.stdout is not None
         self.stdin: IO[bytes] = self.process.stdin
@@ -61,29 +60,31 @@ class _Worker:
         for pubkey, message, signature in items:
             parts += (pubkey, signature, len(message).to_bytes(4, "big"), message)
         body = b"".join(parts)
-        request = memoryview(len(body).to_bytes(4, "big") + body)
-        while request:  # a raw pipe may take a long request in several writes
-            written = self.stdin.write(request)
-            request = request[written or 0 :]
-        deadline = time.monotonic() + ANSWER_TIMEOUT_S
-        head = self._read(4, deadline)
-        answers = self._read(int.from_bytes(head, "big"), deadline)
+        # A worker that stops reading or answering is killed when the watchdog fires: the
+        # blocked write or read then fails like any dead worker's, and the checks are
+        # done here instead.
+        watchdog = threading.Timer(ANSWER_TIMEOUT_S, self.process.kill)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            request = memoryview(len(body).to_bytes(4, "big") + body)
+            while request:  # a raw pipe may take a long request in several writes
+                written = self.stdin.write(request)
+                request = request[written or 0 :]
+            head = self._read(4)
+            answers = self._read(int.from_bytes(head, "big"))
+        finally:
+            watchdog.cancel()
         if len(answers) != len(items) or not set(answers) <= {0, 1}:
             raise EOFError("signature worker answered out of protocol")
         return [byte == 1 for byte in answers]
 
-    def _read(self, size: int, deadline: float) -> bytes:
-        fd = self.stdout.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+    def _read(self, size: int) -> bytes:
         data = b""
         while len(data) < size:
-            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not poller.poll(left_ms):
-                raise EOFError(f"signature worker silent for {ANSWER_TIMEOUT_S:g} s")
-            chunk = os.read(fd, size - len(data))
+            chunk = os.read(self.stdout.fileno(), size - len(data))
             if not chunk:
-                raise EOFError("signature worker closed its pipe")
+                raise EOFError("signature worker closed its pipe (or was stopped by its watchdog)")
             data += chunk
         return data
 

@@ -44,7 +44,7 @@ def open_instance(config: NodeConfig) -> Instance:
     if workers:
         try:
             instance.use_signature_processes(workers)
-        except OSError as exc:  # slower, not broken: threads check the signatures instead
+        except Exception as exc:  # slower, not broken: threads check the signatures instead
             log.warning("cannot start signature worker processes (%s); checking signatures on threads", exc)
     return instance
 

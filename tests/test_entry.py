@@ -162,6 +162,11 @@ def test_store_rules() -> None:
         decode_entry(_child(subtrees=[{"name": "b"}, {"name": "a"}]))
 
 
+def test_deeply_nested_bytes_are_garbage_not_a_crash() -> None:
+    with pytest.raises(GarbageEntryError, match="not DAG-CBOR"):
+        decode_entry(b"\x81" * 3000 + b"\x01")
+
+
 def test_oversize_entry_is_refused() -> None:
     with pytest.raises(OversizeError):
         decode_entry(b"\xa0" * (MAX_ENTRY_BYTES + 1))

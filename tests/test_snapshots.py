@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dag import Instance, Permission
+from dag import Instance, Permission, snapshots
 from dag.snapshots import PREFIX
 from tests.histories import raws
 
@@ -47,6 +47,7 @@ def test_the_first_read_after_reopening_does_not_walk_the_history(
         db = instance.open_database(db_id)
         assert db.doc("d").to_dict() == expected_doc
         assert db.table("rows").rows() == expected_rows
+        assert list(db.table("rows").rows()) == list(expected_rows)  # in the order the fold made them
         assert len(loads) < 10  # the tips, not 300 entries
         _grow(db, 3, start=300)  # and it goes on from there
         assert db.doc("d").get("k2") == 302
@@ -71,6 +72,19 @@ def test_entries_that_arrived_after_the_save_are_replayed_on_top(
         copy = instance.open_database(db.id)
         assert copy.doc("d").to_dict() == db.doc("d").to_dict()
         assert len(loads) <= 25  # the 20 new entries (and their tips), not all 72
+
+
+def test_states_saved_by_another_fold_format_are_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Instance.open(tmp_path) as instance:
+        db = instance.create_database(name="x")
+        _grow(db, 30)
+        expected = db.doc("d").to_dict()
+        db_id = db.id
+    monkeypatch.setattr(snapshots, "FORMAT", snapshots.FORMAT + 1)
+    with Instance.open(tmp_path) as instance:
+        loads = _count_loads(instance, monkeypatch)
+        assert instance.open_database(db_id).doc("d").to_dict() == expected
+        assert len(loads) >= 30  # folded from the history again
 
 
 def test_a_damaged_saved_state_is_ignored(tmp_path: Path) -> None:

@@ -104,6 +104,10 @@ def test_a_stuck_worker_is_dropped_after_its_deadline(
 
     monkeypatch.setattr(verifier, "ANSWER_TIMEOUT_S", 0.3)
     items, expected = _items(6)
+    # Over a pipe's 64 KiB: the write itself blocks on a worker that stopped reading.
+    message = os.urandom(40_000)
+    items += [(KEY.pubkey_bytes, message, KEY.sign(message))] * 3
+    expected += [True] * 3
     for worker in processes._all:
         os.kill(worker.process.pid, signal.SIGSTOP)  # alive, but never answers
     try:

@@ -58,7 +58,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.utils.address_validation import expand_wildcard_address
-from libp2p.utils.varint import encode_delim, read_delim
+from libp2p.utils.varint import encode_delim, read_varint_prefixed_bytes_limited
 
 from dag import SigningKey
 from dag.keys import pubkey_to_text
@@ -93,6 +93,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_ID = TProtocol("/eidetica/sync/1.0.0")
 MULTISTREAM_ID = "/multistream/1.0.0"
+MAX_NEGOTIATION_BYTES = 1024
 _LAZY_PROPOSAL = encode_delim(MULTISTREAM_ID.encode()) + encode_delim(PROTOCOL_ID.encode())
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 HEADER = 4
@@ -139,8 +140,14 @@ async def read_frame(stream: INetStream, limit: int) -> bytes | None:
 
 
 async def _negotiated(stream: INetStream) -> str:
-    """One multistream-select message from the listener (a varint length, text, newline)."""
-    return (await read_delim(stream)).decode("utf-8", "replace")
+    """One multistream-select message from the listener (a varint length, text, newline).
+
+    Capped: the length is the peer's to choose, and a protocol name is short.
+    """
+    message = await read_varint_prefixed_bytes_limited(stream, MAX_NEGOTIATION_BYTES)
+    if not message.endswith(b"\n"):
+        raise ValueError("multistream-select message without its newline")
+    return message[:-1].decode("utf-8", "replace")
 
 
 async def write_frame(stream: INetStream, payload: bytes) -> None:
