@@ -22,6 +22,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -55,17 +56,14 @@ class _Worker:
         self.stdin: IO[bytes] = self.process.stdin
         self.stdout: IO[bytes] = self.process.stdout
 
-    def check(self, items: Sequence[SignatureItem]) -> list[bool]:
+    def check(self, items: Sequence[SignatureItem], watchdog: _Watchdog) -> list[bool]:
         parts: list[bytes] = []
         for pubkey, message, signature in items:
             parts += (pubkey, signature, len(message).to_bytes(4, "big"), message)
         body = b"".join(parts)
-        # A worker that stops reading or answering is killed when the watchdog fires: the
-        # blocked write or read then fails like any dead worker's, and the checks are
-        # done here instead.
-        watchdog = threading.Timer(ANSWER_TIMEOUT_S, self.process.kill)
-        watchdog.daemon = True
-        watchdog.start()
+        # A worker that stops reading or answering is killed by the watchdog: the blocked
+        # write or read then fails like any dead worker's, and the checks are done here.
+        watchdog.watch(self)
         try:
             request = memoryview(len(body).to_bytes(4, "big") + body)
             while request:  # a raw pipe may take a long request in several writes
@@ -74,7 +72,7 @@ class _Worker:
             head = self._read(4)
             answers = self._read(int.from_bytes(head, "big"))
         finally:
-            watchdog.cancel()
+            watchdog.release(self)
         if len(answers) != len(items) or not set(answers) <= {0, 1}:
             raise EOFError("signature worker answered out of protocol")
         return [byte == 1 for byte in answers]
@@ -99,6 +97,33 @@ class _Worker:
         self.stdout.close()
 
 
+class _Watchdog:
+    """One thread that kills the workers whose current check has run past its deadline."""
+
+    def __init__(self) -> None:
+        self._deadlines: dict[_Worker, float] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eidetica-verify-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, worker: _Worker) -> None:
+        self._deadlines[worker] = time.monotonic() + ANSWER_TIMEOUT_S
+
+    def release(self, worker: _Worker) -> None:
+        self._deadlines.pop(worker, None)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(min(1.0, ANSWER_TIMEOUT_S / 3)):
+            now = time.monotonic()
+            for worker, deadline in list(self._deadlines.items()):
+                if deadline < now:
+                    worker.process.kill()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=STOP_WAIT_S)
+
+
 class SignatureProcesses:
     """A set of signature-checking worker processes, shared by the threads that feed them."""
 
@@ -110,6 +135,7 @@ class SignatureProcesses:
         self._lock = threading.Lock()
         self._alive = 0
         self._closed = False
+        self._watchdog = _Watchdog()
         try:
             for _ in range(self.count):
                 worker = _Worker()
@@ -119,6 +145,7 @@ class SignatureProcesses:
         except BaseException:
             for worker in self._all:
                 worker.stop()
+            self._watchdog.stop()
             raise
 
     @property
@@ -136,7 +163,7 @@ class SignatureProcesses:
             self._idle.put(None)
         else:
             try:
-                answers = worker.check(items)
+                answers = worker.check(items, self._watchdog)
             except (OSError, EOFError, ValueError) as exc:
                 self._drop(worker, exc)
             else:
@@ -162,3 +189,4 @@ class SignatureProcesses:
         self._idle.put(None)  # whoever waits for a worker now checks in its own thread
         for worker in self._all:
             worker.stop()
+        self._watchdog.stop()
