@@ -23,6 +23,7 @@ from .errors import (
     MalformedMessageError,
     PeerError,
     SyncError,
+    TransportError,
     UnauthorizedError,
 )
 from .handler import Offload
@@ -217,7 +218,10 @@ async def sync_database(
         for prepared in unput:  # frames left behind by an error: drop their queued checks
             prepared.cancel()
     if final is None:
-        raise MalformedMessageError("the answer ended before its last frame")
+        # The stream closed mid-answer: a cut connection (a relay's data limit, a peer gone)
+        # looks like this, so it is a transport failure, and the engine tries the peer's
+        # next address or retries; what did arrive is stored and verified already.
+        raise TransportError(f"{address}: the answer ended before its last frame")
     result.peer_tips = final.tips
     db = instance.open_database(db_cid) if instance.has_database(db_cid) else None
     if db is None:
