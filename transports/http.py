@@ -4,8 +4,10 @@ Serving: one request message per POST (msgpack, or JSON for people and scripts, 
 ``Content-Type``); the handler's answers stream back as they are produced, as
 length-prefixed msgpack frames or NDJSON lines (:mod:`transports.http_codec`). A body
 that cannot be decoded never reaches the handler: it gets a 400 (or 413 when too large)
-whose body is an ``Error`` message in the request's format. ``GET /health`` says the
-server is up.
+whose body is an ``Error`` message in the request's format. A body is bounded before it
+is buffered: a declared length over the frame limit is refused at once, a chunked one is
+cut at the limit, the whole body has a deadline (408), and the bytes buffered across all
+connections share one budget (503 past it). ``GET /health`` says the server is up.
 
 Asking: one shared ``httpx.AsyncClient`` per transport (kept-alive connections are
 reused across requests), answers parsed frame by frame as bytes arrive, every httpx
@@ -65,6 +67,17 @@ DEFAULT_MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 # the server). Matches SyncConfig.request_timeout_s: a slow handler (storing a pushed
 # batch, walking a large history) may take a while before its first frame.
 DEFAULT_REQUEST_TIMEOUT_S: Final = 60.0
+# The whole request body must arrive within this long of the request's headers. A full
+# 16 MiB frame takes 1.3 s at 100 Mbit/s and 27 s at 5 Mbit/s; a body that trickles in
+# slower than that (a byte every 45 s was seen in an attack) is cut with a 408 and its
+# buffer freed, so a slow sender cannot pin memory for longer than this.
+DEFAULT_BODY_TIMEOUT_S: Final = 30.0
+# Request-body bytes buffered at once across every connection of one server. Four full
+# frames: a node's peers push one batch at a time each, and pushes are rarely near the
+# frame limit, so honest traffic stays well under it; 60 slow connections hold at most
+# this much (not 60 x 16 MiB). A body that would go over it is refused with 503 (the
+# sender's engine retries with backoff).
+DEFAULT_MAX_INFLIGHT_BODY_BYTES: Final = 64 * 1024 * 1024
 # Connecting on a LAN or loopback takes milliseconds; a peer that cannot be reached in
 # this long is treated as unreachable and the engine tries its next address.
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
@@ -128,6 +141,37 @@ class _ClosingStreamingResponse(StreamingResponse):
                 await self._body.aclose()
 
 
+class _BodyRefused(Exception):
+    """A request body that will not be read to its end: answered with ``status`` and ``error``."""
+
+    def __init__(self, status: int, error: Error) -> None:
+        super().__init__(error.message)
+        self.status = status
+        self.error = error
+
+
+class BodyBudget:
+    """Request-body bytes buffered right now, across every connection, against a cap.
+
+    Only the trio thread touches it (every request handler runs there), so a plain
+    counter is enough. ``used`` is exposed for tests and status.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) if that would pass the cap."""
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
 class HttpTransport:
     """Sync messages over HTTP/1.1 (see the module docstring); one instance per node."""
 
@@ -139,6 +183,8 @@ class HttpTransport:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        max_inflight_body_bytes: int = DEFAULT_MAX_INFLIGHT_BODY_BYTES,
     ) -> None:
         self._bind_host, self._bind_port = parse_host_port(bind)  # a bad bind fails here, not when serving
         for address in advertise or ():
@@ -147,6 +193,8 @@ class HttpTransport:
         self.max_frame_bytes = max_frame_bytes
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.body_budget = BodyBudget(max_inflight_body_bytes)
         self._serving = False
         self._port: int | None = None  # the bound port, once listening
         self._client: httpx.AsyncClient | None = None
@@ -220,7 +268,9 @@ class HttpTransport:
         config.accesslog = None
         config.errorlog = logging.getLogger(f"{__name__}.server")
         # h11_max_incomplete_size (16 KiB) bounds request *headers* only: hypercorn hands
-        # the body to the app chunk by chunk, and _read_body bounds it by max_frame_bytes.
+        # the body to the app chunk by chunk (at most max_app_queue_size = 10 chunks of
+        # 64 KiB queued per connection, then it stops reading the socket), and _read_body
+        # bounds it by max_frame_bytes, body_timeout_s and the shared body budget.
         return config
 
     def _app(self, handler: Handler) -> Starlette:
@@ -247,14 +297,14 @@ class HttpTransport:
             return Response(WireFormat.MSGPACK.encode(error), status_code=415, media_type=CONTENT_MSGPACK)
         try:
             body = await self._read_body(request)
-        except trio.TooSlowError:
-            error = Error("timeout", f"request body stalled for {self.request_timeout_s:g} s")
-            return Response(wire.encode(error), status_code=408, media_type=wire.request_type)
+        except _BodyRefused as refused:
+            # The body is not read to its end, so hypercorn closes the connection after this answer.
+            headers = {"retry-after": "1"} if refused.status == 503 else None
+            return Response(
+                wire.encode(refused.error), status_code=refused.status, media_type=wire.request_type, headers=headers
+            )
         except ClientDisconnect:
             return Response(b"", status_code=400)  # nobody is left to read it
-        if body is None:
-            error = Error("oversize", f"request body is over the limit of {self.max_frame_bytes} bytes")
-            return Response(wire.encode(error), status_code=413, media_type=wire.request_type)
         try:
             message = wire.decode(body)
         except ProtocolError as exc:
@@ -264,34 +314,51 @@ class HttpTransport:
         context = RequestContext(TRANSPORT_NAME, remote=remote)
         return _ClosingStreamingResponse(self._stream(handler, message, context, wire), media_type=wire.stream_type)
 
-    async def _read_body(self, request: Request) -> bytes | None:
-        """The request body, or None when it is over ``max_frame_bytes``.
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, read within its bounds; raises :class:`_BodyRefused` past one.
 
-        An oversize body is still read (and dropped) up to another ``max_frame_bytes``, so
-        the client, still sending, gets to read the 413 rather than a reset connection.
-        Raises ``trio.TooSlowError`` when the client stops sending for ``request_timeout_s``.
+        Sizes are checked before anything is buffered: a declared ``Content-Length`` over
+        ``max_frame_bytes`` is refused at once (413), and a chunked body is counted as it
+        arrives and cut as soon as it passes the limit. The whole body must arrive within
+        ``body_timeout_s`` and no wait for a chunk may last ``request_timeout_s`` (408).
+        Every buffered byte is reserved in the server's :class:`BodyBudget` (503 when
+        full) and given back when this returns, however it returns.
         """
         limit = self.max_frame_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > 2 * limit:
-            return None  # not worth draining: answer at once and let the connection close
+        if declared.isdigit() and int(declared) > limit:
+            raise _BodyRefused(413, self._oversize())
         body = bytearray()
-        seen = 0
         chunks = request.stream()
         try:
-            while seen <= 2 * limit:
-                # A stalled body must not hold the connection forever; a slow but moving
-                # one is fine, so the bound is on each wait, not on the whole body.
-                with trio.fail_after(self.request_timeout_s):
-                    chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
-                seen += len(chunk)
-                if seen <= limit:
+            with trio.move_on_after(self.body_timeout_s) as deadline:
+                while True:
+                    # A silence shorter than the whole-body deadline can still be too long.
+                    with trio.move_on_after(self.request_timeout_s) as stall:
+                        chunk = await anext(chunks, None)
+                    if stall.cancelled_caught:
+                        raise _BodyRefused(
+                            408, Error("timeout", f"request body stalled for {self.request_timeout_s:g} s")
+                        )
+                    if chunk is None:
+                        return bytes(body)
+                    if len(body) + len(chunk) > limit:
+                        raise _BodyRefused(413, self._oversize())
+                    if not self.body_budget.take(len(chunk)):
+                        raise _BodyRefused(
+                            503, Error("transport", "the peer is receiving too many request bodies; try again")
+                        )
                     body += chunk
+            assert deadline.cancelled_caught
+            raise _BodyRefused(408, Error("timeout", f"request body did not arrive within {self.body_timeout_s:g} s"))
         finally:
-            await chunks.aclose()
-        return bytes(body) if seen <= limit else None
+            self.body_budget.give(len(body))
+            del body  # freed now, not when the answer has gone out
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                await chunks.aclose()
+
+    def _oversize(self) -> Error:
+        return Error("oversize", f"request body is over the limit of {self.max_frame_bytes} bytes")
 
     async def _stream(
         self, handler: Handler, message: Message, context: RequestContext, wire: WireFormat
