@@ -19,6 +19,7 @@ from .crdt.doc import DocDelta, doc_from_value, encode_doc_delta
 from .database import Database
 from .entry import ROOT_STORE, SETTINGS_STORE, build_entry
 from .errors import DataDirLockedError, NotFoundError, StorageError
+from .files import make_private_if_present, open_private, private_directory
 from .ids import cid_from_text, cid_to_text, join_cids
 from .ingest import Ingest, PreparedEntries, PutResult
 from .keys import SigningKey, load_or_create_key_file
@@ -33,9 +34,21 @@ log = logging.getLogger(__name__)
 DB_FILE = "eidetica.sqlite3"
 KEY_FILE = "device.key"
 LOCK_FILE = "LOCK"
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 WriteCallback = Callable[[Database, list[str], list[str], bool], None]
 """``callback(db, tips_before, tips_after, local)``, called after every write that moved tips."""
+
+
+def _private_database_files(db_file: Path) -> None:
+    """The SQLite file and its -wal/-shm files owner-only before SQLite opens them.
+
+    SQLite creates -wal and -shm with the main file's mode, so the main file is created
+    0600 here first; files left by an older node (0644) are chmodded.
+    """
+    os.close(open_private(db_file, what="database file"))
+    for suffix in SQLITE_SIDE_FILES:
+        make_private_if_present(db_file.with_name(db_file.name + suffix), what="database file")
 
 
 @dataclass(frozen=True)
@@ -75,8 +88,10 @@ class Instance:
         """Open (or create) the data directory at ``path``."""
         directory = Path(path)
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 - held for the instance's life
+            # Owner-only, whatever was there before: the directory 0700, every file 0600,
+            # no symlink followed (see dag.files).
+            private_directory(directory)
+            lock = os.fdopen(open_private(directory / LOCK_FILE, what="lock file"), "a+")
         except OSError as exc:
             raise StorageError(f"cannot use data directory {directory}: {exc.strerror}") from exc
         try:
@@ -86,6 +101,7 @@ class Instance:
             raise DataDirLockedError(f"data directory {directory} is in use by another process") from None
         try:
             key = load_or_create_key_file(directory / KEY_FILE)
+            _private_database_files(directory / DB_FILE)
             storage = SqliteStorage(directory / DB_FILE, synchronous=synchronous)
         except BaseException:
             lock.close()

@@ -6,13 +6,13 @@ import base64
 import binascii
 import functools
 import os
-import stat
 from pathlib import Path
 
 import nacl.exceptions
 import nacl.signing
 
 from .errors import KeyFormatError
+from .files import read_private, write_new_private
 
 PUBKEY_PREFIX = "ed25519:"
 SIGNATURE_LENGTH = 64
@@ -107,38 +107,21 @@ def load_or_create_key_file(path: Path) -> SigningKey:
     """The device key kept at ``path`` (created, owner-only, on first use).
 
     A key file that others can read is refused rather than silently used, the way ssh
-    treats private keys. The file appears whole or not at all: it is written and synced
-    under a temporary name, then linked into place, so a process killed mid-way leaves
-    no empty key behind.
+    treats private keys; so is a symlink or another user's file (see :mod:`dag.files`:
+    nothing here follows a link another user could have planted). The file appears
+    whole or not at all: it is written and synced under a temporary name, then linked
+    into place, so a process killed mid-way leaves no empty key behind.
     """
-    if not path.exists():
+    if not os.path.lexists(path):
         key = SigningKey.generate()
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                handle.write(base64.b64encode(key.seed).decode("ascii") + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                pass  # another opener won the race: use its key
-            else:
-                _sync_directory(path.parent)
-                return key
-        finally:
-            temporary.unlink(missing_ok=True)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise KeyFormatError(f"device key {path} is accessible by others (mode {mode:o}); run: chmod 600 {path}")
-    text = path.read_text(encoding="ascii").strip()
-    return SigningKey(_b64_canonical(text, 32, f"device key in {path}"))
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+        if write_new_private(
+            path, (base64.b64encode(key.seed).decode("ascii") + "\n").encode("ascii"), what="device key"
+        ):
+            return key
+        # another opener won the race: use its key
+    raw = read_private(path, what="device key", exposed=KeyFormatError)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise KeyFormatError(f"device key in {path} is not base64 text") from None
+    return SigningKey(_b64_canonical(text, 32, f"device key in {path}"))

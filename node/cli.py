@@ -299,6 +299,7 @@ def _print(args: argparse.Namespace, command: str, result: Any) -> None:
 
 def _init(config: NodeConfig, args: argparse.Namespace) -> int:
     from dag import DagError, DataDirLockedError, Instance
+    from dag.files import write_new_private
 
     try:
         with Instance.open(config.data_dir) as instance:
@@ -308,9 +309,11 @@ def _init(config: NodeConfig, args: argparse.Namespace) -> int:
     except DagError as exc:
         raise NodeError(str(exc)) from None
     config_file = config.data_dir / CONFIG_FILE
-    wrote = not config_file.exists()
-    if wrote:
-        config_file.write_text(config_template())
+    try:
+        # Never through a symlink, never over a file already there (see dag.files).
+        wrote = write_new_private(config_file, config_template().encode("utf-8"), what="config file")
+    except DagError as exc:
+        raise NodeError(str(exc)) from None
     result = {"data_dir": str(config.data_dir), "device_id": device_id, "config": str(config_file), "created": wrote}
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
@@ -494,10 +497,16 @@ def _wait_stopped(config: NodeConfig) -> None:
     """Return once the node has released the data directory's lock (it has flushed and closed)."""
     import fcntl
 
+    from dag import DagError
+    from dag.files import open_private
     from dag.instance import LOCK_FILE
 
     deadline = time.monotonic() + STOP_WAIT_S
-    with (config.data_dir / LOCK_FILE).open("a") as lock:
+    try:
+        fd = open_private(config.data_dir / LOCK_FILE, what="lock file")
+    except DagError as exc:
+        raise NodeError(str(exc)) from None
+    with os.fdopen(fd, "r+") as lock:
         while True:
             try:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
