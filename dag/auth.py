@@ -7,8 +7,10 @@ A database's `_settings` document holds ``auth``:
     auth.global        = {"permissions": ..., "status": ...}   (any key at all)
 
 Admin outranks Write outranks Read; within a kind, a lower priority number is stronger.
-Writing `_settings` needs Admin, writing anything else needs Write. An admin may not grant
-more than it holds, nor change or revoke a key stronger than itself.
+Writing `_settings` needs Admin, writing anything else needs Write. A settings change is
+judged by the settings it results in (``check_auth_change``): an admin grants at most what
+it holds, never touches a stronger key, never drops, revokes or weakens one as strong as
+itself, and never leaves the database without an admin.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .crdt.doc import TOMBSTONE, DocDelta
+from .crdt.doc import DocDelta, apply_doc_delta
 from .entry import SETTINGS_STORE
 from .errors import InvalidValueError, PermissionDeniedError
 
@@ -157,13 +159,21 @@ class AuthSettings:
         return best
 
 
-def check_write(auth: AuthSettings, pubkey: str, stores: Mapping[str, Any]) -> None:
+def check_write(
+    settings: Mapping[str, Any], pubkey: str, stores: Mapping[str, Any], auth: AuthSettings | None = None
+) -> None:
     """Raise :class:`PermissionDeniedError` unless ``pubkey`` may write ``stores``.
 
-    ``stores`` maps each store name the entry touches to its decoded delta (a
-    :class:`DocDelta` for `_settings`), so that grants inside a settings change can be
-    checked against the writer's own rank.
+    ``settings`` is the `_settings` state the write is judged against (the state before
+    it), ``auth`` its parsed ``auth`` section when the caller has it cached. ``stores``
+    maps each store name the entry touches to its decoded delta (a :class:`DocDelta` for
+    `_settings`). A settings change is judged by the settings it results in: the delta is
+    applied to ``settings`` and the key sets before and after are compared, so a delta
+    that replaces ``auth`` (or ``auth.keys``) wholesale is held to the same rules as one
+    that names each key.
     """
+    if auth is None:
+        auth = AuthSettings.from_settings(settings)
     if not auth.configured:
         return
     held = auth.permission_of(pubkey)
@@ -178,42 +188,56 @@ def check_write(auth: AuthSettings, pubkey: str, stores: Mapping[str, Any]) -> N
         raise PermissionDeniedError(f"key {pubkey} has {held}; changing _settings needs admin", pubkey=pubkey)
     delta = stores[SETTINGS_STORE]
     if isinstance(delta, DocDelta):
-        _check_grant_changes(auth, held, pubkey, delta)
+        after: dict[str, Any] = dict(settings)
+        apply_doc_delta(after, delta)  # path copying: ``settings`` itself is not changed
+        check_auth_change(auth, AuthSettings.from_settings(after), held, pubkey)
 
 
-def _check_grant_changes(auth: AuthSettings, held: Permission, pubkey: str, delta: DocDelta) -> None:
-    auth_delta = delta.fields.get("auth")
-    if auth_delta is None:
-        return
-    if not isinstance(auth_delta, DocDelta) or auth_delta.atomic:
-        # Replacing the whole auth section: only the strongest admin may.
-        if held.strength < Permission.admin(0).strength:
-            raise PermissionDeniedError(f"key {pubkey} ({held}) cannot replace the whole auth section", pubkey=pubkey)
-        return
-    changes: list[tuple[KeyGrant | None, Any]] = []
-    keys_delta = auth_delta.fields.get("keys")
-    if isinstance(keys_delta, DocDelta):
-        for target, node in keys_delta.fields.items():
-            changes.append((auth.keys.get(target), node))
-    elif keys_delta is not None:
-        for grant in auth.keys.values():
-            changes.append((grant, TOMBSTONE))
-    if "global" in auth_delta.fields:
-        changes.append((auth.global_grant, auth_delta.fields["global"]))
-    for old, node in changes:
+GLOBAL = "*"  # how the global grant is named in refusals and in the comparison below
+
+
+def check_auth_change(before: AuthSettings, after: AuthSettings, held: Permission, pubkey: str) -> None:
+    """Raise :class:`PermissionDeniedError` unless an admin holding ``held`` may turn
+    ``before`` into ``after``.
+
+    The rules, on every grant that differs (added, dropped, or changed in permission,
+    status or name), the global grant included:
+    1. a grant stronger than ``held`` is not touched at all;
+    2. no grant ends stronger than ``held`` (an admin grants at most what it holds);
+    3. an active grant as strong as ``held`` (the writer's own included) is neither dropped,
+       revoked nor weakened: admins of one rank cannot depose each other;
+    4. a database that had an active admin keeps one.
+    """
+    old_grants: dict[str, KeyGrant | None] = {**before.keys, GLOBAL: before.global_grant}
+    new_grants: dict[str, KeyGrant | None] = {**after.keys, GLOBAL: after.global_grant}
+    for name in sorted(old_grants.keys() | new_grants.keys()):
+        old, new = old_grants.get(name), new_grants.get(name)
+        if old == new:
+            continue
+        who = "the global grant" if name == GLOBAL else "a stronger key"
         if old is not None and old.permission.strength > held.strength:
+            raise PermissionDeniedError(f"key {pubkey} ({held}) cannot change {who} ({old.permission})", pubkey=pubkey)
+        if new is not None and new.active and new.permission.strength > held.strength:
+            raise PermissionDeniedError(f"key {pubkey} ({held}) cannot grant {new.permission}", pubkey=pubkey)
+        old_power = _active(old)
+        new_power = _active(new)
+        weakened = new_power is None or (old_power is not None and new_power.strength < old_power.strength)
+        if old_power is not None and old_power.strength >= held.strength and weakened:
+            target = "the global grant" if name == GLOBAL else ("itself" if name == pubkey else f"key {name}")
             raise PermissionDeniedError(
-                f"key {pubkey} ({held}) cannot change a stronger key ({old.permission})", pubkey=pubkey
+                f"key {pubkey} ({held}) cannot drop, revoke or weaken {target} ({old_power}): only a stronger admin may",
+                pubkey=pubkey,
             )
-        new_permission = _permission_in(node)
-        if new_permission is not None and new_permission.strength > held.strength:
-            raise PermissionDeniedError(f"key {pubkey} ({held}) cannot grant {new_permission}", pubkey=pubkey)
+    if _has_admin(before) and not _has_admin(after):
+        raise PermissionDeniedError(
+            f"key {pubkey} ({held}): this change would leave the database without an active admin", pubkey=pubkey
+        )
 
 
-def _permission_in(node: Any) -> Permission | None:
-    if isinstance(node, DocDelta):
-        try:
-            return Permission.parse(node.fields.get("permissions"))
-        except InvalidValueError:
-            return None
-    return None
+def _active(grant: KeyGrant | None) -> Permission | None:
+    return grant.permission if grant is not None and grant.active else None
+
+
+def _has_admin(auth: AuthSettings) -> bool:
+    grants = [*auth.keys.values(), auth.global_grant]
+    return any(grant is not None and grant.active and grant.permission.is_admin for grant in grants)

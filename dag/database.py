@@ -68,13 +68,21 @@ class Database:
             return sorted(self._replica.unverified_tips(self._tree))
         return sorted(self._replica.tips(self._tree))
 
+    def effective_tips(self) -> list[str]:
+        """The tips reads and the next local commit start from: :meth:`tips` less the
+        writes whose signer has lost the right to make them since (``dag/authority.py``).
+        Sync advertises :meth:`tips`, so such entries still reach every replica."""
+        return [cid_to_text(c) for c in sorted(self._replica.effective_tips(self._tree))]
+
     def store_tips(self, store: str) -> list[str]:
         return [cid_to_text(c) for c in sorted(self._replica.tips(self._tree, store))]
 
     def _store_tips(self, store: str, include_unverified: bool = False) -> frozenset[bytes]:
+        """The tips a read of ``store`` starts from: the effective tips (writes by keys
+        revoked since do not show unless someone with rights built on them)."""
         if include_unverified:
             return self._replica.unverified_tips(self._tree, store)
-        return self._replica.tips(self._tree, store)
+        return self._replica.effective_tips(self._tree, store)
 
     # ---- reading stores ---------------------------------------------------------------
 
@@ -83,11 +91,13 @@ class Database:
         if include_unverified:
             cache = StateCache(replica.entry, capacity=4)
             return lambda: cache.state(tree, store, kind, replica.unverified_tips(tree, store))
-        return lambda: replica.states.state(tree, store, kind, replica.tips(tree, store))
+        if store == SETTINGS_STORE:
+            return lambda: replica.current_settings(tree)
+        return lambda: replica.states.state(tree, store, kind, replica.effective_tips(tree, store))
 
     def store_types(self) -> dict[str, str]:
         """Every user store and its type, from `_index`."""
-        index = self._replica.states.state(self._tree, INDEX_STORE, DOC, self._replica.tips(self._tree, INDEX_STORE))
+        index = self._replica.states.state(self._tree, INDEX_STORE, DOC, self._store_tips(INDEX_STORE))
         return {
             name: value["type"]
             for name, value in index.items()

@@ -11,10 +11,22 @@ Invariants:
    signature is valid and its signer is an admin of the settings it creates. A non-root
    entry must pin exactly the `_settings` tips over its parents' closure, so it can neither
    authorize itself with an empty pin nor pick an older, friendlier settings state.
+6. Only what can still become Verified takes disk space. A Failed entry is not stored: its
+   ID goes on storage's bounded ban list, so the same bytes are refused with one lookup and
+   entries depending on it fail without being stored. Unverified entries are bounded per
+   database (``IngestLimits``): past the cap, the new Unverified entries of a batch are
+   not kept (``PutResult.refused``) after the ones that waited longer than the TTL are
+   given up on. Refusing the newcomers rather than evicting the oldest keeps one flood
+   from pushing out entries that are about to verify; the TTL frees the room again, and a
+   peer that holds a refused entry sends it again in a later sync.
+7. A store height override must lie above its store parents' heights and at most at the
+   entry's own height: otherwise one entry could set a store's height out of reach
+   (2^63-1) and every honest entry after it would fail everywhere.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,12 +40,36 @@ from .errors import GarbageEntryError, InvalidValueError, PermissionDeniedError
 from .ids import cid_to_text, join_cids, split_cids
 from .keys import pubkey_to_text
 from .replica import MAIN, Replica
-from .storage.base import EntryMeta, EntryRecord, Status, WriteBatch
+from .storage.base import EntryMeta, EntryRecord, Status, Storage, WriteBatch
 from .verifier import SignatureProcesses
+
+log = logging.getLogger(__name__)
 
 PARALLEL_SIGNATURES_FROM = 64  # below this a thread pool costs more than it saves
 SIGNATURE_CHUNK = 100
 _RESERVED_NAMES = frozenset({SETTINGS_STORE, INDEX_STORE, ROOT_STORE})  # the "_" stores an entry may write
+
+# Unverified entries kept per database. Honest sync sends parents before children, so
+# entries wait only briefly and few at a time (a frame's worth while the one before it is
+# put); anyone who may send entries can make entries that wait forever, so the room is
+# bounded. 10,000 entries is five full answer frames; 64 MiB is what a node may hold of
+# data it cannot read yet, per database (16 maximum-size entries).
+MAX_UNVERIFIED_ENTRIES = 10_000
+MAX_UNVERIFIED_BYTES = 64 * 1024 * 1024
+# An Unverified entry that got no closer to Verified (nothing it waits for arrived) in this
+# long is given up on: what it waits for was never sent. An hour spans many sync rounds
+# (the engine syncs every few seconds to minutes), and a peer holding it sends it again.
+UNVERIFIED_TTL_S = 3600.0
+BANNED_AGAIN = "failed here before (its ID is on the ban list)"
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """How much a database keeps of entries that are not Verified yet (see invariant 6)."""
+
+    max_unverified_entries: int = MAX_UNVERIFIED_ENTRIES
+    max_unverified_bytes: int = MAX_UNVERIFIED_BYTES
+    unverified_ttl_s: float = UNVERIFIED_TTL_S
 
 
 @dataclass
@@ -43,9 +79,12 @@ class PutResult:
     received: int = 0
     duplicates: int = 0
     verified: list[bytes] = field(default_factory=list)  # binary IDs, in the order verified
-    failed: dict[str, str] = field(default_factory=dict)  # entry ID (text) -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # entry ID (text) -> reason; not stored
     unverified: list[bytes] = field(default_factory=list)  # stored, waiting for what they depend on
     trees: set[bytes] = field(default_factory=set)
+    # Would have waited, but the database's room for Unverified entries is full: not
+    # stored (entry ID (text) -> reason). Counted neither in ``unverified`` nor in ``failed``.
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 def _decode_and_check(raws: Sequence[bytes], processes: SignatureProcesses | None) -> tuple[list[Entry], list[bool]]:
@@ -111,9 +150,18 @@ class PreparedEntries:
 class Ingest:
     """One batch of remote entries on its way into storage."""
 
-    def __init__(self, replica: Replica, pool: ThreadPoolExecutor | None) -> None:
+    def __init__(
+        self,
+        replica: Replica,
+        pool: ThreadPoolExecutor | None,
+        *,
+        limits: IngestLimits | None = None,
+        now: float = 0.0,
+    ) -> None:
         self.replica = replica
         self.pool = pool
+        self.limits = limits or IngestLimits()
+        self.now = now
         self.batch = WriteBatch()
         self.result = PutResult()
         self.new: dict[bytes, Entry] = {}  # decoded entries of this batch, not yet stored
@@ -139,12 +187,8 @@ class Ingest:
         unique: dict[bytes, Entry] = {}
         for entry in decoded:
             unique.setdefault(entry.cid, entry)
-        known = self.replica.meta(list(unique))
-        for cid, entry in unique.items():
-            if cid in known:
-                continue
-            self.new[cid] = entry
-        self.result.duplicates = len(decoded) - len(self.new)
+        banned_again = self._sort_known(unique)
+        self.result.duplicates = len(decoded) - len(self.new) - banned_again
         if not self.new:
             return self.result
         replica = self.replica
@@ -167,6 +211,29 @@ class Ingest:
         finally:
             replica.end_overlay(written=written)
         return self.result
+
+    def _sort_known(self, unique: dict[bytes, Entry]) -> int:
+        """Put the entries not held yet in ``self.new``; report banned ones as failed.
+
+        An entry the caches remember as Unverified may have been given up on since (see
+        ``_admit``): storage is asked again, and one that is gone is taken as new.
+        """
+        known = self.replica.meta(list(unique))
+        maybe_gone = [cid for cid, meta in known.items() if meta.status is Status.UNVERIFIED]
+        if maybe_gone:
+            held = self.replica.storage.get_meta(maybe_gone)
+            for cid in maybe_gone:
+                if cid not in held:
+                    del known[cid]
+        banned_again = 0
+        for cid, entry in unique.items():
+            meta = known.get(cid)
+            if meta is None:
+                self.new[cid] = entry
+            elif meta.status is Status.FAILED:
+                self.result.failed[entry.id] = BANNED_AGAIN
+                banned_again += 1
+        return banned_again
 
     # ---- deciding ---------------------------------------------------------------------
 
@@ -242,12 +309,13 @@ class Ingest:
             self.result.verified.append(cid)
         else:
             self.result.failed[entry.id] = reason or "failed"
+            self.batch.banned.append((cid, entry.tree, entry.height))  # not stored: banned
         overlay = self.replica.overlay_meta
         meta = overlay.get(cid) or self.replica.meta_of_held(cid)
         if meta is not None:
             overlay[cid] = EntryMeta(meta.tree, meta.height, status, meta.parents, view)
         if cid not in self.new:  # it waited in storage since an earlier batch: update its row
-            self.batch.statuses[cid] = (status, view)
+            self.batch.statuses[cid] = (status, view)  # (a Failed one's row is deleted)
             self.batch.waits_cleared.append(cid)
         self.result.trees.add(entry.tree)
         return status
@@ -282,6 +350,9 @@ class Ingest:
         valid = self.signatures.get(entry.cid)
         if not (entry.signature_valid() if valid is None else valid):
             return "signature does not verify"
+        for node in entry.stores:
+            if node.height_override is not None and node.height_override > entry.height:
+                return f"store {node.name!r} height {node.height_override} is above the entry's height {entry.height}"
         stores: dict[str, DocDelta | None] = {}
         try:
             for node in entry.stores:
@@ -367,16 +438,147 @@ class Ingest:
 
     def _finish(self) -> None:
         batch = self.batch
-        # New entries carry their final status (kept in the overlay) in the insert itself.
+        decided = self.decided
+        waiting = [entry for cid, entry in self.new.items() if cid not in decided]
+        refused = self._admit(waiting) if waiting else set()
+        # New entries carry their final status (kept in the overlay) in the insert itself;
+        # Failed ones are not stored (they are on batch.banned), nor refused ones.
         overlay = self.replica.overlay_meta
-        batch.entries = [EntryRecord(cid, overlay[cid], entry.raw) for cid, entry in self.new.items()]
-        decided = set(self.decided)
-        batch.waits_added = [w for w in batch.waits_added if w[1] not in decided]
+        kept = [
+            entry
+            for cid, entry in self.new.items()
+            if decided.get(cid, Status.UNVERIFIED) is not Status.FAILED and cid not in refused
+        ]
+        batch.entries = [EntryRecord(entry.cid, overlay[entry.cid], entry.raw) for entry in kept]
+        batch.waits_added = [w for w in batch.waits_added if w[1] not in decided and w[1] not in refused]
+        batch.now = self.now
         for (tree, store), tips in self.tips.items():
             before = self.replica.tips_held(tree, store)
             batch.tips_added.extend((tree, store, cid) for cid in sorted(tips - before))
             batch.tips_removed.extend((tree, store, cid) for cid in sorted(before - tips))
-        self.replica.write(batch, self.new.values())
-        for cid in self.new:
-            if cid not in self.decided:
-                self.result.unverified.append(cid)
+        self.replica.write(batch, kept)
+        for entry in waiting:
+            if entry.cid not in refused:
+                self.result.unverified.append(entry.cid)
+
+    def _admit(self, waiting: list[Entry]) -> set[bytes]:
+        """The new Unverified entries there is no room for (see invariant 6), lowest first kept."""
+        limits = self.limits
+        storage = self.replica.storage
+        by_tree: dict[bytes, list[Entry]] = {}
+        for entry in waiting:
+            by_tree.setdefault(entry.tree, []).append(entry)
+        refused: set[bytes] = set()
+        for tree, entries in by_tree.items():
+            count, size = storage.unverified_usage(tree)
+            wanted = sum(len(entry.raw) for entry in entries)
+            over = count + len(entries) > limits.max_unverified_entries or size + wanted > limits.max_unverified_bytes
+            if over and self._give_up_stale(tree):
+                count, size = storage.unverified_usage(tree)
+            for entry in sorted(entries, key=lambda e: (e.height, e.cid)):
+                if count + 1 > limits.max_unverified_entries or size + len(entry.raw) > limits.max_unverified_bytes:
+                    refused.add(entry.cid)
+                    self.result.refused[entry.id] = (
+                        f"not kept: database {cid_to_text(tree)} holds {count} unverified entries ({size} bytes);"
+                        f" the limit is {limits.max_unverified_entries} entries, {limits.max_unverified_bytes} bytes"
+                    )
+                    continue
+                count += 1
+                size += len(entry.raw)
+        return refused
+
+    def _give_up_stale(self, tree: bytes) -> int:
+        """Remove the tree's Unverified entries that waited past the TTL; how many went."""
+        busy = self.decided.keys() | {child for _blocker, child, _tree in self.batch.waits_added}
+        stale = [
+            cid
+            for cid in self.replica.storage.stale_unverified(tree, self.now - self.limits.unverified_ttl_s)
+            if cid not in busy
+        ]
+        if stale:
+            # A write of its own, before the batch: removing them is right whatever the batch does.
+            self.replica.storage.write(WriteBatch(removed=stale))
+            log.info("gave up on %d unverified entries of %s that waited too long", len(stale), cid_to_text(tree))
+        return len(stale)
+
+
+def purge_stale_unverified(storage: Storage, limits: IngestLimits, now: float) -> int:
+    """Remove every Unverified entry that waited past the TTL (at open, before any cache)."""
+    stale = storage.stale_unverified(None, now - limits.unverified_ttl_s)
+    if stale:
+        storage.write(WriteBatch(removed=stale))
+    return len(stale)
+
+
+def repair_corrupt(storage: Storage, now: float) -> int:
+    """Treat entries whose stored bytes no longer hash to their ID as missing.
+
+    Run when an instance opens, before any cache exists. The corrupt rows are deleted
+    (never banned: the genuine entry may arrive again); everything that depends on them,
+    directly or not, goes back to Unverified and waits for them, and the tips are computed
+    again over what is still Verified. ``Database.missing_entries()`` then names the
+    corrupt entries, and when a peer sends them, the waiting entries verify again as
+    usual. Costs one pass over the affected databases (decoding each entry once), only
+    when something was found corrupt. Returns how many corrupt entries were removed.
+    """
+    removed: set[bytes] = set()
+    while True:
+        corrupt = set(storage.corrupt()) - removed
+        if not corrupt:
+            return len(removed)
+        metas = storage.get_meta(list(corrupt))
+        trees = {meta.tree for meta in metas.values() if meta.status is not Status.FAILED}
+        batch = WriteBatch(removed=sorted(corrupt), now=now)
+        for tree in sorted(trees):
+            _demote_dependants(storage, tree, corrupt | removed, batch)
+        storage.write(batch)
+        log.error("removed %d corrupt entries; what depends on them waits for them again", len(corrupt))
+        removed |= corrupt
+
+
+def _dependencies_of(entry: Entry) -> set[bytes]:
+    deps = {*entry.parents, *entry.settings_tips}
+    for node in entry.stores:
+        deps.update(node.parents)
+    if entry.root is not None:
+        deps.add(entry.root)
+    return deps
+
+
+def _demote_dependants(storage: Storage, tree: bytes, bad: set[bytes], batch: WriteBatch) -> None:
+    """Add to ``batch``: the dependants of ``bad`` back to Unverified, waiting; tips recomputed."""
+    entries: dict[bytes, Entry] = {}
+    for cid, _height, raw in storage.iter_entries(tree, None):  # corrupt rows are skipped
+        if cid not in bad:
+            entries[cid] = decode_entry(raw)
+    statuses = {cid: meta.status for cid, meta in storage.get_meta(list(entries)).items()}
+    deps = {cid: _dependencies_of(entry) for cid, entry in entries.items()}
+    dependants: dict[bytes, list[bytes]] = {}
+    for cid, needs in deps.items():
+        for dep in needs:
+            dependants.setdefault(dep, []).append(cid)
+    demoted: set[bytes] = set()
+    stack = list(bad)
+    while stack:
+        for child in dependants.get(stack.pop(), ()):
+            if child not in demoted:
+                demoted.add(child)
+                stack.append(child)
+    for cid in sorted(demoted):
+        if statuses.get(cid) is Status.VERIFIED:
+            batch.statuses[cid] = (Status.UNVERIFIED, b"")
+        batch.waits_added.extend((dep, cid, tree) for dep in sorted(deps[cid]) if dep in bad or dep in demoted)
+    verified = [cid for cid in entries if statuses.get(cid) is Status.VERIFIED and cid not in demoted]
+    members: dict[str, set[bytes]] = {MAIN: set()}
+    referenced: dict[str, set[bytes]] = {MAIN: set()}
+    for cid in verified:
+        entry = entries[cid]
+        members[MAIN].add(cid)
+        referenced[MAIN].update(entry.parents)
+        for node in entry.stores:
+            members.setdefault(node.name, set()).add(cid)
+            referenced.setdefault(node.name, set()).update(node.parents)
+    tips = {(store, cid) for store, cids in members.items() for cid in cids - referenced[store]}
+    old = set(storage.all_tips(tree))
+    batch.tips_removed.extend((tree, store, cid) for store, cid in sorted(old - tips))
+    batch.tips_added.extend((tree, store, cid) for store, cid in sorted(tips - old))

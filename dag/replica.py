@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .auth import AuthSettings
+from .authority import Authority
 from .entry import SETTINGS_STORE, Entry, decode_entry
 from .ids import join_cids, split_cids
 from .snapshots import StorageSnapshots
@@ -82,6 +83,8 @@ class Replica:
         # Folds start from verified tips, so everything they reach is verified (prefix-closed):
         # they load entries without checking each one's status.
         self.states = StateCache(self.entry, lock=self.lock, snapshots=StorageSnapshots(storage, self._is_verified))
+        # Whose writes still count once revocations are known (dag/authority.py).
+        self.authority = Authority(self.entry_held, self._plain_settings)
         # Entries of a batch being ingested, visible to lookups before the batch is written,
         # so that settings and heights over them are computed from what they really are.
         self.overlay_meta: dict[bytes, EntryMeta] = {}
@@ -93,6 +96,7 @@ class Replica:
         self.overlay_entries.clear()
         if not written:
             self.states.clear()
+            self.authority.clear()
             self._auth.clear()
             self._tips.clear()
 
@@ -234,8 +238,27 @@ class Replica:
                     heapq.heappush(heap, (0, parent))
         return candidates - reached
 
-    def settings_state(self, tree: bytes, pin: frozenset[bytes]) -> dict[str, Any]:
+    def _plain_settings(self, tree: bytes, pin: frozenset[bytes]) -> dict[str, Any]:
         return self.states.state(tree, SETTINGS_STORE, DOC, pin)
+
+    def settings_state(self, tree: bytes, pin: frozenset[bytes]) -> dict[str, Any]:
+        """The `_settings` state at ``pin`` that rights are judged by: the fold, less the
+        settings of admins revoked concurrently with their revocation (dag/authority.py)."""
+        return self.authority.settings(tree, pin)
+
+    @_locked
+    def current_settings(self, tree: bytes) -> dict[str, Any]:
+        """The `_settings` state at the tree's Verified settings tips (read-only)."""
+        return self.authority.settings(tree, self.tips_held(tree, SETTINGS_STORE))
+
+    def effective_tips_held(self, tree: bytes, store: str = MAIN) -> frozenset[bytes]:
+        """The tips reads and new entries start from: the Verified tips less the writes
+        whose signer may no longer make them (dag/authority.py, rule 2)."""
+        settings_tips = self.tips_held(tree, SETTINGS_STORE)
+        auth = self.auth_at_held(tree, settings_tips)
+        return self.authority.tips(tree, store, self.tips_held(tree, store), settings_tips, auth)
+
+    effective_tips = _locked(effective_tips_held)
 
     def auth_at_held(self, tree: bytes, pin: frozenset[bytes]) -> AuthSettings:
         key = (tree, pin)

@@ -140,14 +140,15 @@ def commit_entry(db: Database, deltas: dict[str, bytes], decoded: dict[str, Any]
     """Build, check, sign and store one local entry; nothing is written if any step fails."""
     replica, tree, signer = db._replica, db._tree, db._signer
     with replica.lock:
-        parents = sorted(replica.tips(tree))
+        parents = sorted(replica.effective_tips(tree))  # never on a write whose key was revoked since
         metas = replica.meta(parents)
         height = 1 + max(metas[p].height for p in parents)
         pin = replica.expected_pin(parents)
-        check_write(replica.auth_at(tree, frozenset(pin)), signer.pubkey, decoded)
+        at = frozenset(pin)
+        check_write(replica.settings_state(tree, at), signer.pubkey, decoded, replica.auth_at(tree, at))
         stores: list[tuple[str, list[bytes], bytes | None]] = []
         for name in sorted(deltas):
-            store_parents = list(pin) if name == SETTINGS_STORE else sorted(replica.tips(tree, name))
+            store_parents = list(pin) if name == SETTINGS_STORE else sorted(replica.effective_tips(tree, name))
             stores.append((name, store_parents, deltas[name]))
         entry = build_entry(
             signer=signer, root=tree, parents=parents, height=height, settings_tips=list(pin), stores=stores

@@ -12,6 +12,14 @@ Wire form of a delta (DAG-CBOR): a map per document; a tombstone is the empty by
 string (no value a user can store is bytes); an atomic document carries the reserved key
 ``""`` set to true (users cannot use the empty key: it is not addressable by a dotted
 path). Maps inside lists are plain JSON objects, never documents.
+
+Depth: a document is at most ``MAX_VALUE_DEPTH`` maps and lists deep, counted from the
+document itself (a document holding ``{"a": [1]}`` is 3 deep: the document, the map, the
+list). The same limit holds at every door: a write past it is refused with
+:class:`InvalidValueError`, and a received delta past it does not decode (the entry
+carrying it fails, and a fold skips it). Every node folds the same deltas, so the merged
+state can never be deeper than one delta, and nothing that reads, merges, copies or prints
+a value can run out of stack on what a peer sent.
 """
 
 from __future__ import annotations
@@ -23,6 +31,14 @@ from typing import Any
 from ..errors import InvalidValueError
 
 ATOMIC_KEY = ""
+# 64 levels hold any document people write by hand or generate from JSON (JSON parsers
+# commonly stop at 100-512), while the recursive merge, copy and JSON encoding stay far
+# below Python's stack limit of 1,000 frames (each level costs 1-3 frames).
+MAX_VALUE_DEPTH = 64
+
+
+def _too_deep(where: str) -> InvalidValueError:
+    return InvalidValueError(f"{where}: nested deeper than {MAX_VALUE_DEPTH} levels of maps and lists")
 
 
 class _Tombstone:
@@ -53,8 +69,12 @@ def split_path(path: str) -> list[str]:
     return parts
 
 
-def check_json(value: Any, where: str = "value") -> Any:
-    """A JSON value as stored (tuples become lists); raises on what cannot be stored."""
+def check_json(value: Any, where: str = "value", depth: int = 1) -> Any:
+    """A JSON value as stored (tuples become lists); raises on what cannot be stored.
+
+    ``depth`` is how deep the value sits (1: directly in a document), so that a value
+    past ``MAX_VALUE_DEPTH`` is refused before anything recursive touches it.
+    """
     if value is None or isinstance(value, bool | int | str):
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
             raise InvalidValueError(f"{where}: integer {value} is out of the 64-bit range")
@@ -63,26 +83,54 @@ def check_json(value: Any, where: str = "value") -> Any:
         if not math.isfinite(value):
             raise InvalidValueError(f"{where}: {value} cannot be stored (NaN and infinity are not allowed)")
         return value if value != 0.0 else 0.0  # DAG-CBOR has no negative zero: store what reads back
+    if isinstance(value, list | tuple | dict) and depth > MAX_VALUE_DEPTH:
+        raise _too_deep(where)
     if isinstance(value, list | tuple):
-        return [check_json(item, where) for item in value]
+        return [check_json(item, where, depth + 1) for item in value]
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidValueError(f"{where}: keys must be text, got {key!r}")
-            out[key] = check_json(item, where)
+            out[key] = check_json(item, where, depth + 1)
         return out
     raise InvalidValueError(f"{where}: a {type(value).__name__} cannot be stored")
 
 
-def doc_from_value(value: dict[str, Any], *, atomic: bool) -> DocDelta:
-    """A dict written into a document becomes a nested document delta."""
+def doc_from_value(value: dict[str, Any], *, atomic: bool, depth: int = 1) -> DocDelta:
+    """A dict written into a document becomes a nested document delta.
+
+    ``depth`` is the depth of the new document (1: the document itself).
+    """
+    if depth > MAX_VALUE_DEPTH:
+        raise _too_deep("value")
     delta = DocDelta(atomic=atomic)
     for key, item in value.items():
         if not isinstance(key, str) or key == ATOMIC_KEY:
             raise InvalidValueError(f"document keys are non-empty text, got {key!r}")
-        delta.fields[key] = doc_from_value(item, atomic=False) if isinstance(item, dict) else check_json(item)
+        if isinstance(item, dict):
+            delta.fields[key] = doc_from_value(item, atomic=False, depth=depth + 1)
+        else:
+            delta.fields[key] = check_json(item, "value", depth + 1)
     return delta
+
+
+def delta_depth(delta: DocDelta) -> int:
+    """How deep ``delta`` reaches, counting the document itself as 1 (iterative: any depth)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(delta, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(node, DocDelta):
+            stack.extend(
+                (child, level + 1) for child in node.fields.values() if isinstance(child, DocDelta | list | dict)
+            )
+        elif isinstance(node, list):
+            stack.extend((child, level + 1) for child in node if isinstance(child, list | dict))
+        elif isinstance(node, dict):
+            stack.extend((child, level + 1) for child in node.values() if isinstance(child, list | dict))
+    return deepest
 
 
 def delta_set(delta: DocDelta, parts: list[str], node: Any) -> None:
@@ -162,6 +210,17 @@ def apply_doc_delta(state: dict[str, Any], delta: DocDelta) -> None:
 
 
 def encode_doc_delta(delta: DocDelta) -> dict[str, Any]:
+    """The wire form of ``delta``; raises :class:`InvalidValueError` past ``MAX_VALUE_DEPTH``.
+
+    Writes at dotted paths build a delta one level per segment, so the depth is checked
+    here, on the whole delta a transaction is about to commit.
+    """
+    if delta_depth(delta) > MAX_VALUE_DEPTH:
+        raise _too_deep("value")
+    return _encode_doc_delta(delta)
+
+
+def _encode_doc_delta(delta: DocDelta) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if delta.atomic:
         out[ATOMIC_KEY] = True
@@ -169,26 +228,34 @@ def encode_doc_delta(delta: DocDelta) -> dict[str, Any]:
         if node is TOMBSTONE:
             out[key] = b""
         elif isinstance(node, DocDelta):
-            out[key] = encode_doc_delta(node)
+            out[key] = _encode_doc_delta(node)
         else:
             out[key] = node
     return out
 
 
-def decode_json(value: Any) -> Any:
+def decode_json(value: Any, depth: int = 1) -> Any:
+    """A JSON value from its decoded wire form, ``depth`` deep (1: directly in a document)."""
+    if isinstance(value, list | dict) and depth > MAX_VALUE_DEPTH:
+        raise _too_deep("received value")
     if isinstance(value, list):
-        return [decode_json(item) for item in value]
+        return [decode_json(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        return {key: decode_json(item) for key, item in value.items()}
+        return {key: decode_json(item, depth + 1) for key, item in value.items()}
     if isinstance(value, bytes):
         raise InvalidValueError("bytes inside a list")
     return value
 
 
-def decode_doc_delta(value: Any) -> DocDelta:
-    """Read a delta from its decoded wire form; raises :class:`InvalidValueError`."""
+def decode_doc_delta(value: Any, depth: int = 1) -> DocDelta:
+    """Read a delta from its decoded wire form; raises :class:`InvalidValueError`.
+
+    ``depth`` is the depth of this document (1: the store's document itself).
+    """
     if not isinstance(value, dict):
         raise InvalidValueError("a document delta is a map")
+    if depth > MAX_VALUE_DEPTH:
+        raise _too_deep("received value")
     delta = DocDelta(atomic=value.get(ATOMIC_KEY) is True)
     for key, node in value.items():
         if key == ATOMIC_KEY:
@@ -200,7 +267,7 @@ def decode_doc_delta(value: Any) -> DocDelta:
                 raise InvalidValueError(f"key {key!r} holds bytes")
             delta.fields[key] = TOMBSTONE
         elif isinstance(node, dict):
-            delta.fields[key] = decode_doc_delta(node)
+            delta.fields[key] = decode_doc_delta(node, depth + 1)
         else:
-            delta.fields[key] = decode_json(node)
+            delta.fields[key] = decode_json(node, depth + 1)
     return delta
