@@ -225,7 +225,8 @@ def check_auth_change(before: AuthSettings, after: AuthSettings, held: Permissio
         if old_power is not None and old_power.strength >= held.strength and weakened:
             target = "the global grant" if name == GLOBAL else ("itself" if name == pubkey else f"key {name}")
             raise PermissionDeniedError(
-                f"key {pubkey} ({held}) cannot drop, revoke or weaken {target} ({old_power}): only a stronger admin may",
+                f"key {pubkey} ({held}) cannot drop, revoke or weaken {target} ({old_power}): "
+                "only a stronger admin may",
                 pubkey=pubkey,
             )
     if _has_admin(before) and not _has_admin(after):
