@@ -6,6 +6,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from .entry import ROOT_STORE, SETTINGS_STORE, build_entry
 from .errors import DataDirLockedError, NotFoundError, StorageError
 from .files import make_private_if_present, open_private, private_directory
 from .ids import cid_from_text, cid_to_text, join_cids
-from .ingest import Ingest, PreparedEntries, PutResult
+from .ingest import Ingest, IngestLimits, PreparedEntries, PutResult, purge_stale_unverified, repair_corrupt
 from .keys import SigningKey, load_or_create_key_file
 from .replica import MAIN, Replica
 from .storage.base import EntryMeta, EntryRecord, Status, Storage, WriteBatch
@@ -70,7 +71,18 @@ class Instance:
     ``Instance.in_memory()`` is the same with nothing on disk.
     """
 
-    def __init__(self, storage: Storage, device_key: SigningKey, *, lock: IO[Any] | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        device_key: SigningKey,
+        *,
+        lock: IO[Any] | None = None,
+        limits: IngestLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._limits = limits or IngestLimits()
+        self._clock = clock
+        _check_storage(storage, self._limits, clock())  # before any cache over it exists
         self._replica = Replica(storage)
         self._device_key = device_key
         self._lock = lock
@@ -84,7 +96,14 @@ class Instance:
     # ---- opening and closing -----------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, synchronous: str = "full") -> Instance:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "full",
+        limits: IngestLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Instance:
         """Open (or create) the data directory at ``path``."""
         directory = Path(path)
         try:
@@ -99,14 +118,17 @@ class Instance:
         except OSError:
             lock.close()
             raise DataDirLockedError(f"data directory {directory} is in use by another process") from None
+        storage: SqliteStorage | None = None
         try:
             key = load_or_create_key_file(directory / KEY_FILE)
             _private_database_files(directory / DB_FILE)
             storage = SqliteStorage(directory / DB_FILE, synchronous=synchronous)
+            return cls(storage, key, lock=lock, limits=limits, clock=clock)
         except BaseException:
+            if storage is not None:
+                storage.close()
             lock.close()
             raise
-        return cls(storage, key, lock=lock)
 
     @classmethod
     def in_memory(cls, device_key: SigningKey | None = None) -> Instance:
@@ -270,12 +292,17 @@ class Instance:
         if not isinstance(entries, PreparedEntries):
             entries = PreparedEntries(list(entries), pool, self._processes)
         with self._replica.lock:
-            ingest = Ingest(self._replica, pool)
+            ingest = Ingest(self._replica, pool, limits=self._limits, now=self._clock())
             result = ingest.run(entries, database_id)
             after = {tree: self._replica.tips(tree) for tree in ingest.tips_before}
         for tree, before in ingest.tips_before.items():
             self._notify(tree, before, after[tree], local=False)
         return result
+
+    def unverified_usage(self, database_id: bytes) -> tuple[int, int]:
+        """How many Unverified entries of a database are stored, and their bytes."""
+        with self._replica.lock:
+            return self._replica.storage.unverified_usage(database_id)
 
     # ---- write callbacks ----------------------------------------------------------------
 
@@ -300,3 +327,24 @@ class Instance:
                 callback(db, tips_before, tips_after, local)
             except Exception:  # a callback can never undo or break a commit
                 log.exception("write callback %r failed", callback)
+
+
+def _check_storage(storage: Storage, limits: IngestLimits, now: float) -> None:
+    """What opening does to storage before use: hash recent entries, repair, give up stale waits.
+
+    Entries found corrupt (by this check, or by a read in an earlier run) are removed and
+    what depends on them waits for them again; Unverified entries that waited past the
+    TTL are removed (a peer that holds them sends them again).
+    """
+    started = time.perf_counter()
+    checked = storage.check_ids()
+    repaired = repair_corrupt(storage, now)
+    purged = purge_stale_unverified(storage, limits, now)
+    if checked or repaired or purged:
+        log.info(
+            "storage checked at open: %d entries hashed, %d corrupt removed, %d stale unverified removed (%.0f ms)",
+            checked,
+            repaired,
+            purged,
+            1000 * (time.perf_counter() - started),
+        )

@@ -6,6 +6,10 @@ with any change to folding or to the CRDTs, and states saved under another are i
 A state is only used when all its tips are Verified here. It is kept in msgpack, which
 keeps the order of keys (so rows and keys come back in the order the fold made them), and
 a state that does not come back exactly as it went in is not saved at all.
+
+A saved state is served as Verified data without replaying anything, so its bytes are
+checked: they are stored after their BLAKE3 hash, and a state whose bytes do not match (a
+flipped bit on disk, a partial write) is ignored and the store folded from its history.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import blake3
 import msgpack
 
 from .ids import is_cid
@@ -21,9 +26,10 @@ from .storage.base import Storage
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # raise with any change to how states are folded
+FORMAT = 2  # raise with any change to how states are folded or saved (2: checksummed)
 PREFIX = "state/"
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
+_DIGEST_BYTES = 32  # BLAKE3-256 of the msgpack bytes, stored in front of them
 
 
 class StorageSnapshots:
@@ -36,8 +42,12 @@ class StorageSnapshots:
         return f"{PREFIX}v{FORMAT}/{tree.hex()}/{kind}/{store}"
 
     def load(self, tree: bytes, store: str, kind: str) -> tuple[frozenset[bytes], dict[str, Any]] | None:
-        raw = self._storage.get_value(self._key(tree, store, kind))
-        if raw is None:
+        saved = self._storage.get_value(self._key(tree, store, kind))
+        if saved is None:
+            return None
+        digest, raw = saved[:_DIGEST_BYTES], saved[_DIGEST_BYTES:]
+        if blake3.blake3(raw).digest() != digest:
+            log.warning("saved state of %s/%s is damaged (checksum); folding from the history", tree.hex(), store)
             return None
         try:
             value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
@@ -60,4 +70,4 @@ class StorageSnapshots:
                 return
         except (ValueError, TypeError, OverflowError, RecursionError):
             return
-        self._storage.set_value(self._key(tree, store, kind), raw)
+        self._storage.set_value(self._key(tree, store, kind), blake3.blake3(raw).digest() + raw)

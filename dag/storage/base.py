@@ -7,9 +7,19 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple, Protocol
 
+# A Failed entry is not stored: only its ID is kept, in a ban list, so that the same bytes
+# are refused at the cost of one lookup and entries depending on it fail without being
+# stored. Bounded because anyone who may send entries can make Failed ones: 65,536 IDs
+# are ~6 MiB on disk (ID, tree, height, index), the oldest leave first. An ID that left
+# the list is only re-verified (and banned again) if it comes back: never accepted.
+MAX_BANNED = 65_536
+
 
 class Status(IntEnum):
-    """Where an entry stands. Only local verification moves an entry out of UNVERIFIED."""
+    """Where an entry stands. Only local verification moves an entry out of UNVERIFIED.
+
+    FAILED entries are not stored; storage answers FAILED for the IDs on its ban list.
+    """
 
     UNVERIFIED = 0
     VERIFIED = 1
@@ -44,7 +54,11 @@ class WriteBatch:
 
     ``tips_*`` rows are ``(tree, store, cid)`` with store ``""`` for the main DAG;
     ``waits_added`` rows are ``(blocker, child, tree)``: ``child`` cannot be verified
-    before ``blocker`` is.
+    before ``blocker`` is; they are stamped with ``now`` (seconds), which dates how long
+    an Unverified entry has waited. ``banned`` rows are ``(cid, tree, height)`` of Failed
+    entries: any stored row of theirs is deleted and the ID goes on the ban list.
+    ``removed`` entries are deleted outright (an Unverified entry given up on, or one
+    whose bytes were found corrupt): they may arrive again.
     """
 
     entries: list[EntryRecord] = field(default_factory=list)
@@ -54,9 +68,20 @@ class WriteBatch:
     waits_added: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
     waits_cleared: list[bytes] = field(default_factory=list)
     trees_added: list[bytes] = field(default_factory=list)
+    banned: list[tuple[bytes, bytes, int]] = field(default_factory=list)
+    removed: list[bytes] = field(default_factory=list)
+    now: float = 0.0
 
     def __bool__(self) -> bool:
-        return bool(self.entries or self.statuses or self.tips_added or self.tips_removed or self.waits_added)
+        return bool(
+            self.entries
+            or self.statuses
+            or self.tips_added
+            or self.tips_removed
+            or self.waits_added
+            or self.banned
+            or self.removed
+        )
 
 
 class Storage(Protocol):
@@ -81,13 +106,37 @@ class Storage(Protocol):
 
     def tips(self, tree: bytes, store: str) -> list[bytes]: ...
 
+    def all_tips(self, tree: bytes) -> list[tuple[str, bytes]]:
+        """Every ``(store, cid)`` tip row of a tree (store ``""``: the main DAG)."""
+        ...
+
     def trees(self) -> list[bytes]: ...
 
     def iter_entries(self, tree: bytes, status: Status | None) -> Iterator[tuple[bytes, int, bytes]]:
         """``(cid, height, raw)`` of a tree's entries in (height, cid) order."""
         ...
 
-    def status_counts(self, tree: bytes) -> dict[Status, int]: ...
+    def status_counts(self, tree: bytes) -> dict[Status, int]:
+        """Stored entries by status; FAILED counts the tree's IDs on the ban list."""
+        ...
+
+    def unverified_usage(self, tree: bytes) -> tuple[int, int]:
+        """How many Unverified entries of ``tree`` are stored, and their bytes."""
+        ...
+
+    def stale_unverified(self, tree: bytes | None, waited_since: float) -> list[bytes]:
+        """Unverified entries (of ``tree``, or of all trees) whose every wait is older than
+        ``waited_since``: they made no progress since then."""
+        ...
+
+    def corrupt(self) -> list[bytes]:
+        """IDs whose stored bytes did not hash to them when read (this run or an earlier
+        one, until a write removes them): reads treat them as missing."""
+        ...
+
+    def check_ids(self) -> int:
+        """Hash the stored bytes of entries not checked before; returns how many were checked."""
+        ...
 
     def has_waits(self) -> bool:
         """Whether any stored entry waits for another (cheap: lets ingest skip the lookups)."""

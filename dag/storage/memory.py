@@ -5,15 +5,20 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Iterator
 
-from .base import EntryMeta, Status, WriteBatch
+from .base import MAX_BANNED, EntryMeta, Status, WriteBatch
 
 
 class MemoryStorage:
-    def __init__(self) -> None:
+    """Nothing here reaches a disk, so stored bytes are not re-hashed on read."""
+
+    def __init__(self, *, max_banned: int = MAX_BANNED) -> None:
         self._meta: dict[bytes, EntryMeta] = {}
         self._raw: dict[bytes, bytes] = {}
         self._tips: dict[tuple[bytes, str], set[bytes]] = defaultdict(set)
         self._waits: dict[bytes, dict[bytes, bytes]] = defaultdict(dict)  # blocker -> child -> tree
+        self._waited: dict[bytes, float] = {}  # child -> when it last got a new wait
+        self._banned: dict[bytes, EntryMeta] = {}  # insertion order: oldest first
+        self._max_banned = max_banned
         self._trees: list[bytes] = []
         self._values: dict[str, bytes] = {}
 
@@ -21,7 +26,10 @@ class MemoryStorage:
         return self._raw.get(cid)
 
     def get_meta(self, cids: Collection[bytes]) -> dict[bytes, EntryMeta]:
-        return {cid: self._meta[cid] for cid in cids if cid in self._meta}
+        found = {cid: self._meta[cid] for cid in cids if cid in self._meta}
+        if self._banned and len(found) < len(cids):
+            found.update((cid, self._banned[cid]) for cid in cids if cid in self._banned)
+        return found
 
     def get_raws(self, cids: Collection[bytes]) -> dict[bytes, bytes]:
         return {cid: self._raw[cid] for cid in cids if cid in self._raw}
@@ -43,6 +51,9 @@ class MemoryStorage:
     def tips(self, tree: bytes, store: str) -> list[bytes]:
         return sorted(self._tips.get((tree, store), ()))
 
+    def all_tips(self, tree: bytes) -> list[tuple[str, bytes]]:
+        return sorted((store, cid) for (t, store), cids in self._tips.items() if t == tree for cid in cids)
+
     def trees(self) -> list[bytes]:
         return list(self._trees)
 
@@ -60,7 +71,31 @@ class MemoryStorage:
         for meta in self._meta.values():
             if meta.tree == tree:
                 counts[meta.status] += 1
+        counts[Status.FAILED] += sum(1 for meta in self._banned.values() if meta.tree == tree)
         return counts
+
+    def unverified_usage(self, tree: bytes) -> tuple[int, int]:
+        sizes = [
+            len(self._raw[cid])
+            for cid, meta in self._meta.items()
+            if meta.tree == tree and meta.status is Status.UNVERIFIED
+        ]
+        return len(sizes), sum(sizes)
+
+    def stale_unverified(self, tree: bytes | None, waited_since: float) -> list[bytes]:
+        return sorted(
+            cid
+            for cid, meta in self._meta.items()
+            if meta.status is Status.UNVERIFIED
+            and (tree is None or meta.tree == tree)
+            and self._waited.get(cid, 0.0) < waited_since
+        )
+
+    def corrupt(self) -> list[bytes]:
+        return []
+
+    def check_ids(self) -> int:
+        return 0
 
     def has_waits(self) -> bool:
         return any(self._waits.values())
@@ -91,8 +126,26 @@ class MemoryStorage:
             for children in self._waits.values():
                 for child in cleared & children.keys():
                     del children[child]
+            for child in cleared:
+                self._waited.pop(child, None)
         for blocker, child, tree in batch.waits_added:
-            self._waits[blocker][child] = tree
+            if child not in self._waits[blocker]:
+                self._waits[blocker][child] = tree
+                self._waited[child] = batch.now
+        gone = [cid for cid, _tree, _height in batch.banned] + batch.removed
+        if gone:
+            for cid in gone:
+                self._meta.pop(cid, None)
+                self._raw.pop(cid, None)
+                self._waited.pop(cid, None)
+            dropped = set(gone)
+            for children in self._waits.values():
+                for child in dropped & children.keys():
+                    del children[child]
+        for cid, tree, height in batch.banned:
+            self._banned.setdefault(cid, EntryMeta(tree, height, Status.FAILED, b"", b""))
+        while len(self._banned) > self._max_banned:
+            del self._banned[next(iter(self._banned))]
         for tree in batch.trees_added:
             if tree not in self._trees:
                 self._trees.append(tree)
