@@ -12,6 +12,11 @@ Engine invariants:
    then it waits for the next commit or period.
 3. A failure concerns one peer: it never stops the others or the engine.
 4. Every outcome moves the peer's cursor (on success) and adds one bounded history row.
+5. The engine dials only peers the local side chose: ones it connected to, joined from,
+   that were registered (``register_sync_peer``, ``state.relate``), or whose key an admin
+   named in the database's settings. A peer that only read from us is a *served*
+   relationship: recorded, never dialled, pushed to or scheduled, whatever address it
+   announced (announced addresses are hints, at most ``MAX_PEER_ADDRESSES`` per peer).
 """
 
 from __future__ import annotations
@@ -36,10 +41,10 @@ from .errors import (
     TransportError,
     UnreachableError,
 )
-from .handler import Offload, SyncHandler
+from .handler import CHALLENGE_TTL_MS, Offload, SyncHandler, UnverifiedBudget
 from .messages import Message
 from .peer import ExchangeResult, PeerHello, handshake, sync_database
-from .state import DEFAULT_INTERVAL_S, AccessRequest, PeerRecord, SyncState
+from .state import DEFAULT_INTERVAL_S, AccessRequest, PeerRecord, Relationship, SyncState
 from .ticket import Ticket
 from .transport import Address, BackgroundTransport, RequestContext, TaskStatus, Transport
 
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 64
 COMMAND_BUFFER = 10_000
+HOUSEKEEPING_S = CHALLENGE_TTL_MS / 2000  # expired pending handshakes go within half their lifetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +146,7 @@ class Sync:
         self._closed = False
         name = config.display_name or self.state.get_setting("display_name") or instance.device_id[8:20]
         self.display_name = str(name)
+        self.budget = UnverifiedBudget(instance)  # one per node: a peer's pushes and answers share it
         self.handler = SyncHandler(
             instance,
             self.state,
@@ -147,8 +154,8 @@ class Sync:
             now_ms=now_ms,
             addresses=self.listen_addresses,
             offload=offload,
-            on_peer=self._on_peer,
             on_exchange=self._on_exchange,
+            budget=self.budget,
         )
         self._callback = instance.on_write(self._on_write)
 
@@ -177,7 +184,7 @@ class Sync:
             # Resume: every relationship kept in _sync whose peer this transport reaches.
             for relation in self.state.relationships():
                 peer = self.state.peer(relation.peer)
-                if peer is not None and any(a.transport == name for a in peer.addresses):
+                if self._dialled(relation) and peer is not None and any(a.transport == name for a in peer.addresses):
                     self.schedule(relation.peer, relation.db)
 
     async def accept_connections(self) -> None:
@@ -319,6 +326,7 @@ class Sync:
             self._nursery = nursery
             self._token = trio.lowlevel.current_trio_token()
             nursery.start_soon(self._periodic)
+            nursery.start_soon(self._housekeeping)
             task_status.started()
             async for command, argument in self._commands_out:
                 if self._closed:
@@ -326,7 +334,7 @@ class Sync:
                 if command == "write":
                     self._writes_queued.discard(argument)
                     for relation in self.state.relationships(argument):
-                        if relation.on_commit:
+                        if relation.on_commit and self._dialled(relation):
                             self.schedule(relation.peer, argument, pull=False)
 
     def _on_write(self, db: Database, _before: list[str], _after: list[str], _local: bool) -> None:
@@ -353,13 +361,40 @@ class Sync:
             return
         self._writes_queued.add(db_id)
 
-    def _on_peer(self, pubkey: str, display_name: str, addresses: list[Address]) -> None:
-        self.state.upsert_peer(pubkey, display_name=display_name, addresses=addresses, seen_ms=self._now_ms())
-
     def _on_exchange(self, db: Database, peer: str, common: list[bytes]) -> None:
-        """The handler served ``peer``: it now holds ``common``; keep that as our cursor too."""
-        self.state.ensure_related(db.id, peer, interval_s=self.config.default_interval_s)
+        """The handler served ``peer`` a read it may make: it now holds ``common``.
+
+        This is the first point a peer that came to us is written to ``_sync``: as a served
+        relationship (never dialled), with what its handshake said, and only while fewer
+        than ``MAX_SERVED_PEERS`` readers are recorded (past that it is served unrecorded).
+        """
+        if not self.state.may_record_served(peer):
+            return
+        if self.state.peer(peer) is None:
+            hello = self.handler.hello_of(peer)
+            self.state.upsert_peer(
+                peer,
+                display_name=hello.display_name if hello else None,
+                addresses=hello.addresses if hello else (),
+                seen_ms=self._now_ms(),
+            )
+        self.state.ensure_related(db.id, peer, interval_s=self.config.default_interval_s, served=True)
         self.state.record_sync(db.id, peer, now_ms=self._now_ms(), common=common, sent=0, received=0, error=None)
+
+    def _dialled(self, relation: Relationship) -> bool:
+        """Whether the engine initiates exchanges for this relationship.
+
+        Yes for one the local side made (connect, join, register, relate). A served one (the
+        peer read from us) only once an admin named the peer's key in that database's
+        settings (say, by approving its access request): that is the local side's choice too.
+        """
+        if not relation.served:
+            return True
+        try:
+            db = self.instance.open_database(relation.db)
+            return db.settings().auth().permission_of(relation.peer) is not None
+        except Exception:  # unreadable settings: no reason to dial, so do not
+            return False
 
     def schedule(self, peer: str, db_id: str, delay_s: float = 0.0, *, pull: bool = True) -> None:
         """Sync ``db_id`` with ``peer`` after ``delay_s`` (sooner if already due).
@@ -427,10 +462,18 @@ class Sync:
             return await self._exchange(peer, db_id, raise_errors=raise_errors, push_only=push_only)
 
     async def _exchange(self, peer: str, db_id: str, *, raise_errors: bool, push_only: bool) -> bool:
+        relation = next((r for r in self.state.relationships(db_id) if r.peer == peer), None)
+        if relation is not None and not self._dialled(relation):
+            # A peer that only read from us: its addresses are its own claims, so they are
+            # never dialled (that would let anyone aim this node at any host). It syncs itself.
+            refused = SyncError(f"peer {peer} only reads {db_id} from this node; it is not dialled (it syncs itself)")
+            if raise_errors:
+                raise refused
+            log.info("%s", refused)
+            return True
         record = self.state.peer(peer)
         addresses = list(record.addresses) if record else []
         addresses += [a for a, key in self._peers_by_address.items() if key == peer and a not in addresses]
-        relation = next((r for r in self.state.relationships(db_id) if r.peer == peer), None)
         access = relation.access if relation else None
         cursor = self.state.cursor(db_id, peer)
         error: Exception | None = None
@@ -450,6 +493,7 @@ class Sync:
                         now_ms=self._now_ms,
                         offload=self._offload,
                         push_only=push_only,
+                        budget=self.budget,
                     )
             except trio.TooSlowError as exc:
                 error = TransportError(f"{address}: no answer in {self.config.request_timeout_s:g} s")
@@ -491,6 +535,8 @@ class Sync:
             now = trio.current_time()
             next_due = now + self.config.default_interval_s
             for relation in self.state.relationships():
+                if not self._dialled(relation):
+                    continue
                 key = (relation.db, relation.peer)
                 due = last.setdefault(key, now) + relation.interval_s
                 if due <= now:
@@ -499,6 +545,12 @@ class Sync:
                     due = now + relation.interval_s
                 next_due = min(next_due, due)
             await trio.sleep(max(0.0, next_due - now))
+
+    async def _housekeeping(self) -> None:
+        """Let go of what strangers left behind (expired pending handshakes), on a timer."""
+        while True:
+            await trio.sleep(HOUSEKEEPING_S)
+            self.handler.expire()
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Wait until nothing is due now and no sync is running (retries later are not waited for)."""

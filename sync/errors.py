@@ -15,6 +15,9 @@ SyncError                       base of everything raised by ``sync``
 │   ├── ReplayedRequestError    the signed request's nonce was already used
 │   ├── AccessPendingError      our access request waits for an admin
 │   └── AccessRejectedError     an admin rejected our access request
+├── LimitError                  a bound was reached: the request is refused and nothing is stored
+│   ├── BusyError               a bound of the whole node (pending access requests, nonces): later
+│   └── OverBudgetError         the requester's own bound (its requests, its Unverified entries)
 ├── PeerError                   the peer answered with an Error we have no class for
 ├── NotServedError              the peer does not hold (or serve) that database
 └── TicketError                 a ticket that cannot be used
@@ -93,6 +96,24 @@ class AccessRejectedError(AccessError):
     code = "rejected"
 
 
+class LimitError(SyncError):
+    """A resource bound was reached; the request was refused whole (nothing was stored)."""
+
+    code = "limit"
+
+
+class BusyError(LimitError):
+    """A bound of the whole node is reached (say, pending access requests); ask again later."""
+
+    code = "busy"
+
+
+class OverBudgetError(LimitError):
+    """The requester is over its own bound (access requests waiting, entries it left Unverified)."""
+
+    code = "over-budget"
+
+
 class PeerError(SyncError):
     """An ``Error`` answer whose code has no class of its own here."""
 
@@ -120,6 +141,9 @@ ERRORS_BY_CODE: dict[str, type[SyncError]] = {
         ReplayedRequestError,
         AccessPendingError,
         AccessRejectedError,
+        LimitError,
+        BusyError,
+        OverBudgetError,
         NotServedError,
     )
 }

@@ -6,6 +6,12 @@ Invariants:
    a key with Read or better, or when its global permission covers the request.
 3. Failed entries are never served: answers are built from the Verified frontier only.
 4. ``_sync`` is never served.
+5. A stranger gets bounded resources: pending handshakes are bounded in number and bytes,
+   per source and in total, and expire; nothing is written to ``_sync`` for a peer that
+   only handshook or was refused (``on_exchange`` fires only after a proven, allowed read);
+   what one peer leaves stored Unverified is bounded (``UnverifiedBudget``).
+6. A handshake never fails because of one database's content: a database whose settings
+   cannot be read is offered as private, and logged once.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dag import DagError, Database, Instance, NotFoundError, Permission, SigningKey, Status, cid_to_text
 from dag.errors import InvalidValueError
+from dag.ids import cid_of
+from dag.ingest import PutResult
 
 from . import proofs
 from .errors import (
@@ -26,12 +35,14 @@ from .errors import (
     AccessRejectedError,
     MalformedMessageError,
     NotServedError,
+    OverBudgetError,
     SyncError,
     UnauthorizedError,
     VersionMismatchError,
 )
 from .messages import (
     CHALLENGE_BYTES,
+    MAX_LIST,
     PROTOCOL_VERSION,
     Ack,
     Bootstrap,
@@ -49,7 +60,7 @@ from .messages import (
     error_for,
 )
 from .reconcile import entries_for
-from .state import APPROVED, REJECTED, SyncState
+from .state import APPROVED, MAX_ADDRESS_CHARS, MAX_DISPLAY_NAME, MAX_PEER_ADDRESSES, REJECTED, SyncState
 from .transport import Address, RequestContext
 
 log = logging.getLogger(__name__)
@@ -59,7 +70,27 @@ ANSWER_BATCH_ENTRIES = 2_000  # entries per answer frame: bounds memory on both 
 # verifying after a few milliseconds instead of after a whole frame was read, sent and decoded.
 FIRST_FRAME_ENTRIES = 250
 ANSWER_BATCH_BYTES = 4 * 1024 * 1024
-CHALLENGE_TTL_MS = 60_000
+CHALLENGE_TTL_MS = 60_000  # a handshake is one round trip; a minute covers any link that works at all
+# Pending handshakes (counter challenges issued, not yet confirmed). Each keeps only a
+# trimmed hello (a key, a short name, MAX_PEER_ADDRESSES short addresses: ~1-9 KB), never
+# the message as it came. A legitimate peer has one in flight for one round trip, so 8 per
+# source (connection, or peer ID on libp2p) is plenty, and 1,024 in all serves a thousand
+# peers joining within the same minute; past a bound the oldest pending one is dropped.
+MAX_PENDING_HANDSHAKES = 1_024
+MAX_PENDING_HANDSHAKES_PER_SOURCE = 8
+MAX_PENDING_HANDSHAKE_BYTES = 2 * 1024 * 1024
+# Confirmed peers remembered (in memory only) so that, if one later reads a database, its
+# record gets its name and addresses; a handshake alone writes nothing persistent.
+MAX_RECENT_HELLOS = 1_024
+# What one peer may leave stored Unverified (entries waiting for parents). An honest peer
+# sends parents first, so only part of one batch (<= 10,000 entries, one frame of <= 16 MiB)
+# is ever waiting; twice that is headroom. Past it the peer's requests with entries get
+# Error(over-budget) until what it left settles. The number of peers tracked is bounded too;
+# keys are free, so dag's per-database bound is what bounds the total.
+MAX_UNVERIFIED_PER_PEER = 20_000
+MAX_UNVERIFIED_BYTES_PER_PEER = 64 * 1024 * 1024
+MAX_BUDGET_PEERS = 4_096
+MAX_UNREADABLE_LOGGED = 1_024  # databases whose unreadable settings were logged (each once)
 
 T = TypeVar("T")
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
@@ -78,6 +109,169 @@ class ServeStats:
     entries_received: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """What a handshake said about a peer, trimmed to what is kept (bounded)."""
+
+    device_key: str
+    display_name: str
+    addresses: tuple[Address, ...]
+
+    @classmethod
+    def trimmed(cls, message: Handshake) -> Hello:
+        addresses: list[Address] = []
+        for transport, address in message.addresses:
+            if len(addresses) == MAX_PEER_ADDRESSES:
+                break
+            if len(address) <= MAX_ADDRESS_CHARS and Address(transport, address) not in addresses:
+                addresses.append(Address(transport, address))
+        return cls(message.device_key, message.display_name[:MAX_DISPLAY_NAME], tuple(addresses))
+
+    def size(self) -> int:
+        """Bytes this hello holds, roughly (what the byte bound counts)."""
+        return 200 + len(self.device_key) + len(self.display_name) + sum(64 + len(str(a)) for a in self.addresses)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    issued_ms: int
+    source: str
+    hello: Hello
+    size: int
+
+
+class PendingHandshakes:
+    """Counter challenges issued and not yet confirmed.
+
+    Bounded in number and bytes, per source and in total (the oldest goes first), and
+    expiring after ``ttl_ms``: every call drops what expired, oldest first, so the memory
+    comes back once a flood stops (``expire`` is also called by the engine's housekeeping).
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl_ms: int = CHALLENGE_TTL_MS,
+        max_total: int = MAX_PENDING_HANDSHAKES,
+        max_per_source: int = MAX_PENDING_HANDSHAKES_PER_SOURCE,
+        max_bytes: int = MAX_PENDING_HANDSHAKE_BYTES,
+    ) -> None:
+        self._ttl_ms = ttl_ms
+        self._max_total = max_total
+        self._max_per_source = max_per_source
+        self._max_bytes = max_bytes
+        self._items: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._by_source: dict[str, list[bytes]] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, challenge: bytes, source: str, hello: Hello, now_ms: int) -> None:
+        self.expire(now_ms)
+        mine = self._by_source.get(source, [])
+        while len(mine) >= self._max_per_source:
+            self._drop(mine[0])
+        pending = _Pending(now_ms, source, hello, hello.size())
+        while self._items and (len(self._items) >= self._max_total or self.bytes + pending.size > self._max_bytes):
+            self._drop(next(iter(self._items)))
+        self._items[challenge] = pending
+        self._by_source.setdefault(source, []).append(challenge)
+        self.bytes += pending.size
+
+    def take(self, challenge: bytes, now_ms: int) -> Hello | None:
+        """The hello a challenge was issued for (once), or None if unknown or expired."""
+        self.expire(now_ms)
+        pending = self._items.get(challenge)
+        if pending is None:
+            return None
+        self._drop(challenge)
+        return pending.hello
+
+    def expire(self, now_ms: int) -> None:
+        while self._items:
+            challenge, pending = next(iter(self._items.items()))
+            if pending.issued_ms > now_ms - self._ttl_ms:
+                return
+            self._drop(challenge)
+
+    def _drop(self, challenge: bytes) -> None:
+        pending = self._items.pop(challenge)
+        self.bytes -= pending.size
+        mine = self._by_source[pending.source]
+        mine.remove(challenge)
+        if not mine:
+            del self._by_source[pending.source]
+
+
+class UnverifiedBudget:
+    """What each peer has left stored Unverified here, bounded per peer.
+
+    ``check`` before storing a peer's entries (it first forgets those that have settled
+    since); ``add`` what a put left Unverified. Peers are tracked in LRU order, at most
+    ``max_peers``. Shared by the serving side (pushes) and the asking side (answers).
+    """
+
+    def __init__(
+        self,
+        instance: Instance,
+        *,
+        max_entries: int = MAX_UNVERIFIED_PER_PEER,
+        max_bytes: int = MAX_UNVERIFIED_BYTES_PER_PEER,
+        max_peers: int = MAX_BUDGET_PEERS,
+    ) -> None:
+        self._instance = instance
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._max_peers = max_peers
+        self._held: OrderedDict[str, dict[bytes, tuple[bytes, int]]] = OrderedDict()  # peer -> cid -> (db, size)
+
+    def held(self, peer: str) -> tuple[int, int]:
+        """(entries, bytes) the peer is charged with."""
+        held = self._held.get(peer, {})
+        return len(held), sum(size for _db, size in held.values())
+
+    def check(self, peer: str, entries: int, size: int) -> None:
+        """Raise ``OverBudgetError`` unless ``entries`` more (``size`` bytes) fit in the peer's budget."""
+        count, held_bytes = self.held(peer)
+        if count + entries <= self.max_entries and held_bytes + size <= self.max_bytes:
+            return
+        self._settle(peer)
+        count, held_bytes = self.held(peer)
+        if count + entries > self.max_entries or held_bytes + size > self.max_bytes:
+            raise OverBudgetError(
+                f"{count} entries ({held_bytes // 1024} KiB) from {peer} wait here Unverified; the limit is "
+                f"{self.max_entries} entries or {self.max_bytes // (1024 * 1024)} MiB: send their parents first"
+            )
+
+    def add(self, peer: str, db: bytes, result: PutResult, raws: Sequence[bytes]) -> None:
+        if not result.unverified:
+            return
+        sizes = {cid_of(raw): len(raw) for raw in raws}
+        held = self._held.setdefault(peer, {})
+        self._held.move_to_end(peer)
+        for cid in result.unverified:
+            held[cid] = (db, sizes.get(cid, 0))
+        while len(self._held) > self._max_peers:
+            self._held.popitem(last=False)
+
+    def _settle(self, peer: str) -> None:
+        """Forget the peer's entries that are no longer Unverified (their parents came)."""
+        held = self._held.get(peer)
+        if not held:
+            return
+        databases: dict[bytes, Database | None] = {}
+        for cid, (db_cid, _size) in list(held.items()):
+            if db_cid not in databases:
+                present = self._instance.has_database(db_cid)
+                databases[db_cid] = self._instance.open_database(db_cid) if present else None
+            db = databases[db_cid]
+            if db is None or db.status_of(cid) is not Status.UNVERIFIED:
+                del held[cid]
+        if not held:
+            del self._held[peer]
+
+
 class SyncHandler:
     def __init__(
         self,
@@ -88,8 +282,8 @@ class SyncHandler:
         now_ms: Callable[[], int],
         addresses: Callable[[], list[Address]],
         offload: Offload[Any],
-        on_peer: Callable[[str, str, list[Address]], None] | None = None,
         on_exchange: Callable[[Database, str, list[bytes]], None] | None = None,
+        budget: UnverifiedBudget | None = None,
     ) -> None:
         self._instance = instance
         self._key: SigningKey = instance.device_key
@@ -98,11 +292,21 @@ class SyncHandler:
         self._now_ms = now_ms
         self._addresses = addresses
         self._offload = offload
-        self._on_peer = on_peer
         self._on_exchange = on_exchange
-        self._guard = proofs.ReplayGuard()
-        self._challenges: dict[bytes, tuple[int, Handshake]] = {}
+        self._guard = proofs.ReplayGuard(started_ms=now_ms())
+        self.pending = PendingHandshakes()
+        self._hellos: OrderedDict[str, Hello] = OrderedDict()  # confirmed peers, LRU, in memory only
+        self.budget = budget or UnverifiedBudget(instance)
+        self._unreadable_logged: set[str] = set()
         self.stats = ServeStats()
+
+    def hello_of(self, pubkey: str) -> Hello | None:
+        """What a recently confirmed handshake of ``pubkey`` said (name, addresses), if remembered."""
+        return self._hellos.get(pubkey)
+
+    def expire(self) -> None:
+        """Drop expired pending handshakes (housekeeping; every handshake does it too)."""
+        self.pending.expire(self._now_ms())
 
     async def handle(self, message: Message, context: RequestContext) -> AsyncIterator[Message]:
         """Answer one request; never raises for anything a peer can send."""
@@ -110,14 +314,14 @@ class SyncHandler:
         try:
             match message:
                 case Handshake():
-                    yield self._handshake(message)
+                    yield self._handshake(message, context)
                 case HandshakeConfirm():
                     yield self._confirm(message)
                 case SyncTree():
-                    async for answer in self._sync_tree(message):
+                    async for answer in self._sync_tree(message, context):
                         yield answer
                 case SendEntries():
-                    yield await self._send_entries(message)
+                    yield await self._send_entries(message, context)
                 case _:
                     raise MalformedMessageError(f"{message.TYPE} is an answer, not a request")
         except (SyncError, DagError) as exc:
@@ -131,15 +335,13 @@ class SyncHandler:
 
     # ---- handshake --------------------------------------------------------------------
 
-    def _handshake(self, message: Handshake) -> HandshakeReply:
+    def _handshake(self, message: Handshake, context: RequestContext) -> HandshakeReply:
         if message.version != PROTOCOL_VERSION:
             raise VersionMismatchError(
                 f"peer speaks protocol version {message.version}, this node speaks {PROTOCOL_VERSION}"
             )
-        now = self._now_ms()
-        self._challenges = {c: v for c, v in self._challenges.items() if v[0] > now - CHALLENGE_TTL_MS}
         counter = os.urandom(CHALLENGE_BYTES)
-        self._challenges[counter] = (now, message)
+        self.pending.add(counter, _source(context), Hello.trimmed(message), self._now_ms())
         return HandshakeReply(
             device_key=self._key.pubkey,
             display_name=self._display_name,
@@ -151,25 +353,41 @@ class SyncHandler:
         )
 
     def _offers(self) -> list[DatabaseOffer]:
-        offers = []
+        offers: list[DatabaseOffer] = []
         for db in self._instance.databases():
             if db.id == self._state.database_id:
                 continue
-            public = _global_covers(db, Permission.read())
-            offers.append(DatabaseOffer(db.root_cid, db.name if public else None, public))
+            if len(offers) == MAX_LIST:  # what a peer decodes; more would fail the whole handshake
+                break
+            try:
+                public = _global_covers(db, Permission.read())
+                name = db.name if public else None
+            except Exception as exc:  # one database's content must never fail a handshake
+                self._unreadable(db, exc)
+                public, name = False, None
+            offers.append(DatabaseOffer(db.root_cid, name, public))
         return offers
 
+    def _unreadable(self, db: Database, exc: Exception) -> None:
+        """Log, once per database, that its settings cannot be read (it is offered as private)."""
+        if db.id in self._unreadable_logged or len(self._unreadable_logged) >= MAX_UNREADABLE_LOGGED:
+            return
+        self._unreadable_logged.add(db.id)
+        log.warning("offering %s as private: its settings cannot be read (%s: %.200s)", db.id, type(exc).__name__, exc)
+
     def _confirm(self, message: HandshakeConfirm) -> Ack:
-        issued = self._challenges.pop(message.counter_challenge, None)
-        if issued is None:
+        hello = self.pending.take(message.counter_challenge, self._now_ms())
+        if hello is None:
             raise UnauthorizedError("unknown or expired handshake challenge")
-        hello = issued[1]
         if hello.device_key != message.device_key:
             raise UnauthorizedError("handshake confirmed by another key than the one that started it")
         if not proofs.check_challenge(message.device_key, message.counter_challenge, message.signature):
             raise UnauthorizedError("handshake signature does not verify")
-        if self._on_peer is not None:
-            self._on_peer(hello.device_key, hello.display_name, [Address(t, a) for t, a in hello.addresses])
+        # Remembered in memory only: a peer is written to _sync once it reads something.
+        self._hellos[hello.device_key] = hello
+        self._hellos.move_to_end(hello.device_key)
+        while len(self._hellos) > MAX_RECENT_HELLOS:
+            self._hellos.popitem(last=False)
         return Ack()
 
     # ---- sync -------------------------------------------------------------------------
@@ -236,7 +454,17 @@ class SyncHandler:
                 f"access request {existing.request_id} waits for an admin", request_id=existing.request_id
             )
 
-    async def _sync_tree(self, message: SyncTree) -> AsyncIterator[Message]:
+    async def _put(self, db: Database, entries: tuple[bytes, ...], peer: str) -> PutResult:
+        """Store a peer's entries within its Unverified budget (raises ``OverBudgetError`` first)."""
+        self.budget.check(peer, len(entries), sum(len(raw) for raw in entries))
+        result: PutResult = await self._offload(
+            lambda: self._instance.put_remote_entries(entries, database_id=db.root_cid)
+        )
+        self.budget.add(peer, db.root_cid, result, entries)
+        self.stats.entries_received += len(entries)
+        return result
+
+    async def _sync_tree(self, message: SyncTree, context: RequestContext) -> AsyncIterator[Message]:
         db = self._database(message.db)
         try:
             self._access(db, message)
@@ -246,11 +474,8 @@ class SyncHandler:
             return
         received = 0
         if message.entries:
-            result = await self._offload(
-                lambda: self._instance.put_remote_entries(message.entries, database_id=message.db)
-            )
+            result = await self._put(db, message.entries, _charged(message, context))
             received = len(result.verified)
-            self.stats.entries_received += len(message.entries)
         bootstrap = not message.tips and not message.entries
         tips = tuple(db.tip_cids())
         if message.auth is not None and self._on_exchange is not None:
@@ -302,13 +527,12 @@ class SyncHandler:
                 return
             limit = min(2 * limit, ANSWER_BATCH_ENTRIES)
 
-    async def _send_entries(self, message: SendEntries) -> Message:
+    async def _send_entries(self, message: SendEntries, context: RequestContext) -> Message:
         db = self._database(message.db)
         self._read_gate(db, message, ())  # SendEntries proofs sign an empty tip list
         if not message.entries:
             return Ack()
-        result = await self._offload(lambda: self._instance.put_remote_entries(message.entries, database_id=message.db))
-        self.stats.entries_received += len(message.entries)
+        result = await self._put(db, message.entries, _charged(message, context))
         return Count(len(message.entries), len(result.verified), len(result.failed))
 
 
@@ -326,6 +550,16 @@ def _frame_raws(db: Database, cids: list[bytes]) -> tuple[int, list[bytes]]:
         raws.append(raw)
         size += len(raw)
     return len(cids), raws
+
+
+def _source(context: RequestContext) -> str:
+    """Who a request came from, as far as the transport knows (peer ID, else the remote end)."""
+    return context.peer or context.remote or context.transport
+
+
+def _charged(message: SyncTree | SendEntries, context: RequestContext) -> str:
+    """Whose budget a request's entries count against: the proven key, else its source."""
+    return message.auth.key if message.auth is not None else _source(context)
 
 
 def _refusal(key: str | None) -> UnauthorizedError:

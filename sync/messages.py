@@ -38,6 +38,12 @@ MAX_TIPS = 1024
 MAX_TEXT = 4096
 MAX_LIST = 4096
 CHALLENGE_BYTES = 32
+MAX_ADDRESSES = 64  # addresses one node announces (interfaces x transports, plus relay circuits)
+# An address's parts on the wire: a transport name is a short word (tickets allow 32
+# characters); no real address (a multiaddr through a relay is ~150) comes near 1,024. They
+# keep one Handshake under ~70 KB instead of the ~520 KB that 64 pairs of 4,096 allowed.
+MAX_TRANSPORT_NAME = 32
+MAX_ADDRESS_TEXT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,11 +280,16 @@ def _auth(field: str, value: Any) -> AuthProof | None:
 
 def _addresses(field: str, value: Any) -> tuple[tuple[str, str], ...]:
     out = []
-    for item in _list(field, value, 64):
+    for item in _list(field, value, MAX_ADDRESSES):
         pair = _list(field, item, 2)
         if len(pair) != 2:
             raise _fail(field, "holds an address that is not a (transport, address) pair")
-        out.append((_text(field, pair[0]), _text(field, pair[1])))
+        transport, address = _text(field, pair[0]), _text(field, pair[1])
+        if len(transport) > MAX_TRANSPORT_NAME or len(address) > MAX_ADDRESS_TEXT:
+            raise OversizeMessageError(
+                f"field {field!r} holds an address over {MAX_TRANSPORT_NAME}:{MAX_ADDRESS_TEXT} characters"
+            )
+        out.append((transport, address))
     return tuple(out)
 
 

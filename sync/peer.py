@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from dag import Database, Instance, PreparedEntries, SigningKey, cid_from_text
+from dag.ingest import PutResult
 
 from . import proofs
 from .errors import (
@@ -26,7 +27,7 @@ from .errors import (
     TransportError,
     UnauthorizedError,
 )
-from .handler import Offload
+from .handler import Offload, UnverifiedBudget
 from .messages import (
     CHALLENGE_BYTES,
     MAX_ENTRIES_PER_MESSAGE,
@@ -138,8 +139,13 @@ async def sync_database(
     now_ms: Callable[[], int],
     offload: Offload[object],
     push_only: bool = False,
+    budget: UnverifiedBudget | None = None,
 ) -> ExchangeResult:
-    """Sync one database with the peer at ``address``; see ``sync.reconcile`` for the algorithm."""
+    """Sync one database with the peer at ``address``; see ``sync.reconcile`` for the algorithm.
+
+    With ``budget``, what the peer's answers leave stored Unverified counts against its
+    budget, and an answer that would go over it ends the exchange with ``OverBudgetError``.
+    """
     key = instance.device_key
     db_cid = cid_from_text(db_id)
     db: Database | None = instance.open_database(db_cid) if instance.has_database(db_cid) else None
@@ -204,10 +210,15 @@ async def sync_database(
                     if answer.db != db_cid:
                         raise MalformedMessageError("answer is for another database")
                     if prepared is not None:
+                        assert isinstance(answer, Bootstrap | Incremental)
+                        if budget is not None:
+                            budget.check(peer_key, prepared.count, sum(len(raw) for raw in answer.entries))
                         stored = await offload(
                             functools.partial(instance.put_remote_entries, prepared, database_id=db_cid)
                         )
                         unput.remove(prepared)
+                        if budget is not None and isinstance(stored, PutResult):
+                            budget.add(peer_key, db_cid, stored, answer.entries)
                         result.received += prepared.count
                         result.verified += len(getattr(stored, "verified", ()))
                     if not answer.more:

@@ -33,6 +33,7 @@ async def test_join_bootstraps_then_commits_flow_both_ways(autojump_clock: MockC
         assert str(ticket).startswith(f"eidetica:?db={db_id}&pr=memory:n0")
         joined = await b.sync.join(str(ticket))
         assert joined.doc("notes").get("title") == "hello"
+        a.sync.state.relate(db_id, b.sync.device_id)  # a's side chooses to push to b: a reader alone is never dialled
         assert snapshot(joined) == snapshot(a.db(db_id))
         network.stats.reset()
         with a.db(db_id).transaction() as txn:
@@ -192,6 +193,7 @@ async def test_unreachable_peer_is_retried_with_backoff_and_catches_up(autojump_
     async with sim_nodes(network, 2, retry_attempts=8) as (a, b):
         db_id = _public_db(a)
         await b.sync.join(a.sync.create_ticket(db_id))
+        a.sync.state.relate(db_id, b.sync.device_id)  # a's side chooses to push to b: a reader alone is never dialled
         network.partition(["n0"], ["n1"])
         with a.db(db_id).transaction() as txn:
             txn.doc("notes").set("while_apart", 1)
