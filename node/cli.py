@@ -60,7 +60,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    # An error may quote what a peer sent (its error text, a database name): escaped.
+    print(f"{PROG}: error: {render.terminal_safe(' '.join(str(message).split()))}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -287,11 +288,12 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print(args: argparse.Namespace, command: str, result: Any) -> None:
+    """Print a result; text from peers (names, values, errors) cannot drive the terminal."""
     if getattr(args, "json", False):
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        print(render.json_safe(json.dumps(result, indent=2, ensure_ascii=False)))
         return
     for line in render.RENDERERS[command](result):
-        print(line)
+        print(render.terminal_safe(line))
 
 
 # ---- commands that need no running node --------------------------------------------------
@@ -362,9 +364,9 @@ def _run(config: NodeConfig, args: argparse.Namespace) -> int:
 
     from .daemon import run_node
 
-    logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_TerminalSafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     if config.log_level != "debug":
         # The servers' own "Running on ..." lines repeat what the ready banner says.
         for noisy in (
@@ -386,7 +388,7 @@ def _run(config: NodeConfig, args: argparse.Namespace) -> int:
         if info.get("metrics_address"):
             print(f"  metrics         http://{info['metrics_address']}/metrics")
         for line in render.info(info):
-            print("  " + line)
+            print("  " + render.terminal_safe(line))
         sys.stdout.flush()
 
     try:
@@ -394,6 +396,16 @@ def _run(config: NodeConfig, args: argparse.Namespace) -> int:
     except BaseException as exc:  # startup failures come wrapped in exception groups by trio
         raise _user_error(exc) from None
     return 0
+
+
+class _TerminalSafeFormatter(logging.Formatter):
+    """Log lines with control characters escaped: messages quote peers (names, addresses, errors).
+
+    Only the message line is escaped; a traceback appended after it keeps its newlines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return render.terminal_safe(super().formatMessage(record))
 
 
 def _user_error(exc: BaseException) -> BaseException:
@@ -428,6 +440,8 @@ def _status(config: NodeConfig) -> int:
 
 def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The control command and arguments a parsed command line stands for."""
+    from transports.http_codec import JsonInputError, parse_json
+
     command = args.command
     action = getattr(args, "action", None)
     if command == "db":
@@ -444,8 +458,8 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             value: Any = args.value
             if args.json_value:
                 try:
-                    value = json.loads(args.value)
-                except json.JSONDecodeError as exc:
+                    value = parse_json(args.value)
+                except JsonInputError as exc:
                     raise ConfigError(f"--json-value: VALUE is not JSON: {exc}") from None
             arguments = {"db": args.db, "key": args.key, "value": value, "store": args.store}
         elif action == "delete":
@@ -454,8 +468,8 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if command == "table":
         if action == "insert":
             try:
-                row = json.loads(args.row)
-            except json.JSONDecodeError as exc:
+                row = parse_json(args.row)
+            except JsonInputError as exc:
                 raise ConfigError(f'ROW must be a JSON object like {{"title": "milk"}}: {exc}') from None
             return "table.insert", {"db": args.db, "table": args.table, "row": row}
         return "table.list", {"db": args.db, "table": args.table}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import inspect
-import json
 import logging
 import os
 import socket
@@ -47,6 +46,7 @@ from sync import (
     TransportError,
 )
 from sync.transport import TaskStatus
+from transports.http_codec import JsonInputError, parse_json
 
 from .errors import ConfigError
 from .metrics import PROMETHEUS_CONTENT_TYPE
@@ -105,13 +105,16 @@ def control_app(service: NodeService, *, commands: bool = True) -> Starlette:
         method = table.get(name)
         if method is None:
             return JSONResponse({"error": f"unknown command {name!r}", "code": "unknown_command"}, status_code=404)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before it is buffered
+            return JSONResponse({"error": "request body too large", "code": "bad_request"}, status_code=413)
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return JSONResponse({"error": "request body too large", "code": "bad_request"}, status_code=413)
         try:
-            arguments = json.loads(body) if body.strip() else {}
-        except json.JSONDecodeError as exc:
-            return JSONResponse({"error": f"body is not JSON: {exc}", "code": "bad_request"}, status_code=400)
+            arguments = parse_json(body) if body.strip() else {}
+        except JsonInputError as exc:
+            return JSONResponse({"error": f"body is not usable JSON: {exc}", "code": "bad_request"}, status_code=400)
         if not isinstance(arguments, dict):
             return JSONResponse({"error": "arguments are a JSON object", "code": "bad_request"}, status_code=400)
         try:

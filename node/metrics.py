@@ -75,7 +75,10 @@ class Metrics:
         self.errors: Counter[tuple[str, str]] = Counter()  # (role, code)
 
     def message(self, transport: str, direction: str, message: Message) -> None:
-        size = wire_size(message)
+        try:
+            size = wire_size(message)
+        except (ValueError, TypeError):  # unencodable text (a lone surrogate): counting never fails a request
+            size = 0
         with self._lock:
             self.messages[(transport, direction, message.TYPE)] += 1
             self.bytes[(transport, direction)] += size

@@ -7,9 +7,40 @@ dispatcher and the wording lives in one place.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
+
+# What must never reach a terminal raw from text someone else wrote (a peer's display
+# name, a database name, a value, an error a peer sent): C0 controls and DEL (ESC starts
+# every escape sequence), C1 controls (U+009B is a one-character CSI on some terminals),
+# bidirectional overrides and isolates (they reorder what is shown), line and paragraph
+# separators, and lone surrogates. Everything else, emoji and every script, is kept.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# In JSON output, json.dumps already escapes C0; the rest of the set above is escaped too.
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every control character shown escaped, as ``repr`` would (``\\x1b[2J``)."""
+    return _UNSAFE.sub(_escaped, text)
+
+
+def json_safe(text: str) -> str:
+    """JSON text (from ``json.dumps``) with the controls it leaves raw written as ``\\uXXXX`` escapes.
+
+    Those characters only ever appear inside JSON strings, where the escape means the
+    same character: the document is unchanged for a parser, harmless for a terminal.
+    """
+    return _UNSAFE_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def short(key: str | None, width: int = 16) -> str:
@@ -185,4 +216,4 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "stop": lambda result: [f"stopped the node (pid {result['pid']})"],
 }
 
-__all__ = ["RENDERERS", "ago", "short", "value_text"]
+__all__ = ["RENDERERS", "ago", "json_safe", "short", "terminal_safe", "value_text"]

@@ -11,7 +11,6 @@ database (its peers, cursors and history) is left out of listings and is never s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ import trio
 from dag import Database, Instance, NotFoundError, Permission, Status, cid_from_text, cid_to_text
 from dag.errors import BadCidError
 from sync import AccessPendingError, Sync, Ticket, UnauthorizedError
+from transports.http_codec import JsonInputError, parse_json
 
 from .config import NodeConfig
 from .metrics import CountingTransport, Metrics, render
@@ -285,8 +285,8 @@ class NodeService:
     async def table_insert(self, db: str, table: str, row: Any) -> dict[str, Any]:
         if isinstance(row, str):
             try:
-                row = json.loads(row)
-            except json.JSONDecodeError as exc:
+                row = parse_json(row)
+            except JsonInputError as exc:
                 raise CommandError(f"a row is a JSON object: {exc}") from None
         if not isinstance(row, dict):
             raise CommandError('a row is a JSON object, like {"title": "milk"}')

@@ -23,11 +23,12 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
+from textual.notifications import SeverityLevel
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from .errors import NodeError
-from .render import ago, short
+from .render import ago, short, terminal_safe
 
 REFRESH_S = 1.0
 
@@ -83,8 +84,9 @@ class DetailScreen(ModalScreen[None]):
 
     def __init__(self, title: str, body: str) -> None:
         super().__init__()
-        self.title_text = title
-        self.body = body
+        # Peer-supplied text (names, errors, addresses) is in both: escaped line by line.
+        self.title_text = terminal_safe(title)
+        self.body = "\n".join(terminal_safe(line) for line in body.split("\n"))
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
@@ -200,7 +202,9 @@ class StatusApp(App[None]):
             snapshot = await self.client.call("status")
         except NodeError as exc:
             self.error = str(exc)
-            self.query_one("#identity", Static).update(Text.assemble(("node not answering", "bold red"), f": {exc}"))
+            self.query_one("#identity", Static).update(
+                Text.assemble(("node not answering", "bold red"), f": {terminal_safe(str(exc))}")
+            )
             return
         self.error = None
         self.apply(snapshot)
@@ -236,7 +240,8 @@ class StatusApp(App[None]):
                     "name": peer.get("display_name") or "-",
                     "device": short(peer["pubkey"], 20),
                     "connection": Text(
-                        peer.get("connection") or "not connected", style="green" if peer.get("connection") else "dim"
+                        terminal_safe(peer.get("connection") or "not connected"),
+                        style="green" if peer.get("connection") else "dim",
                     ),
                     "seen": ago(peer.get("last_seen_ms"), now),
                     "dbs": len(peer.get("databases", [])),
@@ -252,7 +257,9 @@ class StatusApp(App[None]):
                 "db": db_names.get(row.get("db", ""), short(row.get("db"))),
                 "sent": row.get("sent", 0),
                 "received": row.get("received", 0),
-                "result": Text(row["error"][:80], style="red") if row.get("error") else Text("ok", style="green"),
+                "result": Text(terminal_safe(row["error"])[:80], style="red")
+                if row.get("error")
+                else Text("ok", style="green"),
             }
         # Keyed by position: the newest row stays on top, and the cells update in place.
         self._fill("#events", events)
@@ -270,12 +277,12 @@ class StatusApp(App[None]):
     def _identity(self, snapshot: dict[str, Any]) -> None:
         node = snapshot["node"]
         text = Text()
-        text.append(str(node.get("display_name") or "-"), style="bold")
+        text.append(terminal_safe(str(node.get("display_name") or "-")), style="bold")
         text.append(f"  {node['device_id']}\n")
         text.append(f"data {node['data_dir']}   pid {node.get('pid')}\n", style="dim")
         for transport in node.get("transports", []):
             text.append(f"{transport['name']:<5}", style="bold")
-            text.append(" " + ", ".join(transport.get("addresses") or ["not listening"]))
+            text.append(" " + terminal_safe(", ".join(transport.get("addresses") or ["not listening"])))
             summary = transport_summary(transport.get("status"))
             if summary:
                 text.append(f"  {summary}", style="cyan")
@@ -289,10 +296,15 @@ class StatusApp(App[None]):
         if pending:
             text.append(f"   {pending} access request(s) pending (eidetica-node access list)", style="bold yellow")
         self.query_one("#identity", Static).update(text)
-        self.sub_title = str(node.get("display_name") or "")
+        self.sub_title = terminal_safe(str(node.get("display_name") or ""))
 
     def _fill(self, selector: str, rows: dict[str, dict[str, Any]]) -> None:
-        """Make the table show ``rows`` (key -> column values), in place, keeping the cursor."""
+        """Make the table show ``rows`` (key -> column values), in place, keeping the cursor.
+
+        Text cells become plain :class:`Text` with controls escaped: a DataTable reads a
+        ``str`` cell as markup, so a peer named ``[@click=app.quit]`` would be an action.
+        """
+        rows = {key: {column: _cell(value) for column, value in values.items()} for key, values in rows.items()}
         table = self.query_one(selector, DataTable)
         existing = {key.value for key in table.rows if key.value is not None}
         for key in existing - set(rows):
@@ -312,6 +324,10 @@ class StatusApp(App[None]):
             return None
         row_key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
         return row_key.value
+
+    def _say(self, message: str, *, title: str = "", severity: SeverityLevel = "information") -> None:
+        """A notification; its text (errors quote peers) escaped and never read as markup."""
+        self.notify(terminal_safe(message), title=title, severity=severity, markup=False)
 
     def _focused_pane(self) -> str | None:
         focused = self.focused
@@ -339,7 +355,7 @@ class StatusApp(App[None]):
         try:
             detail = await self.client.call("db.show", db=db_id)
         except NodeError as exc:
-            self.notify(str(exc), title="cannot open database", severity="error")
+            self._say(str(exc), title="cannot open database", severity="error")
             return
         lines = [
             f"id        {detail['id']}",
@@ -397,31 +413,40 @@ class StatusApp(App[None]):
             arguments["db"] = db
         elif pane == "#peers" and (peer := self._selected("#peers")):
             arguments["peer"] = peer
-        self.notify("syncing " + (arguments.get("db") or arguments.get("peer") or "everything") + "…")
+        self._say("syncing " + (arguments.get("db") or arguments.get("peer") or "everything") + "…")
         try:
             result = await self.client.call("sync", **arguments)
         except NodeError as exc:
-            self.notify(str(exc), title="sync failed", severity="error")
+            self._say(str(exc), title="sync failed", severity="error")
             return
         failed = [r for r in result["results"] if not r["ok"]]
         if failed:
-            self.notify(f"{len(failed)} of {len(result['results'])} failed: {failed[0]['error']}", severity="error")
+            self._say(f"{len(failed)} of {len(result['results'])} failed: {failed[0]['error']}", severity="error")
         else:
-            self.notify(f"synced {len(result['results'])} pair(s)")
+            self._say(f"synced {len(result['results'])} pair(s)")
         self.poll()
 
     @work(group="ticket")
     async def action_ticket(self) -> None:
         db = self._selected("#databases")
         if db is None:
-            self.notify("no database to share", severity="warning")
+            self._say("no database to share", severity="warning")
             return
         try:
             result = await self.client.call("share", db=db)
         except NodeError as exc:
-            self.notify(str(exc), title="no ticket", severity="error")
+            self._say(str(exc), title="no ticket", severity="error")
             return
         await self.push_screen(DetailScreen("ticket (give it to: eidetica-node join TICKET)", result["ticket"]))
+
+
+def _cell(value: Any) -> Any:
+    """A table cell that shows its text as written (a ``Text`` built from raw text: escape it first)."""
+    if isinstance(value, str):
+        return Text(terminal_safe(value))
+    if isinstance(value, Text):
+        return Text(terminal_safe(value.plain), style=value.style)
+    return value
 
 
 def run_tui(data_dir: Path) -> None:

@@ -23,8 +23,10 @@ import binascii
 import dataclasses
 import enum
 import json
+import re
 from typing import Any, Final
 
+from dag.crdt.doc import MAX_VALUE_DEPTH
 from sync.errors import MalformedMessageError, OversizeMessageError
 from sync.messages import MESSAGE_TYPES, Message, decode_message, encode_message, from_wire, to_wire
 
@@ -258,14 +260,80 @@ def encode_json(message: Message) -> bytes:
     return json.dumps(to_json(message), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+class JsonInputError(ValueError):
+    """JSON input that is refused; the message is one line saying what is wrong and where."""
+
+
+# Any surrogate left in a parsed string is a lone one: Python joins escaped pairs.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _no_constant(name: str) -> Any:
-    raise MalformedMessageError(f"JSON constant {name} is not allowed")
+    raise JsonInputError(f"invalid JSON: {name} is not a JSON value")
+
+
+def parse_json(data: bytes | str, *, max_depth: int = MAX_VALUE_DEPTH) -> Any:
+    """Parse JSON input from a peer or a user; raises :class:`JsonInputError` with one clear line.
+
+    Stricter than :func:`json.loads` where the rest of the node would fail later, far
+    from the cause: text must be UTF-8, ``NaN``/``Infinity`` are refused, a string may
+    not hold a lone surrogate (``"\\ud800"`` parses, then cannot be encoded to UTF-8,
+    msgpack or CBOR), and arrays and objects nest at most ``max_depth`` levels (the
+    database's own limit for values, :data:`dag.crdt.doc.MAX_VALUE_DEPTH`).
+    """
+    if isinstance(data, bytes | bytearray):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JsonInputError(
+                f"invalid JSON: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+            ) from None
+    try:
+        value = json.loads(data, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise JsonInputError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except JsonInputError:
+        raise
+    except RecursionError:  # the C parser's own stack guard, far past max_depth
+        raise JsonInputError(f"JSON nested deeper than {max_depth} levels") from None
+    except ValueError as exc:  # an integer too long to convert, for one
+        raise JsonInputError(f"invalid JSON: {' '.join(str(exc).split())}") from None
+    _check_parsed(value, max_depth)
+    return value
+
+
+def _check_parsed(value: Any, max_depth: int) -> None:
+    """Depth and lone surrogates, walked without recursion (so depth cannot blow the stack)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict | list):
+            if depth > max_depth:
+                raise JsonInputError(f"JSON nested deeper than {max_depth} levels")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _check_text(key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str) -> None:
+    if text.isascii():
+        return
+    match = _SURROGATE.search(text)
+    if match is not None:
+        raise JsonInputError(
+            f"invalid JSON: a string holds a lone surrogate \\u{ord(match.group()):04x} (not valid Unicode)"
+        )
 
 
 def decode_json(data: bytes) -> Message:
     """Decode one message from JSON bytes; raises a :class:`~sync.errors.ProtocolError` subclass."""
     try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise MalformedMessageError(f"not a JSON message: {exc}") from None
+        body = parse_json(data)
+    except JsonInputError as exc:
+        raise MalformedMessageError(str(exc)) from None
     return from_json(body)
