@@ -210,17 +210,21 @@ def check_auth_change(before: AuthSettings, after: AuthSettings, held: Permissio
     """
     old_grants: dict[str, KeyGrant | None] = {**before.keys, GLOBAL: before.global_grant}
     new_grants: dict[str, KeyGrant | None] = {**after.keys, GLOBAL: after.global_grant}
-    for name in sorted(old_grants.keys() | new_grants.keys()):
-        old, new = old_grants.get(name), new_grants.get(name)
-        if old == new:
-            continue
-        who = "the global grant" if name == GLOBAL else "a stronger key"
+    changed = [
+        (name, old_grants.get(name), new_grants.get(name))
+        for name in sorted(old_grants.keys() | new_grants.keys())
+        if old_grants.get(name) != new_grants.get(name)
+    ]
+    # The rules in turn, each over every change, so the refusal names the gravest breach.
+    for name, old, _new in changed:
         if old is not None and old.permission.strength > held.strength:
+            who = "the global grant" if name == GLOBAL else "a stronger key"
             raise PermissionDeniedError(f"key {pubkey} ({held}) cannot change {who} ({old.permission})", pubkey=pubkey)
+    for _name, _old, new in changed:
         if new is not None and new.active and new.permission.strength > held.strength:
             raise PermissionDeniedError(f"key {pubkey} ({held}) cannot grant {new.permission}", pubkey=pubkey)
-        old_power = _active(old)
-        new_power = _active(new)
+    for name, old, new in changed:
+        old_power, new_power = _active(old), _active(new)
         weakened = new_power is None or (old_power is not None and new_power.strength < old_power.strength)
         if old_power is not None and old_power.strength >= held.strength and weakened:
             target = "the global grant" if name == GLOBAL else ("itself" if name == pubkey else f"key {name}")

@@ -42,13 +42,17 @@ from .auth import AuthSettings
 from .crdt.doc import MISSING, DocDelta, apply_doc_delta, decode_doc_delta
 from .entry import SETTINGS_STORE, Entry
 from .errors import InvalidValueError
+from .ids import split_cids
+from .storage.base import EntryMeta
 
 Load = Callable[[bytes], Entry | None]
+Meta = Callable[[bytes], EntryMeta | None]
 Fold = Callable[[bytes, frozenset[bytes]], dict[str, Any]]
 
 _SIGNERS_MEMO = 16_384  # settings entries whose closure's signers are remembered (a few sets, shared)
 _CUT_MEMO = 256  # effective settings remembered per (tree, settings tips)
 _TIPS_MEMO = 256  # effective tips remembered per (tree, store, tips, settings tips)
+_BEFORE_MEMO = 4_096  # "is this entry older than that revocation" answers remembered
 # Looking for a removed tip's parent below the other tips visits at most this many
 # entries; past it the parent is kept as a tip (redundant, never wrong: a fold over a
 # closure is the same with or without an ancestor in the tip set).
@@ -122,13 +126,17 @@ def may_write(entry: Entry, store: str, auth: AuthSettings) -> bool:
 class Authority:
     """Effective settings and effective tips over one replica's entries (see the module doc).
 
-    ``load`` returns a stored entry (the caller holds the replica's lock), ``fold`` the
-    plain `_settings` state at a set of settings tips (the replica's state cache).
+    ``load`` returns a stored entry and ``meta`` its metadata (the caller holds the
+    replica's lock), ``fold`` the plain `_settings` state at a set of settings tips (the
+    replica's state cache).
     """
 
-    def __init__(self, load: Load, fold: Fold) -> None:
+    def __init__(self, load: Load, meta: Meta, fold: Fold) -> None:
         self._load = load
+        self._meta = meta
         self._fold = fold
+        self._before: _Memo = _Memo(_BEFORE_MEMO)
+        self._changes: _Memo = _Memo(_CUT_MEMO)
         self._signers: _Memo = _Memo(_SIGNERS_MEMO)
         self._settings: _Memo = _Memo(_CUT_MEMO)
         self._tips: _Memo = _Memo(_TIPS_MEMO)
@@ -136,6 +144,7 @@ class Authority:
     def clear(self) -> None:
         self._settings.clear()
         self._tips.clear()
+        self._changes.clear()
 
     # ---- rule 1: the settings cut --------------------------------------------------
 
@@ -201,20 +210,21 @@ class Authority:
         return found
 
     def _cut_state(self, tips: frozenset[bytes]) -> dict[str, Any]:
-        closure = self._closure(tips)
-        ordered = sorted(closure.values(), key=_order)
+        ordered = sorted(self._closure(tips).values(), key=_order)
         deltas = {entry.cid: _delta(entry) for entry in ordered}
+        return _fold_skipping(ordered, deltas, self._cut_of(ordered, deltas))
+
+    def _cut_of(self, ordered: list[Entry], deltas: dict[bytes, DocDelta | None]) -> set[bytes]:
         cut: set[bytes] = set()
         # Each pass can only add to the cut, and each added entry has a signer: at most
         # one pass per signer, plus the one that finds nothing new.
         for _ in range(len({e.pubkey_text for e in ordered}) + 1):
-            state = _fold_skipping(ordered, deltas, cut)
-            auth = AuthSettings.from_settings(state)
+            auth = AuthSettings.from_settings(_fold_skipping(ordered, deltas, cut))
             more = self._to_cut(ordered, deltas, cut, auth)
             if not more:
-                return state
+                break
             cut |= more
-        return _fold_skipping(ordered, deltas, cut)
+        return cut
 
     def _to_cut(
         self, ordered: list[Entry], deltas: dict[bytes, DocDelta | None], cut: set[bytes], auth: AuthSettings
@@ -223,12 +233,7 @@ class Authority:
         for pubkey in sorted({e.pubkey_text for e in ordered if not e.is_root and e.cid not in cut}):
             if _is_active_admin(auth, pubkey):
                 continue
-            by_global = pubkey not in auth.keys
-            last_change = None
-            for entry in reversed(ordered):
-                if entry.cid not in cut and _touches_grant(deltas[entry.cid], pubkey, by_global):
-                    last_change = entry
-                    break
+            last_change = _last_change(ordered, deltas, cut, pubkey, pubkey not in auth.keys)
             before = self._closure([last_change.cid]) if last_change is not None else {}
             for entry in ordered:
                 if (
@@ -251,7 +256,7 @@ class Authority:
         """
         if not auth.configured:
             return tips
-        bad = [cid for cid in tips if not self._counts(cid, store, auth)]
+        bad = [cid for cid in tips if not self._counts(cid, store, auth, tree, settings_tips)]
         if not bad:
             return tips
         key = (tree, store, tips, settings_tips)
@@ -273,7 +278,7 @@ class Authority:
             for cid in candidates:
                 if self._covered(cid, kept, store):
                     continue
-                if self._counts(cid, store, auth):
+                if self._counts(cid, store, auth, tree, settings_tips):
                     kept.add(cid)
                 else:
                     frontier.append(cid)
@@ -281,9 +286,60 @@ class Authority:
         self._tips.put(key, result)
         return result
 
-    def _counts(self, cid: bytes, store: str, auth: AuthSettings) -> bool:
+    def _counts(self, cid: bytes, store: str, auth: AuthSettings, tree: bytes, settings_tips: frozenset[bytes]) -> bool:
+        """Whether the write ``cid`` made to ``store`` counts: its signer may make it now, or
+        it is older than (a main-DAG ancestor of) the change that took the right away."""
         entry = self._load(cid)
-        return entry is None or may_write(entry, store, auth)
+        if entry is None or may_write(entry, store, auth):
+            return True
+        change = self.last_grant_change(tree, settings_tips, entry.pubkey_text, auth)
+        return change is not None and self._is_before(cid, change)
+
+    def last_grant_change(
+        self, tree: bytes, settings_tips: frozenset[bytes], pubkey: str, auth: AuthSettings
+    ) -> bytes | None:
+        """The last settings entry (fold order, cut applied) that wrote ``pubkey``'s grant."""
+        key = (tree, settings_tips, pubkey)
+        if key in self._changes:
+            return self._changes[key]  # type: ignore[no-any-return]
+        ordered = sorted(self._closure(settings_tips).values(), key=_order)
+        deltas = {entry.cid: _delta(entry) for entry in ordered}
+        cut = self._cut_of(ordered, deltas)
+        change = _last_change(ordered, deltas, cut, pubkey, pubkey not in auth.keys)
+        found = change.cid if change is not None else None
+        self._changes.put(key, found)
+        return found
+
+    def _is_before(self, cid: bytes, later: bytes) -> bool:
+        """Whether ``cid`` is a main-DAG ancestor of ``later`` (a walk down to ``cid``'s height)."""
+        key = (cid, later)
+        if key in self._before:
+            return self._before[key]  # type: ignore[no-any-return]
+        answer = self._reaches(later, cid)
+        self._before.put(key, answer)
+        return answer
+
+    def _reaches(self, start: bytes, target: bytes) -> bool:
+        goal = self._meta(target)
+        first = self._meta(start)
+        if goal is None or first is None:
+            return False
+        heap: list[tuple[int, bytes]] = [(-first.height, start)]
+        seen = {start}
+        while heap:
+            negative, cid = heapq.heappop(heap)
+            if cid == target:
+                return True
+            if -negative <= goal.height:
+                continue
+            meta = self._meta(cid)
+            for parent in split_cids(meta.parents) if meta is not None else ():
+                if parent not in seen:
+                    seen.add(parent)
+                    parent_meta = self._meta(parent)
+                    if parent_meta is not None and parent_meta.height >= goal.height:
+                        heapq.heappush(heap, (-parent_meta.height, parent))
+        return False
 
     @staticmethod
     def _parents(entry: Entry, store: str) -> tuple[bytes, ...]:
@@ -326,6 +382,15 @@ class Authority:
                     if parent_entry is not None:
                         heapq.heappush(heap, (-self._height(parent_entry, store), parent))
         return False
+
+
+def _last_change(
+    ordered: list[Entry], deltas: dict[bytes, DocDelta | None], cut: set[bytes], pubkey: str, by_global: bool
+) -> Entry | None:
+    for entry in reversed(ordered):
+        if entry.cid not in cut and _touches_grant(deltas[entry.cid], pubkey, by_global):
+            return entry
+    return None
 
 
 def _fold_skipping(ordered: list[Entry], deltas: dict[bytes, DocDelta | None], cut: set[bytes]) -> dict[str, Any]:

@@ -84,7 +84,7 @@ class Replica:
         # they load entries without checking each one's status.
         self.states = StateCache(self.entry, lock=self.lock, snapshots=StorageSnapshots(storage, self._is_verified))
         # Whose writes still count once revocations are known (dag/authority.py).
-        self.authority = Authority(self.entry_held, self._plain_settings)
+        self.authority = Authority(self.entry_held, self.meta_of_held, self._plain_settings)
         # Entries of a batch being ingested, visible to lookups before the batch is written,
         # so that settings and heights over them are computed from what they really are.
         self.overlay_meta: dict[bytes, EntryMeta] = {}
