@@ -25,6 +25,7 @@ import pytest
 from dag import Database, Instance, Permission, SigningKey, Status
 from dag.crdt.doc import doc_from_value, encode_doc_delta
 from dag.entry import Entry, decode_entry, key_hint
+from dag.errors import StorageError
 from dag.ids import CID_PREFIX
 from dag.ingest import BANNED_AGAIN, IngestLimits
 from dag.instance import DB_FILE
@@ -393,3 +394,52 @@ def test_flipped_byte_in_a_saved_state_is_ignored(tmp_path: Path) -> None:
         raw_db.execute("UPDATE kv SET value = ? WHERE key = ?", (bytes(flipped), key))
     with Instance.open(data_dir) as node:
         assert node.open_database(db_id).doc("d").get("k") == "MARKER-A"
+
+
+def test_damaged_file_is_refused_at_open(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    with Instance.open(data_dir) as node:
+        db = node.create_database(name="x")
+        with db.transaction() as txn:
+            txn.doc("d").set("k", 1)
+    path = data_dir / DB_FILE
+    with sqlite3.connect(path) as raw_db:
+        page_size = raw_db.execute("PRAGMA page_size").fetchone()[0]
+        root = raw_db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'tips'").fetchone()[0]
+    data = bytearray(path.read_bytes())
+    data[(root - 1) * page_size] = 0x00  # not a B-tree page type any more
+    path.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="is damaged"):
+        Instance.open(data_dir)
+    # The lock and the file were let go: once the file is moved away, the node opens empty.
+    path.rename(data_dir / "damaged.sqlite3")
+    with Instance.open(data_dir) as node:
+        assert node.databases() == []
+
+
+def test_format_1_file_is_migrated_its_failed_rows_becoming_banned_ids(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    with Instance.open(data_dir) as node:
+        db = history(node, 1)
+        db_id = db.id
+        bad = forge(db, SigningKey.generate(), {"d": {"x": 1}})
+    with sqlite3.connect(data_dir / DB_FILE) as raw_db:  # back to format 1, with a stored Failed entry
+        raw_db.executescript(
+            "DROP TABLE banned; DROP INDEX entries_unverified;"
+            " CREATE TABLE w1 (blocker BLOB NOT NULL, child BLOB NOT NULL, tree BLOB NOT NULL,"
+            " PRIMARY KEY (blocker, child)) WITHOUT ROWID; DROP TABLE waits; ALTER TABLE w1 RENAME TO waits;"
+            " CREATE INDEX waits_by_child ON waits (child); CREATE INDEX waits_by_tree ON waits (tree);"
+            " PRAGMA user_version = 1;"
+        )
+        raw_db.execute(
+            "INSERT INTO entries (cid, tree, height, status, parents, view, raw) VALUES (?, ?, ?, 2, ?, x'', ?)",
+            (bad.cid, bad.tree, bad.height, b"".join(bad.parents), bad.raw),
+        )
+    with Instance.open(data_dir) as node:
+        copy = node.open_database(db_id)
+        assert copy.status_of(bad.cid) is Status.FAILED and node.storage.get_raw(bad.cid) is None
+        assert copy.status_counts() == {"unverified": 0, "verified": 2, "failed": 1}
+        assert node.put_remote_entries([bad.raw]).failed == {bad.id: BANNED_AGAIN}
+    with sqlite3.connect(data_dir / DB_FILE) as raw_db:
+        assert raw_db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw_db.execute("SELECT count(*) FROM entries WHERE status = 2").fetchone()[0] == 0
