@@ -391,8 +391,8 @@ class Sync:
         if not relation.served:
             return True
         try:
-            db = self.instance.open_database(relation.db)
-            return db.settings().auth().permission_of(relation.peer) is not None
+            grant = self.instance.open_database(relation.db).settings().auth().keys.get(relation.peer)
+            return grant is not None and grant.active  # named by an admin; a global grant names no one
         except Exception:  # unreadable settings: no reason to dial, so do not
             return False
 
