@@ -204,7 +204,8 @@ async def test_a_strangers_announced_address_is_never_dialled() -> None:
                     key = SigningKey.generate()
                     addresses = [Address("http", victim), *(Address("http", f"{victim}/{i}") for i in range(20))]
                     await handshake(client, node.address.address, key, "stranger", addresses)
-                    read = SyncTree(db.root_cid, auth=make_proof(key, node.instance.device_id, db.root_cid, (), clock()))
+                    proof = make_proof(key, node.instance.device_id, db.root_cid, (), clock())
+                    read = SyncTree(db.root_cid, auth=proof)
                     answers = await ask(client, node, read)
                     assert isinstance(answers[-1], Bootstrap)  # a stranger may read a public database
                 with db.transaction() as txn:  # one local write: it must not reach the strangers
@@ -320,7 +321,8 @@ async def test_a_read_refused_as_replay_is_still_refused_after_a_restart(tmp_pat
             async with http_node(instance, clock) as node, attacker() as client:
                 [replayed] = await ask(client, node, request)
                 assert isinstance(replayed, Error) and replayed.code == "stale", replayed
-                fresh = SyncTree(db.root_cid, auth=make_proof(reader, node.instance.device_id, db.root_cid, (), clock()))
+                proof = make_proof(reader, node.instance.device_id, db.root_cid, (), clock())
+                fresh = SyncTree(db.root_cid, auth=proof)
                 assert isinstance((await ask(client, node, fresh))[-1], Bootstrap)  # a new proof is served
         finally:
             instance.close()
