@@ -4,8 +4,9 @@
 
 The attack measured (issue: "slow HTTP bodies"): N connections to the node's HTTP
 transport each declare a body of the frame limit (16 MiB), send 15.7 MB of it as fast
-as loopback takes it, then send one byte every ``TRICKLE_S`` seconds. The node runs as ``eidetica-node run --no-p2p`` on a fresh data directory
-(signature checks on threads, so its RSS is the whole node).
+as loopback takes it, then send one byte every ``TRICKLE_S`` seconds. The node runs as
+``eidetica-node run --no-p2p`` on a fresh data directory (signature checks on threads,
+so its RSS is the whole node).
 
 Reported (VmRSS and VmHWM from /proc; data-directory bytes summed over its files):
 ``before`` (node ready), ``during`` (every connection has sent its bulk), ``peak``
@@ -200,11 +201,14 @@ async def health_ms(port: int) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-async def run_flood(node: Node, connections: int, body_bytes: int) -> Result:
+async def run_flood(
+    node: Node, connections: int, body_bytes: int, observe_s: float = BODY_DEADLINE_S + AFTER_MARGIN_S
+) -> Result:
+    """Flood ``node`` and sample it; flood connections still unanswered after ``observe_s`` give up."""
     pid = node.process.pid
     before = sample(pid, node.data_dir)
     started = trio.current_time()
-    until = started + BODY_DEADLINE_S + AFTER_MARGIN_S
+    until = started + observe_s
     bulk_done: list[int] = []
     answers: Counter[str] = Counter()
     peak = before.rss_mib

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
+from scripts.flood_http import Node, run_flood
 from sync.messages import Ack, Error, Message, decode_message, encode_message
 from sync.transport import RequestContext
-from transports.http import HttpTransport, parse_host_port
+from transports.http import DEFAULT_MAX_INFLIGHT_BODY_BYTES, HttpTransport, parse_host_port
 
 TIMEOUT_S = 20  # every test is bounded; each takes a few seconds at most
 HEAD = b"POST /api/v0 HTTP/1.1\r\nhost: x\r\ncontent-type: application/msgpack\r\n"
@@ -168,3 +172,17 @@ async def test_an_honest_body_still_goes_through_after_the_refusals() -> None:
                 status, _ = await _status(stream)
                 assert status == 200
             assert transport.body_budget.used == 0
+
+
+@pytest.mark.slow
+def test_a_flood_against_a_real_node_holds_no_more_than_the_body_budget(tmp_path: Path) -> None:
+    """16 connections x 15.7 MB against ``eidetica-node run``: RSS grows by the budget, not 250 MB."""
+    node = Node(tmp_path / "data")
+    try:
+        result = trio.run(partial(run_flood, node, 16, 15_700_000, observe_s=6.0))
+    finally:
+        node.stop()
+    grown = result.during.rss_mib - result.before.rss_mib
+    budget_mib = DEFAULT_MAX_INFLIGHT_BODY_BYTES / 2**20
+    assert grown < budget_mib + 40, f"RSS grew {grown:.0f} MiB during the flood"  # it grew ~235 MiB before
+    assert result.answers.get("503") == 12  # four 15.7 MB bodies fit in 64 MiB; the rest are refused
