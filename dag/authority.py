@@ -248,21 +248,34 @@ class Authority:
     # ---- rule 2: effective tips -----------------------------------------------------
 
     def tips(
-        self, tree: bytes, store: str, tips: frozenset[bytes], settings_tips: frozenset[bytes], auth: AuthSettings
+        self,
+        tree: bytes,
+        store: str,
+        tips: frozenset[bytes],
+        settings_tips: frozenset[bytes],
+        auth_of: Callable[[], AuthSettings],
     ) -> frozenset[bytes]:
         """``tips`` of ``store`` (``""``: the main DAG) less the writes that no longer count.
 
-        ``auth`` is the parsed ``settings(tree, settings_tips)`` (the caller caches it).
+        ``auth_of`` gives the parsed ``settings(tree, settings_tips)`` (the caller caches
+        it). Answers are memoised per (tips, settings tips): a read costs a lookup.
         """
+        key = (tree, store, tips, settings_tips)
+        found = self._tips.get(key)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+        result = self._effective(tree, store, tips, settings_tips, auth_of())
+        self._tips.put(key, result)
+        return result
+
+    def _effective(
+        self, tree: bytes, store: str, tips: frozenset[bytes], settings_tips: frozenset[bytes], auth: AuthSettings
+    ) -> frozenset[bytes]:
         if not auth.configured:
             return tips
         bad = [cid for cid in tips if not self._counts(cid, store, auth, tree, settings_tips)]
         if not bad:
             return tips
-        key = (tree, store, tips, settings_tips)
-        found = self._tips.get(key)
-        if found is not None:
-            return found  # type: ignore[no-any-return]
         kept = set(tips) - set(bad)
         visited = set(tips)
         frontier = bad
@@ -282,9 +295,7 @@ class Authority:
                     kept.add(cid)
                 else:
                     frontier.append(cid)
-        result = frozenset(kept)
-        self._tips.put(key, result)
-        return result
+        return frozenset(kept)
 
     def _counts(self, cid: bytes, store: str, auth: AuthSettings, tree: bytes, settings_tips: frozenset[bytes]) -> bool:
         """Whether the write ``cid`` made to ``store`` counts: its signer may make it now, or

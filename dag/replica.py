@@ -255,8 +255,9 @@ class Replica:
         """The tips reads and new entries start from: the Verified tips less the writes
         whose signer may no longer make them (dag/authority.py, rule 2)."""
         settings_tips = self.tips_held(tree, SETTINGS_STORE)
-        auth = self.auth_at_held(tree, settings_tips)
-        return self.authority.tips(tree, store, self.tips_held(tree, store), settings_tips, auth)
+        return self.authority.tips(
+            tree, store, self.tips_held(tree, store), settings_tips, lambda: self.auth_at_held(tree, settings_tips)
+        )
 
     effective_tips = _locked(effective_tips_held)
 
