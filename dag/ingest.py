@@ -399,8 +399,10 @@ class Ingest:
     def _write_refusal(
         self, tree: bytes, pin: tuple[bytes, ...], pubkey: bytes, stores: dict[str, DocDelta | None]
     ) -> str | None:
+        at = frozenset(pin)
         try:
-            check_write(self.replica.auth_at_held(tree, frozenset(pin)), pubkey_to_text(pubkey), stores)
+            settings = self.replica.settings_state(tree, at)
+            check_write(settings, pubkey_to_text(pubkey), stores, self.replica.auth_at_held(tree, at))
         except PermissionDeniedError as exc:
             return str(exc)
         return None
