@@ -20,7 +20,7 @@ import trio
 from scripts.flood_http import Node, run_flood
 from sync.messages import Ack, Error, Message, decode_message, encode_message
 from sync.transport import RequestContext
-from transports.http import DEFAULT_MAX_INFLIGHT_BODY_BYTES, HttpTransport, parse_host_port
+from transports.http import DEFAULT_MAX_INFLIGHT_BODY_BYTES_PER_SOURCE, HttpTransport, parse_host_port
 
 TIMEOUT_S = 20  # every test is bounded; each takes a few seconds at most
 HEAD = b"POST /api/v0 HTTP/1.1\r\nhost: x\r\ncontent-type: application/msgpack\r\n"
@@ -158,6 +158,47 @@ async def test_slow_connections_together_hold_no_more_than_the_body_budget() -> 
                     await stream.aclose()
 
 
+async def _connect_from(address: str, source: str) -> trio.SocketStream:
+    """A connection from another loopback address (all of 127.0.0.0/8 is local on Linux)."""
+    host, port = parse_host_port(address)
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect((host, port))
+    return trio.SocketStream(sock)
+
+
+async def test_one_address_holds_only_its_share_and_small_bodies_always_pass() -> None:
+    """Per source 1 MiB of a 1.5 MiB budget: a second big body from 127.0.0.1 is refused, one
+    from 127.0.0.2 is taken, and a small request from the full source still gets answered."""
+    mib = 1024 * 1024
+    options = {"max_inflight_body_bytes": 3 * mib // 2, "max_inflight_body_bytes_per_source": mib}
+    with trio.fail_after(TIMEOUT_S):
+        async with _serving(body_timeout_s=5.0, **options) as (transport, address):
+            held = await _connect(address)
+            others = [await _connect(address), await _connect_from(address, "127.0.0.2")]
+            try:
+                await held.send_all(HEAD + b"content-length: 2000000\r\n\r\n" + b"\x00" * 900_000)
+                await trio.sleep(0.2)
+                assert transport.body_budget.used == 900_000
+                for stream in others:
+                    await stream.send_all(HEAD + b"content-length: 2000000\r\n\r\n" + b"\x00" * 400_000)
+                with trio.fail_after(2):
+                    status, body = await _status(others[0])  # same address: over its 1 MiB share
+                assert status == 503 and _code(body) == "transport"
+                await trio.sleep(0.2)
+                assert transport.body_budget.used == 1_300_000  # 127.0.0.2's body is being taken in
+                small = encode_message(Ack())
+                stream = await _connect(address)
+                async with stream:
+                    await stream.send_all(HEAD + b"content-length: %d\r\n\r\n" % len(small) + small)
+                    with trio.fail_after(2):
+                        assert (await _status(stream))[0] == 200
+            finally:
+                for stream in [held, *others]:
+                    await stream.aclose()
+        assert transport.body_budget.used == 0
+
+
 async def test_an_honest_body_still_goes_through_after_the_refusals() -> None:
     with trio.fail_after(TIMEOUT_S):
         async with _serving(max_frame_bytes=64 * 1024, body_timeout_s=1.0) as (transport, address):
@@ -176,13 +217,13 @@ async def test_an_honest_body_still_goes_through_after_the_refusals() -> None:
 
 @pytest.mark.slow
 def test_a_flood_against_a_real_node_holds_no_more_than_the_body_budget(tmp_path: Path) -> None:
-    """16 connections x 15.7 MB against ``eidetica-node run``: RSS grows by the budget, not 250 MB."""
+    """16 connections x 15.7 MB against ``eidetica-node run``: RSS grows by one address's share, not 250 MB."""
     node = Node(tmp_path / "data")
     try:
         result = trio.run(partial(run_flood, node, 16, 15_700_000, observe_s=6.0))
     finally:
         node.stop()
     grown = result.during.rss_mib - result.before.rss_mib
-    budget_mib = DEFAULT_MAX_INFLIGHT_BODY_BYTES / 2**20
-    assert grown < budget_mib + 40, f"RSS grew {grown:.0f} MiB during the flood"  # it grew ~235 MiB before
-    assert result.answers.get("503") == 12  # four 15.7 MB bodies fit in 64 MiB; the rest are refused
+    share_mib = DEFAULT_MAX_INFLIGHT_BODY_BYTES_PER_SOURCE / 2**20  # every connection comes from 127.0.0.1
+    assert grown < share_mib + 40, f"RSS grew {grown:.0f} MiB during the flood"  # it grew ~244 MiB before
+    assert result.answers.get("503") == 15  # one 15.7 MB body fits in an address's 16 MiB; the rest are refused

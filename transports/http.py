@@ -7,7 +7,8 @@ that cannot be decoded never reaches the handler: it gets a 400 (or 413 when too
 whose body is an ``Error`` message in the request's format. A body is bounded before it
 is buffered: a declared length over the frame limit is refused at once, a chunked one is
 cut at the limit, the whole body has a deadline (408), and the bytes buffered across all
-connections share one budget (503 past it). ``GET /health`` says the server is up.
+connections share one budget, with a share per remote address (503 past either; small
+bodies always pass). ``GET /health`` says the server is up.
 
 Asking: one shared ``httpx.AsyncClient`` per transport (kept-alive connections are
 reused across requests), answers parsed frame by frame as bytes arrive, every httpx
@@ -78,6 +79,15 @@ DEFAULT_BODY_TIMEOUT_S: Final = 30.0
 # this much (not 60 x 16 MiB). A body that would go over it is refused with 503 (the
 # sender's engine retries with backoff).
 DEFAULT_MAX_INFLIGHT_BODY_BYTES: Final = 64 * 1024 * 1024
+# Of that, what the connections from one address may hold at once: one full frame. An
+# attacker on one address (60 slow connections) then holds 16 MiB, and the other 48 MiB
+# stay for everyone else; an honest peer pushes one batch at a time.
+DEFAULT_MAX_INFLIGHT_BODY_BYTES_PER_SOURCE: Final = DEFAULT_MAX_FRAME_BYTES
+# A body no larger than this is never refused for the budget (it is still counted):
+# handshakes, SyncTree requests and small pushes are a few KiB, so a few connections
+# holding the budget cannot shut a node off HTTP sync. Each connection already costs up
+# to 640 KiB in hypercorn's queue, so this adds little to what a connection can hold.
+SMALL_BODY_BYTES: Final = 64 * 1024
 # Connecting on a LAN or loopback takes milliseconds; a peer that cannot be reached in
 # this long is treated as unreachable and the engine tries its next address.
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
@@ -151,25 +161,38 @@ class _BodyRefused(Exception):
 
 
 class BodyBudget:
-    """Request-body bytes buffered right now, across every connection, against a cap.
+    """Request-body bytes buffered right now, across every connection, against caps.
 
-    Only the trio thread touches it (every request handler runs there), so a plain
-    counter is enough. ``used`` is exposed for tests and status.
+    Two caps: ``limit`` for all connections together and ``per_source`` for those of
+    one remote address; a body that stays within ``small`` bytes passes either way.
+    Only the trio thread touches it (every request handler runs there), so plain
+    counters are enough; a source's entry goes when its last body does, so the map is
+    never larger than the number of bodies in flight. ``used`` is exposed for tests.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_source: int, small: int = SMALL_BODY_BYTES) -> None:
         self.limit = limit
+        self.per_source = per_source
+        self.small = small
         self.used = 0
+        self._by_source: dict[str, int] = {}
 
-    def take(self, size: int) -> bool:
-        """Reserve ``size`` bytes; False (nothing reserved) if that would pass the cap."""
-        if self.used + size > self.limit:
+    def take(self, source: str, size: int, held: int) -> bool:
+        """Reserve ``size`` more bytes for a body from ``source`` that holds ``held``; False if over a cap."""
+        mine = self._by_source.get(source, 0)
+        if held + size > self.small and (self.used + size > self.limit or mine + size > self.per_source):
             return False
         self.used += size
+        self._by_source[source] = mine + size
         return True
 
-    def give(self, size: int) -> None:
+    def give(self, source: str, size: int) -> None:
+        if not size:
+            return
         self.used -= size
+        left = self._by_source.pop(source, 0) - size
+        if left > 0:
+            self._by_source[source] = left
 
 
 class HttpTransport:
@@ -185,6 +208,7 @@ class HttpTransport:
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
         max_inflight_body_bytes: int = DEFAULT_MAX_INFLIGHT_BODY_BYTES,
+        max_inflight_body_bytes_per_source: int = DEFAULT_MAX_INFLIGHT_BODY_BYTES_PER_SOURCE,
     ) -> None:
         self._bind_host, self._bind_port = parse_host_port(bind)  # a bad bind fails here, not when serving
         for address in advertise or ():
@@ -194,7 +218,7 @@ class HttpTransport:
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.body_timeout_s = body_timeout_s
-        self.body_budget = BodyBudget(max_inflight_body_bytes)
+        self.body_budget = BodyBudget(max_inflight_body_bytes, max_inflight_body_bytes_per_source)
         self._serving = False
         self._port: int | None = None  # the bound port, once listening
         self._client: httpx.AsyncClient | None = None
@@ -321,13 +345,14 @@ class HttpTransport:
         ``max_frame_bytes`` is refused at once (413), and a chunked body is counted as it
         arrives and cut as soon as it passes the limit. The whole body must arrive within
         ``body_timeout_s`` and no wait for a chunk may last ``request_timeout_s`` (408).
-        Every buffered byte is reserved in the server's :class:`BodyBudget` (503 when
-        full) and given back when this returns, however it returns.
+        Every buffered byte is reserved in the server's :class:`BodyBudget` (503 past its
+        total or per-address cap) and given back when this returns, however it returns.
         """
         limit = self.max_frame_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise _BodyRefused(413, self._oversize())
+        source = request.client.host if request.client else ""
         body = bytearray()
         chunks = request.stream()
         try:
@@ -344,7 +369,7 @@ class HttpTransport:
                         return bytes(body)
                     if len(body) + len(chunk) > limit:
                         raise _BodyRefused(413, self._oversize())
-                    if not self.body_budget.take(len(chunk)):
+                    if not self.body_budget.take(source, len(chunk), len(body)):
                         raise _BodyRefused(
                             503, Error("transport", "the peer is receiving too many request bodies; try again")
                         )
@@ -352,7 +377,7 @@ class HttpTransport:
             assert deadline.cancelled_caught
             raise _BodyRefused(408, Error("timeout", f"request body did not arrive within {self.body_timeout_s:g} s"))
         finally:
-            self.body_budget.give(len(body))
+            self.body_budget.give(source, len(body))
             del body  # freed now, not when the answer has gone out
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                 await chunks.aclose()
