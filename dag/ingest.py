@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import libipld
 
 from .auth import AuthSettings, check_write
-from .crdt.doc import DocDelta, apply_doc_delta, decode_doc_delta
+from .crdt.doc import MAX_VALUE_DEPTH, DocDelta, apply_doc_delta, decode_doc_delta, wire_too_deep
 from .entry import INDEX_STORE, ROOT_STORE, SETTINGS_STORE, Entry, decode_entry
 from .errors import GarbageEntryError, InvalidValueError, PermissionDeniedError
 from .ids import cid_to_text, join_cids, split_cids
@@ -104,6 +104,17 @@ def _decode_and_check(raws: Sequence[bytes], processes: SignatureProcesses | Non
         entries.append(entry)
         checks.append(entry.signature_valid())
     return entries, checks
+
+
+def _data_too_deep(data: bytes) -> bool:
+    """A data delta past the depth limit (shorter ones cannot be: a level costs a byte)."""
+    try:
+        value = libipld.decode_dag_cbor(data)
+    except RecursionError:
+        return True
+    except ValueError:
+        return False  # unreadable data writes nothing: every fold skips it the same way
+    return isinstance(value, dict | list) and wire_too_deep(value)
 
 
 class PreparedEntries:
@@ -363,6 +374,8 @@ class Ingest:
                     if name != ROOT_STORE and node.data is not None:
                         stores[name] = decode_doc_delta(libipld.decode_dag_cbor(node.data))
                         continue
+                elif node.data is not None and len(node.data) > MAX_VALUE_DEPTH and _data_too_deep(node.data):
+                    return f"store {name!r}: value nested deeper than {MAX_VALUE_DEPTH} levels of maps and lists"
                 stores[name] = None
         except (ValueError, InvalidValueError, RecursionError) as exc:
             return f"unreadable settings delta: {exc}"

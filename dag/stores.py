@@ -145,7 +145,7 @@ class Table:
             raise InvalidValueError("a row is a dict")
         if not isinstance(row_id, str) or row_id == "":
             raise InvalidValueError("a row ID is non-empty text")
-        self._writable()[row_id] = check_json(row, f"row {row_id}")
+        self._writable()[row_id] = check_json(row, f"row {row_id}", 2)  # in the table (depth 1)
 
     update = set
 

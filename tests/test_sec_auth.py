@@ -25,10 +25,9 @@ from dag.errors import InvalidValueError
 from sync import SyncConfig, enable_sync
 from sync.messages import Count, Error, Message, SendEntries, SyncTree, decode_message, encode_message
 from sync.proofs import make_proof
+from tests.conftest import InstanceFactory
 from transports.http import API_PATH, HttpTransport
 from transports.http_codec import CONTENT_MSGPACK
-
-from tests.conftest import InstanceFactory
 
 # ---- building hostile entries ------------------------------------------------------------
 
@@ -117,9 +116,12 @@ def test_admins_of_one_rank_cannot_depose_each_other(instance: Instance) -> None
     second = SigningKey.generate()
     with db.transaction() as txn:
         txn.settings().add_key(second.pubkey, Permission.admin(5))
-    with pytest.raises(PermissionDeniedError, match=r"cannot drop, revoke or weaken key"):
-        with db.with_key(first).transaction() as txn:
-            txn.settings().revoke_key(second.pubkey)
+    as_first = db.with_key(first)
+    with (
+        pytest.raises(PermissionDeniedError, match=r"cannot drop, revoke or weaken key"),
+        as_first.transaction() as txn,
+    ):
+        txn.settings().revoke_key(second.pubkey)
     with pytest.raises(PermissionDeniedError, match=r"weaken itself"), db.with_key(first).transaction() as txn:
         txn.settings().add_key(first.pubkey, Permission.write(0))
     with db.with_key(first).transaction() as txn:  # a weaker key is still theirs to manage
@@ -345,9 +347,23 @@ def test_a_deep_value_from_a_peer_never_breaks_reads_or_settings(make_instance: 
         txn.doc("d").set("fine", 1)
     key = owner.device_key
     deep_data = wire_entry(db, key, {"d": {"deep": _nested(800)}})
-    owner.put_remote_entries([deep_data.raw])
-    assert db.doc("d").to_dict() == {"fine": 1}  # skipped, identically on every node
+    result = owner.put_remote_entries([deep_data.raw])
+    assert deep_data.id in result.failed and "nested deeper than 64" in result.failed[deep_data.id]
+    assert db.doc("d").to_dict() == {"fine": 1}
     deep_settings = wire_entry(db, key, {"_settings": {"junk": _nested(600)}})
     result = owner.put_remote_entries([deep_settings.raw])
     assert deep_settings.id in result.failed and "nested deeper" in result.failed[deep_settings.id]
     assert db.name == "deep"
+
+
+def test_values_at_the_limit_written_here_verify_everywhere(make_instance: InstanceFactory) -> None:
+    """The write check and the receive check count depth the same way: no fork at the edge."""
+    owner, replica = make_instance(), make_instance()
+    db = owner.create_database()
+    with db.transaction() as txn:
+        txn.doc("d").set("edge", _nested(MAX_VALUE_DEPTH - 1))
+        txn.doc("d").set("list", [[_nested(MAX_VALUE_DEPTH - 3)]])
+        txn.table("t").insert(_nested(MAX_VALUE_DEPTH - 1))
+    result = replica.put_remote_entries(raw for _cid, raw in db.raw_entries())
+    assert result.failed == {} and len(result.verified) == 2
+    assert replica.open_database(db.id).doc("d").to_dict() == db.doc("d").to_dict()

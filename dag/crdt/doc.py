@@ -209,6 +209,24 @@ def apply_doc_delta(state: dict[str, Any], delta: DocDelta) -> None:
             state[key] = node
 
 
+def wire_too_deep(value: Any) -> bool:
+    """Whether a delta in its decoded wire form (maps and lists) is past ``MAX_VALUE_DEPTH``.
+
+    Iterative, so any depth a decoder returns is measured without recursion; what ingest
+    runs on every received data delta, so it stops at the first level past the limit.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, dict | list):
+                if level >= MAX_VALUE_DEPTH:
+                    return True
+                stack.append((child, level + 1))
+    return False
+
+
 def encode_doc_delta(delta: DocDelta) -> dict[str, Any]:
     """The wire form of ``delta``; raises :class:`InvalidValueError` past ``MAX_VALUE_DEPTH``.
 

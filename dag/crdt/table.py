@@ -32,7 +32,7 @@ def decode_table_delta(value: Any) -> dict[str, Any]:
         if row == b"":
             delta[row_id] = TOMBSTONE
         elif isinstance(row, dict):
-            delta[row_id] = decode_json(row, 1)  # a row sits where a document would: depth 1
+            delta[row_id] = decode_json(row, 2)  # a row sits in the table (depth 1): depth 2
         else:
             raise InvalidValueError(f"row {row_id!r} is not an object")
     return delta
