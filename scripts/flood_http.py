@@ -14,6 +14,8 @@ Reported (VmRSS and VmHWM from /proc; data-directory bytes summed over its files
 plus a margin, every flood connection answered or closed). ``answers`` counts how each
 flood connection ended (HTTP status, or ``closed`` when the node hung up first);
 ``health_ms`` is the slowest ``GET /health`` on a fresh connection during the flood.
+``--sources N`` spreads the connections over N loopback addresses (the node gives each
+address a share of its body budget; with several, the total cap is what holds).
 ``--quick`` runs 30 connections and finishes in about 45 s; the default is the 60 of
 the report.
 """
@@ -61,6 +63,7 @@ class Sample:
 @dataclass
 class Result:
     connections: int
+    sources: int
     body_bytes: int
     before: Sample
     during: Sample
@@ -142,7 +145,21 @@ async def _status_of(stream: trio.SocketStream) -> str:
     return data.split(b" ", 2)[1].decode()
 
 
-async def flood_one(port: int, body_bytes: int, until: float, bulk_done: list[int], answers: Counter[str]) -> None:
+async def _open_from(source: str, port: int) -> trio.SocketStream:
+    """A connection to the node from ``source``, one of the loopback addresses (127.0.0.0/8)."""
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def flood_one(
+    port: int, source: str, body_bytes: int, until: float, bulk_done: list[int], answers: Counter[str]
+) -> None:
     """One attacker connection: the bulk at once, then a byte every TRICKLE_S until answered or ``until``.
 
     Appends to ``bulk_done`` once its bulk is sent or the node has cut it off, and adds
@@ -151,7 +168,7 @@ async def flood_one(port: int, body_bytes: int, until: float, bulk_done: list[in
     outcome: list[str] = []
     try:
         with trio.fail_after(CONNECT_TIMEOUT_S):
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = await _open_from(source, port)
     except (OSError, trio.TooSlowError):
         bulk_done.append(1)
         answers["connect failed"] += 1
@@ -202,7 +219,11 @@ async def health_ms(port: int) -> float:
 
 
 async def run_flood(
-    node: Node, connections: int, body_bytes: int, observe_s: float = BODY_DEADLINE_S + AFTER_MARGIN_S
+    node: Node,
+    connections: int,
+    body_bytes: int,
+    observe_s: float = BODY_DEADLINE_S + AFTER_MARGIN_S,
+    sources: int = 1,
 ) -> Result:
     """Flood ``node`` and sample it; flood connections still unanswered after ``observe_s`` give up."""
     pid = node.process.pid
@@ -215,8 +236,9 @@ async def run_flood(
     during: Sample | None = None
     worst_health = 0.0
     async with trio.open_nursery() as nursery:
-        for _ in range(connections):
-            nursery.start_soon(flood_one, node.port, body_bytes, until, bulk_done, answers)
+        for index in range(connections):
+            source = f"127.0.0.{1 + index % sources}"
+            nursery.start_soon(flood_one, node.port, source, body_bytes, until, bulk_done, answers)
         while trio.current_time() < until and sum(answers.values()) < connections:
             await trio.sleep(SAMPLE_S)
             now = sample(pid, node.data_dir)
@@ -230,6 +252,7 @@ async def run_flood(
     after = sample(pid, node.data_dir)
     return Result(
         connections=connections,
+        sources=sources,
         body_bytes=body_bytes,
         before=before,
         during=during or after,
@@ -244,7 +267,8 @@ async def run_flood(
 def table(result: Result) -> str:
     mib = 1024 * 1024
     lines = [
-        f"slow-body flood: {result.connections} connections x {result.body_bytes / 1e6:.1f} MB sent at once, "
+        f"slow-body flood: {result.connections} connections from {result.sources} address(es) x "
+        f"{result.body_bytes / 1e6:.1f} MB sent at once, "
         f"then one byte every {TRICKLE_S:g} s ({result.elapsed_s:g} s)",
         f"{'when':<8} {'RSS MiB':>9} {'HWM MiB':>9} {'data dir MiB':>13}",
     ]
@@ -262,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--connections", type=int, help="flood connections (default 60; quick 30)")
     parser.add_argument("--body-mb", type=float, default=15.7, help="MB each sends at once (default 15.7)")
+    parser.add_argument(
+        "--sources", type=int, default=1, help="spread the connections over 127.0.0.1..127.0.0.N (default 1)"
+    )
     args = parser.parse_args(argv)
     connections = args.connections or (30 if args.quick else 60)
     body_bytes = int(args.body_mb * 1e6)
@@ -269,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         node = Node(workdir / "data")
         try:
-            result = trio.run(run_flood, node, connections, body_bytes)
+            result = trio.run(run_flood, node, connections, body_bytes, BODY_DEADLINE_S + AFTER_MARGIN_S, args.sources)
         finally:
             node.stop()
     finally:
