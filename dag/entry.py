@@ -56,7 +56,14 @@ _META_KEYS = frozenset({"settings_tips", "entropy"})
 
 @dataclass(frozen=True, slots=True)
 class StoreNode:
-    """One store an entry touches: its own parents, the delta it writes, its height."""
+    """One store an entry touches: its own parents, the delta it writes, its height.
+
+    ``height_override`` (``h``) is only structurally checked here (a positive integer
+    below 2^63). Verification bounds it: above every store parent's height and at most
+    the entry's own height (``dag.ingest``, invariant 7), so that no entry can put a
+    store's height out of reach of the honest entries after it. Local commits never
+    write one.
+    """
 
     name: str
     parents: tuple[bytes, ...]
