@@ -114,7 +114,7 @@ def control_app(service: NodeService, *, commands: bool = True) -> Starlette:
         try:
             arguments = parse_json(body) if body.strip() else {}
         except JsonInputError as exc:
-            return JSONResponse({"error": f"body is not usable JSON: {exc}", "code": "bad_request"}, status_code=400)
+            return JSONResponse({"error": f"body is not JSON: {exc}", "code": "bad_request"}, status_code=400)
         if not isinstance(arguments, dict):
             return JSONResponse({"error": "arguments are a JSON object", "code": "bad_request"}, status_code=400)
         try:

@@ -98,14 +98,13 @@ def test_control_api_json_errors_say_what_is_wrong(node: NodeProcess) -> None:
     with _control(node) as client:
         cases = {
             b'{"db": "notes", "key": "k", "value": "\\udc00"}': (
-                "body is not usable JSON: invalid JSON: a string holds a lone surrogate \\udc00 (not valid Unicode)"
+                "body is not JSON: invalid JSON: a string holds a lone surrogate \\udc00 (not valid Unicode)"
             ),
             b'{"db": "notes", "key": "k", "value": ' + b"[" * 70 + b"]" * 70 + b"}": (
-                "body is not usable JSON: JSON nested deeper than 64 levels"
+                "body is not JSON: JSON nested deeper than 64 levels"
             ),
             b'{"db": "notes",}': (
-                "body is not usable JSON: invalid JSON at line 1 column 16: "
-                "Expecting property name enclosed in double quotes"
+                "body is not JSON: invalid JSON at line 1 column 16: Expecting property name enclosed in double quotes"
             ),
         }
         for body, message in cases.items():
