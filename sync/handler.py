@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -90,6 +92,7 @@ MAX_RECENT_HELLOS = 1_024
 MAX_UNVERIFIED_PER_PEER = 20_000
 MAX_UNVERIFIED_BYTES_PER_PEER = 64 * 1024 * 1024
 MAX_BUDGET_PEERS = 4_096
+SETTLE_INTERVAL_S = 1.0  # an over-budget peer's held entries are re-checked at most this often
 MAX_UNREADABLE_LOGGED = 1_024  # databases whose unreadable settings were logged (each once)
 
 T = TypeVar("T")
@@ -204,12 +207,21 @@ class PendingHandshakes:
             del self._by_source[pending.source]
 
 
+@dataclass(slots=True)
+class _Held:
+    entries: dict[bytes, tuple[bytes, int]]  # entry ID -> (database, bytes)
+    bytes: int = 0
+    settled_at: float = -math.inf  # time.monotonic() of the last settle
+
+
 class UnverifiedBudget:
     """What each peer has left stored Unverified here, bounded per peer.
 
-    ``check`` before storing a peer's entries (it first forgets those that have settled
-    since); ``add`` what a put left Unverified. Peers are tracked in LRU order, at most
-    ``max_peers``. Shared by the serving side (pushes) and the asking side (answers).
+    ``check`` before storing a peer's entries (when over, it first forgets those that have
+    settled since, at most once per ``SETTLE_INTERVAL_S`` per peer, so a peer hammering at
+    its bound costs a dict lookup per request, not a status lookup per held entry); ``add``
+    what a put left Unverified. At most ``max_peers`` are tracked, least recently charged
+    dropped first. Shared by the serving side (pushes) and the asking side (answers).
     """
 
     def __init__(
@@ -224,51 +236,65 @@ class UnverifiedBudget:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._max_peers = max_peers
-        self._held: OrderedDict[str, dict[bytes, tuple[bytes, int]]] = OrderedDict()  # peer -> cid -> (db, size)
+        self._held: OrderedDict[str, _Held] = OrderedDict()
 
     def held(self, peer: str) -> tuple[int, int]:
         """(entries, bytes) the peer is charged with."""
-        held = self._held.get(peer, {})
-        return len(held), sum(size for _db, size in held.values())
+        held = self._held.get(peer)
+        return (len(held.entries), held.bytes) if held else (0, 0)
+
+    def _fits(self, peer: str, entries: int, size: int) -> bool:
+        count, held_bytes = self.held(peer)
+        return count + entries <= self.max_entries and held_bytes + size <= self.max_bytes
 
     def check(self, peer: str, entries: int, size: int) -> None:
         """Raise ``OverBudgetError`` unless ``entries`` more (``size`` bytes) fit in the peer's budget."""
-        count, held_bytes = self.held(peer)
-        if count + entries <= self.max_entries and held_bytes + size <= self.max_bytes:
+        if self._fits(peer, entries, size):
             return
         self._settle(peer)
-        count, held_bytes = self.held(peer)
-        if count + entries > self.max_entries or held_bytes + size > self.max_bytes:
+        if not self._fits(peer, entries, size):
+            count, held_bytes = self.held(peer)
             raise OverBudgetError(
                 f"{count} entries ({held_bytes // 1024} KiB) from {peer} wait here Unverified; the limit is "
                 f"{self.max_entries} entries or {self.max_bytes // (1024 * 1024)} MiB: send their parents first"
             )
 
     def add(self, peer: str, db: bytes, result: PutResult, raws: Sequence[bytes]) -> None:
+        """Charge the peer with what ``result`` left Unverified (``raws``: what it sent)."""
+        held = self._held.get(peer)
+        if held is not None and result.verified:
+            held.settled_at = -math.inf  # progress: what it left may have settled, look again next time
         if not result.unverified:
             return
         sizes = {cid_of(raw): len(raw) for raw in raws}
-        held = self._held.setdefault(peer, {})
+        if held is None:
+            held = self._held[peer] = _Held({})
         self._held.move_to_end(peer)
         for cid in result.unverified:
-            held[cid] = (db, sizes.get(cid, 0))
+            if cid not in held.entries:
+                size = sizes.get(cid, 0)
+                held.entries[cid] = (db, size)
+                held.bytes += size
         while len(self._held) > self._max_peers:
             self._held.popitem(last=False)
 
     def _settle(self, peer: str) -> None:
         """Forget the peer's entries that are no longer Unverified (their parents came)."""
         held = self._held.get(peer)
-        if not held:
+        now = time.monotonic()
+        if held is None or now - held.settled_at < SETTLE_INTERVAL_S:
             return
+        held.settled_at = now
         databases: dict[bytes, Database | None] = {}
-        for cid, (db_cid, _size) in list(held.items()):
+        for cid, (db_cid, size) in list(held.entries.items()):
             if db_cid not in databases:
                 present = self._instance.has_database(db_cid)
                 databases[db_cid] = self._instance.open_database(db_cid) if present else None
             db = databases[db_cid]
             if db is None or db.status_of(cid) is not Status.UNVERIFIED:
-                del held[cid]
-        if not held:
+                del held.entries[cid]
+                held.bytes -= size
+        if not held.entries:
             del self._held[peer]
 
 
