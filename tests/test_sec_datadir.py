@@ -232,3 +232,16 @@ def base64_key() -> bytes:
     import base64
 
     return base64.b64encode(SigningKey.generate().seed) + b"\n"
+
+
+def test_run_refuses_a_symlinked_data_directory_in_one_line(open_parent: Path) -> None:
+    real = open_parent / "real"
+    real.mkdir(mode=0o700)
+    os.symlink(real, open_parent / "data")
+    result = cli("run", "--data-dir", str(open_parent / "data"), "--no-p2p", "--http-bind", "127.0.0.1:0")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"eidetica-node: error: data directory {open_parent / 'data'} is a symlink; "
+        "refusing to follow it (remove it, or use the real path)\n"
+    )
+    assert list(real.iterdir()) == []

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from textual.widgets import DataTable, Static
 
+from node.metrics import Metrics
 from node.render import json_safe, terminal_safe
 from node.tui import DetailScreen, StatusApp
 from sync.messages import PROTOCOL_VERSION, Error, Handshake
@@ -258,3 +259,10 @@ def test_log_lines_escape_what_peers_wrote() -> None:
     ).stdout
     assert out == "WARNING peer " + terminal_safe(EVIL) + "\\nERROR forged\n"
     assert os.linesep not in out[:-1]
+
+
+def test_counting_a_message_with_unencodable_text_never_fails() -> None:
+    """The node's counters were where the lone surrogate blew up; they must never fail a request."""
+    metrics = Metrics()
+    metrics.message("http", "received", Handshake("ed25519:k", "\ud800", PROTOCOL_VERSION, b"\x01" * 32, ()))
+    assert metrics.totals()["messages_received"] == 1
