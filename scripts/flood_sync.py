@@ -200,12 +200,15 @@ async def handshake_flood(target: Target, sizes: Sizes) -> FloodResult:
         finally:
             await client.aclose()
         started = time.monotonic()
+        await target.cli_json("health")  # a CLI call's own cost (a fresh interpreter), to subtract
+        health_s = time.monotonic() - started
+        started = time.monotonic()
         peers = len((await target.cli_json("peers"))["peers"])
         return {
             "answers": dict(answers),
             "completed_handshakes": completed,
             "peers_recorded": peers,
-            "peers_command_s": round(time.monotonic() - started, 2),
+            "peers_command_s_over_health": round(time.monotonic() - started - health_s, 2),
         }
 
     return await measured(target, "handshake flood", sizes.handshakes + sizes.completed, sizes.after_s, flood)
