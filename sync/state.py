@@ -225,8 +225,8 @@ class SyncState:
         if self.db.doc("dbs").to_dict().get(db, {}).get(peer) != value:
             with self.db.transaction() as txn:
                 txn.doc("dbs").set(f"{db}.{peer}", value)
-        if self._served is not None:
-            self._served = None  # rebuilt on next use: a relationship changed kind
+        if served and self._served is not None:
+            self._served.add(peer)  # (a peer later related by us stays counted: the bound errs low)
 
     def may_record_served(self, peer: str) -> bool:
         """Whether a reader ``peer`` may be recorded (known already, or room under ``MAX_SERVED_PEERS``)."""

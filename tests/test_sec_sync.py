@@ -415,3 +415,36 @@ async def test_a_reader_an_admin_approved_is_pushed_to() -> None:
                 txn.doc("notes").set("live", True)
             while b.instance.open_database(db.id).doc("notes").get("live") is not True:
                 await trio.sleep(0.02)
+
+
+async def test_readers_recorded_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sync.state
+
+    monkeypatch.setattr(sync.state, "MAX_SERVED_PEERS", 5)  # the bound's mechanism, at test size
+    clock = Clock()
+    with trio.fail_after(TIMEOUT_S):
+        async with http_node(Instance.in_memory(), clock) as node, attacker() as client:
+            db = public_db(node.instance, Permission.read())
+            for _ in range(8):
+                key = SigningKey.generate()
+                proof = make_proof(key, node.instance.device_id, db.root_cid, (), clock())
+                answers = await ask(client, node, SyncTree(db.root_cid, auth=proof))
+                assert isinstance(answers[-1], Bootstrap)  # every reader is served ...
+            assert len(node.sync.state.relationships()) == 5  # ... the first five are recorded
+            assert len(node.sync.peers()) == 5
+
+
+def test_a_full_replay_guard_refuses_rather_than_forgets() -> None:
+    from sync import BusyError
+    from sync.proofs import ReplayGuard
+
+    server, db, now = SigningKey.generate(), cid_of(b"db"), 1_700_000_000_000
+    guard = ReplayGuard(capacity=3, started_ms=now - 1)
+    proofs = [make_proof(SigningKey.generate(), server.pubkey, db, (), now) for _ in range(4)]
+    for proof in proofs[:3]:
+        guard.check(proof, server.pubkey, db, (), now)
+    with pytest.raises(BusyError):
+        guard.check(proofs[3], server.pubkey, db, (), now)
+    early = make_proof(SigningKey.generate(), server.pubkey, db, (), now - 2)
+    with pytest.raises(Exception, match="predates this node's start"):
+        ReplayGuard(started_ms=now - 1).check(early, server.pubkey, db, (), now)
