@@ -6,7 +6,9 @@ The victim is a node in a process of its own (``python -m tests.proc_node --tran
 http``: SQLite in a temporary data directory, the real HTTP transport on 127.0.0.1) holding
 one public database (global Write, as ``create`` makes it). The attacker, in this process,
 joins it with the ticket (a real bootstrap over HTTP) and then, with a key nobody granted
-anything, POSTs ``SendEntries`` requests of junk, half of each:
+anything, POSTs ``SendEntries`` requests of junk from ``--sources`` loopback addresses
+(default 3: more than one, so that the sync layer's per-peer bound does not stop the flood
+before the database's own bound in storage is reached), half of each kind:
 
 * **Unverified**: well-formed, validly signed entries whose parent is an ID nobody holds,
   so they can only wait; each carries ``PAD`` bytes of data;
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -54,6 +57,10 @@ QUICK_BYTES = 160 * 1024 * 1024
 FULL_BYTES = 400 * 1024 * 1024
 READY_TIMEOUT_S = 60.0  # a node process that is not serving by then is broken
 ANSWER_TIMEOUT_S = 60.0  # one request: decoding, checking and storing ~2 MiB
+# The junk is sent from this many loopback addresses (127.0.0.2, .3, ...), round robin: the
+# sync layer bounds what each peer leaves Unverified (64 MiB), so one source alone stops at
+# that bound; three go past it, to the database's own bound in storage.
+SOURCES = 3
 
 
 @dataclass
@@ -65,6 +72,7 @@ class Sample:
 @dataclass
 class Report:
     quick: bool
+    sources: int
     sent_entries: int = 0
     sent_bytes: int = 0
     requests: int = 0
@@ -180,8 +188,19 @@ async def flood(report: Report, node: NodeProcess, data_dir: Path, workdir: Path
     peak = Sample(0, 0)
     started = time.monotonic()
     try:
-        async with httpx.AsyncClient(timeout=ANSWER_TIMEOUT_S, trust_env=False) as client:
+        async with AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        timeout=ANSWER_TIMEOUT_S,
+                        trust_env=False,
+                        transport=httpx.AsyncHTTPTransport(local_address=f"127.0.0.{2 + k}"),
+                    )
+                )
+                for k in range(report.sources)
+            ]
             while report.sent_bytes < total:
+                client = clients[report.requests % len(clients)]
                 raws = junk_batch(db, stranger, report.requests)
                 body = encode_message(SendEntries(db.root_cid, tuple(raws)))
                 response = await client.post(url, content=body, headers={"content-type": CONTENT_MSGPACK})
@@ -221,9 +240,9 @@ def stored_junk(data_dir: Path) -> dict[str, int]:
     }
 
 
-def run(quick: bool) -> Report:
+def run(quick: bool, sources: int = SOURCES) -> Report:
     limits = {"max_unverified_entries": MAX_UNVERIFIED_ENTRIES, "max_unverified_bytes": MAX_UNVERIFIED_BYTES}
-    report = Report(quick=quick, limits=limits)
+    report = Report(quick=quick, sources=sources, limits=limits)
     with tempfile.TemporaryDirectory(prefix="flood-disk-") as tmp:
         workdir = Path(tmp)
         data_dir = workdir / "victim"
@@ -249,7 +268,8 @@ def _mib(value: int) -> str:
 def print_table(report: Report) -> None:
     print(
         f"flood: {report.sent_entries:,} junk entries, {_mib(report.sent_bytes)} in {report.requests} SendEntries"
-        f" over HTTP in {report.flood_s} s (answers: {report.answered_failed:,} failed)"
+        f" over HTTP from {report.sources} addresses in {report.flood_s} s"
+        f" (answers: {report.answered_failed:,} failed)"
     )
     if report.refused_requests:
         print(f"requests answered with an error: {report.refused_requests}")
@@ -264,8 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="160 MiB of junk instead of 400 MiB (under ~60 s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--sources", type=int, default=SOURCES, help="loopback addresses the junk comes from")
     args = parser.parse_args(argv)
-    report = run(args.quick)
+    report = run(args.quick, max(1, args.sources))
     if args.json:
         print(json.dumps(asdict(report)))
     else:
