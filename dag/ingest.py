@@ -302,12 +302,29 @@ class Ingest:
                 blockers.append(dep)
             elif meta is not None:
                 metas[dep] = meta
+        corrupt = self.replica.storage.corrupt()
+        if corrupt:
+            blockers.extend(dep for dep in corrupt if dep in metas)
         if blockers:
             for blocker in blockers:
                 self.batch.waits_added.append((blocker, entry.cid, entry.tree))
             return Status.UNVERIFIED
         reason = self._check(entry, metas)
+        if reason is not None and len(self.replica.storage.corrupt()) > len(corrupt):
+            return self._wait_for_corrupt(entry)
         return self._settle(entry, Status.FAILED if reason else Status.VERIFIED, reason)
+
+    def _wait_for_corrupt(self, entry: Entry) -> Status:
+        """Checking ``entry`` met stored bytes that do not match their ID (read as missing):
+        a refusal then may rest on what is missing, and a Failed entry is banned for good.
+        It waits instead, for the corrupt entries of its database (the next open repairs
+        them: see ``repair_corrupt``)."""
+        corrupt = self.replica.storage.corrupt()
+        metas = [self.replica.meta_of_held(cid) for cid in corrupt]
+        mine = [cid for cid, meta in zip(corrupt, metas, strict=True) if meta is not None and meta.tree == entry.tree]
+        for cid in mine or corrupt:
+            self.batch.waits_added.append((cid, entry.cid, entry.tree))
+        return Status.UNVERIFIED
 
     def _settle(self, entry: Entry, status: Status, reason: str | None) -> Status:
         cid = entry.cid

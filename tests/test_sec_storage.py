@@ -443,3 +443,35 @@ def test_format_1_file_is_migrated_its_failed_rows_becoming_banned_ids(tmp_path:
     with sqlite3.connect(data_dir / DB_FILE) as raw_db:
         assert raw_db.execute("PRAGMA user_version").fetchone()[0] == 2
         assert raw_db.execute("SELECT count(*) FROM entries WHERE status = 2").fetchone()[0] == 0
+
+
+def test_entry_checked_against_corrupt_bytes_waits_instead_of_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Corruption met while verifying (a store parent read as missing) is no reason to ban."""
+    import dag.storage.sqlite as sqlite_module
+
+    source = Instance.in_memory()
+    db = source.create_database(name="x")
+    with db.transaction() as txn:
+        txn.doc("d").set("k", "MARKER-A")
+    first = raws(db)
+    with db.transaction() as txn:
+        txn.doc("d").set("k2", 2)
+    child = db.entry(db.store_tips("d")[0])
+    data_dir = tmp_path / "node"
+    with Instance.open(data_dir) as node:
+        node.put_remote_entries(first)
+    _flip_in_file(data_dir / DB_FILE, b"MARKER-A")
+    monkeypatch.setattr(sqlite_module, "_CHECK_AT_OPEN", 0)
+    monkeypatch.setattr(sqlite_module, "_CHECK_OLD_AT_OPEN", 0)
+    with Instance.open(data_dir) as node:  # the damage is not known yet
+        result = node.put_remote_entries([child.raw])
+        assert result.failed == {} and result.unverified == [child.cid]
+        assert node.open_database(db.id).status_of(child.cid) is Status.UNVERIFIED
+    with Instance.open(data_dir) as node:  # repaired at open: the child waits for the corrupt one
+        copy = node.open_database(db.id)
+        parent = child.parents[0]
+        assert copy.missing_entries() == [parent]
+        assert set(node.put_remote_entries(raws(db)).verified) == {parent, child.cid}
+        assert copy.doc("d").to_dict() == {"k": "MARKER-A", "k2": 2}
