@@ -41,6 +41,11 @@ WriteCallback = Callable[[Database, list[str], list[str], bool], None]
 """``callback(db, tips_before, tips_after, local)``, called after every write that moved tips."""
 
 
+def _private_opener(path: str, flags: int) -> int:
+    """``open(..., opener=)`` for the lock file: created 0600, never through a symlink."""
+    return open_private(Path(path), flags, what="lock file")
+
+
 def _private_database_files(db_file: Path) -> None:
     """The SQLite file and its -wal/-shm files owner-only before SQLite opens them.
 
@@ -110,7 +115,7 @@ class Instance:
             # Owner-only, whatever was there before: the directory 0700, every file 0600,
             # no symlink followed (see dag.files).
             private_directory(directory)
-            lock = os.fdopen(open_private(directory / LOCK_FILE, what="lock file"), "a+")
+            lock = open(directory / LOCK_FILE, "a+", opener=_private_opener)  # noqa: SIM115 - held for the instance's life
         except OSError as exc:
             raise StorageError(f"cannot use data directory {directory}: {exc.strerror}") from exc
         try:
