@@ -475,3 +475,34 @@ def test_entry_checked_against_corrupt_bytes_waits_instead_of_failing(
         assert copy.missing_entries() == [parent]
         assert set(node.put_remote_entries(raws(db)).verified) == {parent, child.cid}
         assert copy.doc("d").to_dict() == {"k": "MARKER-A", "k2": 2}
+
+
+def test_a_page_of_entries_skips_a_corrupt_row_and_stays_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short page means the end (bootstrap stops there): a skipped row is made up for."""
+    import dag.storage.sqlite as sqlite_module
+
+    data_dir = tmp_path / "node"
+    with Instance.open(data_dir) as node:
+        db = node.create_database(name="x")
+        for i in range(5):
+            with db.transaction() as txn:
+                txn.doc("d").set(f"k{i}", f"v{i}-MARKER-A")
+        every = [cid for cid, _raw in db.raw_entries()]
+        db_id = db.id
+    _flip_in_file(data_dir / DB_FILE, b"v2-MARKER-A")
+    monkeypatch.setattr(sqlite_module, "_CHECK_AT_OPEN", 0)
+    monkeypatch.setattr(sqlite_module, "_CHECK_OLD_AT_OPEN", 0)
+    with Instance.open(data_dir) as node:
+        db = node.open_database(db_id)
+        pages: list[list[bytes]] = []
+        after: tuple[int, bytes] | None = None
+        while True:
+            page = db.entries_page(after, 2)
+            pages.append([cid for cid, _h, _raw in page])
+            if len(page) < 2:
+                break
+            after = (page[-1][1], page[-1][0])
+        corrupt = every[3]  # the root, then the writes of k0, k1, k2, ...
+        assert [len(p) for p in pages] == [2, 2, 1]
+        assert [cid for p in pages for cid in p] == [c for c in every if c != corrupt]
+        assert node.storage.corrupt() == [corrupt]
