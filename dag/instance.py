@@ -287,9 +287,11 @@ class Instance:
         """Store entries received from a peer, then verify them locally.
 
         Every entry is decoded and checked first; one malformed entry raises an
-        :class:`~dag.errors.EntryError` and nothing is stored. Valid entries are stored
-        Unverified and verified against the settings they pin: Verified, Failed, or left
-        Unverified while something they depend on is missing. With ``database_id`` (a
+        :class:`~dag.errors.EntryError` and nothing is stored. Valid entries are verified
+        against the settings they pin: Verified (stored), Failed (not stored: the ID goes
+        on storage's ban list, so the same bytes are refused again at once), or Unverified
+        while something they depend on is missing (stored, within the database's
+        ``IngestLimits``; past them, listed in ``PutResult.refused`` and not stored). With ``database_id`` (a
         binary ID), an entry of any other database is refused like a malformed one.
         ``entries`` may come from :meth:`prepare_remote_entries`.
         """
