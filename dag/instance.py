@@ -299,6 +299,10 @@ class Instance:
         if not isinstance(entries, PreparedEntries):
             entries = PreparedEntries(list(entries), pool, self._processes)
         with self._replica.lock:
+            if self._replica.storage.corrupt() and repair_corrupt(self._replica.storage, self._clock()):
+                # Bytes found corrupt during this run: what was verified on them waits for
+                # them again (as at open), so this batch can bring the genuine entries.
+                self._replica.reset_caches()
             ingest = Ingest(self._replica, pool, limits=self._limits, now=self._clock())
             result = ingest.run(entries, database_id)
             after = {tree: self._replica.tips(tree) for tree in ingest.tips_before}

@@ -100,6 +100,16 @@ class Replica:
             self._auth.clear()
             self._tips.clear()
 
+    def reset_caches(self) -> None:
+        """Forget every cache: storage changed underneath them (a repair of corrupt entries)."""
+        self._entries.clear()
+        self._meta.clear()
+        self._interned.clear()
+        self._tips.clear()
+        self._auth.clear()
+        self.states.clear()
+        self.authority.clear()
+
     # ---- entries and metadata -------------------------------------------------------
 
     def entry_held(self, cid: bytes) -> Entry | None:

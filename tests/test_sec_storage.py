@@ -374,6 +374,36 @@ def test_corrupt_bytes_found_by_a_read_are_never_returned(tmp_path: Path, monkey
         assert db.doc("d").get("k") is None and node.storage.corrupt() == []
 
 
+def test_corrupt_bytes_found_during_a_run_are_repaired_by_the_next_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No restart needed: the next received batch demotes what stood on the corrupt entry
+    and the genuine bytes, sent again, verify everything again."""
+    import dag.storage.sqlite as sqlite_module
+
+    data_dir = tmp_path / "node"
+    node = Instance.open(data_dir)
+    db = node.create_database(name="x")
+    for i in range(3):
+        with db.transaction() as txn:
+            txn.doc("d").set(f"k{i}", f"value-{i}-MARKER-A")
+    db_id, tips = db.id, db.tips()
+    peer = Instance.in_memory()
+    peer.put_remote_entries(raws(db))
+    middle = [cid for cid, _raw in db.raw_entries()][-2]
+    node.close()
+    _flip_in_file(data_dir / DB_FILE, b"value-1-MARKER-A")
+    monkeypatch.setattr(sqlite_module, "_CHECK_AT_OPEN", 0)
+    monkeypatch.setattr(sqlite_module, "_CHECK_OLD_AT_OPEN", 0)
+    with Instance.open(data_dir) as node:
+        db = node.open_database(db_id)
+        assert db.raws([middle]) == [] and node.storage.corrupt() == [middle]  # found by a read
+        result = node.put_remote_entries(raws(peer.open_database(db_id)))
+        assert middle in result.verified and node.storage.corrupt() == []
+        assert db.tips() == tips and db.doc("d").get("k1") == "value-1-MARKER-A"
+        assert db.status_counts() == {"unverified": 0, "verified": 4, "failed": 0}
+
+
 def test_flipped_byte_in_a_saved_state_is_ignored(tmp_path: Path) -> None:
     data_dir = tmp_path / "node"
     node = Instance.open(data_dir)
