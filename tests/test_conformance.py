@@ -56,7 +56,9 @@ async def test_handshake(kit: Kit) -> None:
             hello = await b.sync.connect(a.address)
             assert hello.pubkey == a.instance.device_id
             assert a.address in hello.addresses
-            await _until(lambda: a.sync.state.peer(b.instance.device_id) is not None)
+            # a remembers b's hello, but writes nothing for a peer that only handshook.
+            await _until(lambda: a.sync.handler.hello_of(b.instance.device_id) is not None)
+            assert a.sync.state.peer(b.instance.device_id) is None
 
 
 async def test_bootstrap_and_incremental_both_ways(kit: Kit) -> None:
@@ -87,6 +89,8 @@ async def test_sync_on_commit(kit: Kit) -> None:
         async with nodes(kit, 2) as (a, b):
             db_id = _shared(a)
             await b.sync.join(a.sync.create_ticket(db_id))
+            # a pushes to b once a's side chooses to (b only read a public database).
+            a.sync.state.relate(db_id, b.instance.device_id)
             with a.instance.open_database(db_id).transaction() as txn:
                 txn.doc("notes").set("live", True)
             await _until(lambda: b.instance.open_database(db_id).doc("notes").get("live") is True)

@@ -134,6 +134,8 @@ async def test_peer_state_bytes_and_flush_on_shutdown(tmp_path: Path) -> None:
         db = (await one.call("db.create", name="notes", public="write:10"))["id"]
         ticket = (await one.call("share", db=db))["ticket"]
         assert (await two.call("join", ticket=ticket))["db"] == db
+        # one pushes to two once one's side chooses to (two only read a public database).
+        one.service.sync.state.relate(db, two.service.instance.device_id)
         await one.call("db.set", db=db, key="k", value="v1")
 
         async def arrived() -> bool:

@@ -266,6 +266,7 @@ async def test_hole_punching_upgrades_a_relayed_connection_and_reports_it() -> N
             assert punch.succeeded and 0 < punch.duration_s < 10  # loopback: nothing stops a direct dial
             assert a.transport.connection_kind(b_peer) == "direct"
             await _until(lambda: b.transport.connection_kind(a.transport.peer_id) == "direct")
+            a.sync.state.relate(db_id, b.instance.device_id)  # a pushes to b: its choice (b only read)
             with a.instance.open_database(db_id).transaction() as txn:
                 txn.doc("notes").set("direct", True)
             await _until(lambda: b.instance.open_database(db_id).doc("notes").get("direct") is True)

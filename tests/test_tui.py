@@ -216,16 +216,18 @@ def test_tui_against_a_running_node(tmp_path: Path) -> None:
         wait_for(lambda: one.cli("db", "get", "notes", "hello").stdout.strip() == "world", message="two's write")
 
         async def scenario() -> None:
-            client = AsyncControlClient(one.data_dir)
+            # The screen of the node that joined: it chose its peer, so its `s` runs an exchange
+            # (the sharer never dials a node that only read from it: docs/security.md).
+            client = AsyncControlClient(two.data_dir)
             app = StatusApp(client, refresh_s=0.2)
             try:
                 async with app.run_test(size=APP_SIZE) as pilot:
                     await until(lambda: bool(app.snapshot and app.snapshot["peers"]), pilot.pause, "the peer")
-                    assert one.ready["device_id"] in text_of(app.query_one("#identity", Static))
+                    assert two.ready["device_id"] in text_of(app.query_one("#identity", Static))
                     [db_row] = cells(app, "#databases")
                     assert db_row[0] == "notes" and db_row[1] == "1 up to date"
                     [peer_row] = cells(app, "#peers")
-                    assert peer_row[0] == "two"
+                    assert peer_row[0] == "one"
                     await until(lambda: len(cells(app, "#events")) > 0, pilot.pause, "sync events")
 
                     await pilot.press("t")
@@ -236,7 +238,7 @@ def test_tui_against_a_running_node(tmp_path: Path) -> None:
 
                     await pilot.press("enter")
                     await until(lambda: isinstance(app.screen, DetailScreen), pilot.pause, "the database")
-                    assert two.ready["device_id"] in text_of(app.screen.query_one("#detail", Static))
+                    assert one.ready["device_id"] in text_of(app.screen.query_one("#detail", Static))
                     await pilot.press("escape")
                     await until(lambda: not isinstance(app.screen, DetailScreen), pilot.pause, "closing")
 
