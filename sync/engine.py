@@ -46,7 +46,7 @@ from .messages import Message
 from .peer import ExchangeResult, PeerHello, handshake, sync_database
 from .state import DEFAULT_INTERVAL_S, AccessRequest, PeerRecord, Relationship, SyncState
 from .ticket import Ticket
-from .transport import Address, BackgroundTransport, RequestContext, TaskStatus, Transport
+from .transport import Address, BackgroundTransport, LiveConnections, RequestContext, TaskStatus, Transport
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,8 @@ class Sync:
                 if command == "write":
                     self._writes_queued.discard(argument)
                     for relation in self.state.relationships(argument):
-                        if relation.on_commit and self._dialled(relation):
+                        reachable = self._dialled(relation) or bool(self._live_addresses(relation.peer))
+                        if relation.on_commit and reachable:
                             self.schedule(relation.peer, argument, pull=False)
 
     def _on_write(self, db: Database, _before: list[str], _after: list[str], _local: bool) -> None:
@@ -380,6 +381,16 @@ class Sync:
             )
         self.state.ensure_related(db.id, peer, interval_s=self.config.default_interval_s, served=True)
         self.state.record_sync(db.id, peer, now_ms=self._now_ms(), common=common, sent=0, received=0, error=None)
+
+    def _live_addresses(self, peer: str) -> list[Address]:
+        """Addresses that reach ``peer`` over a connection it holds open to us (no dial)."""
+        found = []
+        for name, transport in self._transports.items():
+            if isinstance(transport, LiveConnections):
+                address = transport.live_address(peer)
+                if address is not None:
+                    found.append(Address(name, address))
+        return found
 
     def _dialled(self, relation: Relationship) -> bool:
         """Whether the engine initiates exchanges for this relationship.
@@ -465,15 +476,22 @@ class Sync:
         relation = next((r for r in self.state.relationships(db_id) if r.peer == peer), None)
         if relation is not None and not self._dialled(relation):
             # A peer that only read from us: its addresses are its own claims, so they are
-            # never dialled (that would let anyone aim this node at any host). It syncs itself.
-            refused = SyncError(f"peer {peer} only reads {db_id} from this node; it is not dialled (it syncs itself)")
-            if raise_errors:
-                raise refused
-            log.info("%s", refused)
-            return True
-        record = self.state.peer(peer)
-        addresses = list(record.addresses) if record else []
-        addresses += [a for a, key in self._peers_by_address.items() if key == peer and a not in addresses]
+            # never dialled (that would let anyone aim this node at any host). Only a
+            # connection it holds open to us carries the exchange; else it syncs itself.
+            addresses = self._live_addresses(peer)
+            if not addresses:
+                refused = SyncError(
+                    f"peer {peer} only reads {db_id} from this node and holds no connection to it;"
+                    " it is not dialled (it syncs itself)"
+                )
+                if raise_errors:
+                    raise refused
+                log.info("%s", refused)
+                return True
+        else:
+            record = self.state.peer(peer)
+            addresses = list(record.addresses) if record else []
+            addresses += [a for a, key in self._peers_by_address.items() if key == peer and a not in addresses]
         access = relation.access if relation else None
         cursor = self.state.cursor(db_id, peer)
         error: Exception | None = None

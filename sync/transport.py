@@ -72,3 +72,18 @@ class BackgroundTransport(Transport, Protocol):
     """
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+@runtime_checkable
+class LiveConnections(Protocol):
+    """A transport that keeps connections open (libp2p): it can reach a peer over the very
+    connection that peer opened to us, without dialling anything.
+
+    That is how a node pushes to a peer that only read from it: the peer's announced
+    addresses are its own claims and are never dialled (docs/security.md), but answering
+    on a connection it holds open aims this node at no one else.
+    """
+
+    def live_address(self, pubkey: str) -> str | None:
+        """An address that reaches ``pubkey`` over an open connection only (None: none is open)."""
+        ...

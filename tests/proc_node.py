@@ -13,6 +13,7 @@ each with one JSON line, ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."
     join TICKET         -> {"db": ID}
     set DB KEY VALUE    -> {}                             (VALUE: the rest of the line, as text)
     get DB KEY          -> {"value": VALUE or null}
+    relate DB PEER      -> {}                             (this side syncs DB with PEER, a device key)
     info                -> {"device_id": ..., "addresses": [...], "peers": [...]}
     status              -> {"status": {...}}  (the transport's status(): reachability, reservations,
                                                direct or relayed per peer, hole punching; p2p only)
@@ -105,6 +106,12 @@ class Commands:
             "peers": [p.pubkey for p in self.sync.peers()],
         }
 
+    async def relate(self, db_id: str, peer: str) -> dict[str, Any]:
+        """This side chooses to sync ``db_id`` with ``peer`` (push on commit, dial it): a peer
+        that only read from us is otherwise reached over an open connection only."""
+        self.sync.state.relate(db_id, peer)
+        return {}
+
     async def status(self) -> dict[str, Any]:
         status = getattr(self.transport, "status", None)
         return {"status": dataclasses.asdict(status()) if callable(status) else {}}
@@ -122,6 +129,8 @@ class Commands:
             return lambda: self.set(db_id, key, value)
         if verb == "get" and len(words) == 2:
             return lambda: self.get(words[0], words[1])
+        if verb == "relate" and len(words) == 2:
+            return lambda: self.relate(words[0], words[1])
         if verb == "info" and not words:
             return self.info
         if verb == "status" and not words:

@@ -191,6 +191,9 @@ def test_sync_through_relay_between_two_nats(hole_punching: bool, rst_unsolicite
                 a.command(f"set {db} k{i} value {i}")
             started = time.monotonic()
             assert b.command(f"join {created['ticket']}")["db"] == db
+            # A pushes to B, and dials it again after the relay restarts: A's own choice
+            # (B only read a public database, so otherwise only B's open connection is used).
+            a.command(f"relate {db} {b.command('info')['device_id']}")
             print(f"\njoin through the relay (bootstrap of 51 entries): {time.monotonic() - started:.2f} s")
             assert b.command(f"get {db} k49")["value"] == "value 49"
             b_peer_view = _peer(b.status(), a_peer)

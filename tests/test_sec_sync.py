@@ -448,3 +448,28 @@ def test_a_full_replay_guard_refuses_rather_than_forgets() -> None:
     early = make_proof(SigningKey.generate(), server.pubkey, db, (), now - 2)
     with pytest.raises(Exception, match="predates this node's start"):
         ReplayGuard(started_ms=now - 1).check(early, server.pubkey, db, (), now)
+
+
+async def test_a_libp2p_reader_gets_live_pushes_over_its_own_connection_only() -> None:
+    """A node that joined a public database over libp2p holds its connection open: the
+    sharer pushes over it (no dial). Once that connection is gone it is not dialled."""
+    from tests.kit_libp2p import Libp2pKit
+
+    kit = Libp2pKit()
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            a = await kit.node(stack, "a")
+            b = await kit.node(stack, "b")
+            db = a.instance.create_database(name="public")
+            with db.transaction() as txn:
+                txn.settings().set_global(Permission.write(10))
+            await b.sync.join(a.sync.create_ticket(db.id))
+            [relation] = [r for r in a.sync.state.relationships(db.id) if r.peer == b.instance.device_id]
+            assert relation.served  # b only read: never dialled at its announced addresses
+            with db.transaction() as txn:
+                txn.doc("notes").set("live", True)
+            while b.instance.open_database(db.id).doc("notes").get("live") is not True:
+                await trio.sleep(0.01)
+            transport = a.sync._transports["p2p"]
+            assert transport.live_address(b.instance.device_id) is not None  # type: ignore[attr-defined]
+            assert transport.live_address(SigningKey.generate().pubkey) is None  # type: ignore[attr-defined]

@@ -440,6 +440,15 @@ class Libp2pTransport:
 
     # ---- status -------------------------------------------------------------------------
 
+    def live_address(self, pubkey: str) -> str | None:
+        """``/p2p/<peer ID>`` when ``pubkey``'s peer holds a connection to us: a request to
+        it rides that connection and never dials (``_open`` refuses to)."""
+        network: Any = self._host.get_network()
+        for peer in list(network.connections):
+            if peer_pubkey(peer) == pubkey and self._peer_connection(peer) is not None:
+                return f"/p2p/{peer}"
+        return None
+
     def connection_kind(self, peer_id: str) -> ConnectionKind | None:
         """``direct`` or ``relayed`` for a connected peer, None if not connected."""
         connection = self._peer_connection(PeerID.from_base58(peer_id))
@@ -543,22 +552,30 @@ class Libp2pTransport:
         from 0 of 6 failures to 6 of 6), and a relayed exchange is slow anyway.
         """
         await self._wait_ready()
+        live_only = False  # "/p2p/<ID>" alone: over an open connection only (see live_address)
         try:
             target = multiaddr.Multiaddr(address)
             if is_circuit_address(target):
                 info = None
                 peer = split_circuit_address(target)[1]
+            elif [protocol.name for protocol in target.protocols()] == ["p2p"]:
+                info, live_only = None, True
+                peer = PeerID.from_base58(target.value_for_protocol("p2p"))
             else:
                 info = info_from_p2p_addr(target)
                 peer = info.peer_id
         except Exception as exc:
             raise UnreachableError(f"not a libp2p address with a /p2p/ peer ID: {address!r}") from exc
+        if live_only and self._peer_connection(peer) is None:
+            raise UnreachableError(f"p2p:{address}: no open connection to that peer (it is not dialled)")
         try:
             with trio.fail_after(self._connect_timeout_s):
                 if self._peer_connection(peer) is None:
                     async with self._dial_locks.setdefault(peer, trio.Lock()):
                         if info is not None:
                             await dial_exactly(self._host, info)
+                        elif live_only:  # the connection closed meanwhile: still never dial
+                            raise UnreachableError(f"p2p:{address}: the connection to that peer closed")
                         elif self._peer_connection(peer) is None:
                             await dial_through_relay(self._host, target)
                 connection = self._peer_connection(peer)
@@ -570,6 +587,8 @@ class Libp2pTransport:
                 return stream, True
         except trio.TooSlowError as exc:
             raise RequestTimeoutError(f"p2p:{address}: no connection in {self._connect_timeout_s:g} s") from exc
+        except UnreachableError:
+            raise
         except RelayError as exc:
             raise UnreachableError(f"p2p:{address}: {exc}") from exc
         except Exception as exc:
