@@ -145,6 +145,8 @@ class Authority:
         self._settings.clear()
         self._tips.clear()
         self._changes.clear()
+        self._signers.clear()
+        self._before.clear()
 
     # ---- rule 1: the settings cut --------------------------------------------------
 
@@ -173,27 +175,41 @@ class Authority:
         memo = self._signers
         if cid in memo:
             return memo[cid]  # type: ignore[no-any-return]
-        # Post-order over the settings sub-DAG, iteratively: histories can be long.
+        # Post-order over the settings sub-DAG, iteratively (histories can be long), into a
+        # dict of this walk's own: the bounded memo may drop an early answer before a later
+        # child needs it, and an answer over an entry not held is never remembered.
+        done: dict[bytes, frozenset[str]] = {}
+        complete = True
+
+        def known(key: bytes) -> frozenset[str] | None:
+            return done.get(key) if key in done else memo.get(key)
+
         stack: list[tuple[bytes, bool]] = [(cid, False)]
         while stack:
             current, expanded = stack.pop()
-            if current in memo:
+            if known(current) is not None:
                 continue
             entry = self._load(current)
             if entry is None:
-                continue  # not held (only inside a batch being decided): nothing to remember
+                complete = False  # not held (a batch being decided, or corrupt): answer, do not keep
+                done[current] = frozenset()
+                continue
             parents = _settings_parents(entry)
             if not expanded:
                 stack.append((current, True))
-                stack.extend((p, False) for p in parents if p not in memo)
+                stack.extend((p, False) for p in parents if known(p) is None)
                 continue
             own: frozenset[str] = frozenset() if entry.is_root else frozenset([entry.pubkey_text])
-            below = [memo.get(p, frozenset()) for p in parents]
+            below = [known(p) or frozenset() for p in parents]
             if len(below) == 1 and own <= below[0]:
-                memo.put(current, below[0])  # share the set: most entries add no new signer
+                done[current] = below[0]  # share the set: most entries add no new signer
             else:
-                memo.put(current, frozenset(own.union(*below)))
-        return memo.get(cid, frozenset())  # type: ignore[no-any-return]
+                done[current] = frozenset(own.union(*below))
+        if complete:
+            for key, value in done.items():
+                memo.put(key, value)
+        found: frozenset[str] | None = known(cid)
+        return found if found is not None else frozenset()
 
     def _closure(self, tips: Iterable[bytes]) -> dict[bytes, Entry]:
         found: dict[bytes, Entry] = {}
@@ -273,7 +289,9 @@ class Authority:
     ) -> frozenset[bytes]:
         if not auth.configured:
             return tips
-        bad = [cid for cid in tips if not self._counts(cid, store, auth, tree, settings_tips)]
+        # Sorted, highest first, everywhere below: which redundant ancestor stays a tip must
+        # not depend on a set's iteration order (it differs between processes).
+        bad = [cid for cid in self._descending(tips, store) if not self._counts(cid, store, auth, tree, settings_tips)]
         if not bad:
             return tips
         kept = set(tips) - set(bad)
@@ -288,7 +306,7 @@ class Authority:
                         visited.add(parent)
                         candidates.append(parent)
             frontier = []
-            for cid in candidates:
+            for cid in self._descending(candidates, store):
                 if self._covered(cid, kept, store):
                     continue
                 if self._counts(cid, store, auth, tree, settings_tips):
@@ -296,6 +314,13 @@ class Authority:
                 else:
                     frontier.append(cid)
         return frozenset(kept)
+
+    def _descending(self, cids: Iterable[bytes], store: str) -> list[bytes]:
+        def key(cid: bytes) -> tuple[int, bytes]:
+            entry = self._load(cid)
+            return (self._height(entry, store) if entry is not None else -1, cid)
+
+        return sorted(cids, key=key, reverse=True)
 
     def _counts(self, cid: bytes, store: str, auth: AuthSettings, tree: bytes, settings_tips: frozenset[bytes]) -> bool:
         """Whether the write ``cid`` made to ``store`` counts: its signer may make it now, or
@@ -327,14 +352,17 @@ class Authority:
         if key in self._before:
             return self._before[key]  # type: ignore[no-any-return]
         answer = self._reaches(later, cid)
+        if answer is None:
+            return False  # an entry not held (a batch being decided): answer, do not keep
         self._before.put(key, answer)
         return answer
 
-    def _reaches(self, start: bytes, target: bytes) -> bool:
+    def _reaches(self, start: bytes, target: bytes) -> bool | None:
+        """Whether ``target`` is reachable from ``start``; None when either is not held."""
         goal = self._meta(target)
         first = self._meta(start)
         if goal is None or first is None:
-            return False
+            return None
         heap: list[tuple[int, bytes]] = [(-first.height, start)]
         seen = {start}
         while heap:
