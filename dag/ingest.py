@@ -281,19 +281,11 @@ class Ingest:
                     children[child] = entry
         return sorted(children.values(), key=lambda e: (e.height, e.cid))
 
-    def _dependencies(self, entry: Entry) -> set[bytes]:
-        deps = {*entry.parents, *entry.settings_tips}
-        for node in entry.stores:
-            deps.update(node.parents)
-        if entry.root is not None:
-            deps.add(entry.root)
-        return deps
-
     def _decide(self, entry: Entry) -> Status:
         blockers = []
         metas: dict[bytes, EntryMeta] = {}
         meta_of = self.replica.meta_of_held
-        for dep in sorted(self._dependencies(entry)):
+        for dep in sorted(_dependencies_of(entry)):
             meta = meta_of(dep)
             status = None if meta is None else meta.status
             if status is Status.FAILED:
