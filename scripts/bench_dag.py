@@ -50,9 +50,9 @@ from dag import Database, Instance, SigningKey
 from dag.crdt.doc import DocDelta, encode_doc_delta
 from dag.entry import build_entry, decode_entry
 from dag.ids import cid_of
-from dag.prepared import PreparedEntries
 from dag.instance import DB_FILE
 from dag.keys import verify_signature
+from dag.prepared import PreparedEntries
 from dag.snapshots import PREFIX as SNAPSHOT_PREFIX
 
 

@@ -348,7 +348,7 @@ def test_flipped_byte_in_a_stored_entry_is_not_served_and_is_fetched_again(tmp_p
 
 def test_corrupt_bytes_found_by_a_read_are_never_returned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check at open is bounded; past it, the read that meets the bytes catches them."""
-    import dag.storage.sqlite as sqlite_module
+    import dag.storage.sqlite_integrity as sqlite_module
 
     data_dir = tmp_path / "node"
     node = Instance.open(data_dir)
@@ -379,7 +379,7 @@ def test_corrupt_bytes_found_during_a_run_are_repaired_by_the_next_batch(
 ) -> None:
     """No restart needed: the next received batch demotes what stood on the corrupt entry
     and the genuine bytes, sent again, verify everything again."""
-    import dag.storage.sqlite as sqlite_module
+    import dag.storage.sqlite_integrity as sqlite_module
 
     data_dir = tmp_path / "node"
     node = Instance.open(data_dir)
@@ -479,7 +479,7 @@ def test_entry_checked_against_corrupt_bytes_waits_instead_of_failing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Corruption met while verifying (a store parent read as missing) is no reason to ban."""
-    import dag.storage.sqlite as sqlite_module
+    import dag.storage.sqlite_integrity as sqlite_module
 
     source = Instance.in_memory()
     db = source.create_database(name="x")
@@ -509,7 +509,7 @@ def test_entry_checked_against_corrupt_bytes_waits_instead_of_failing(
 
 def test_a_page_of_entries_skips_a_corrupt_row_and_stays_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A short page means the end (bootstrap stops there): a skipped row is made up for."""
-    import dag.storage.sqlite as sqlite_module
+    import dag.storage.sqlite_integrity as sqlite_module
 
     data_dir = tmp_path / "node"
     with Instance.open(data_dir) as node:
