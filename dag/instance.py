@@ -183,6 +183,15 @@ class Instance:
         return self._device_key.pubkey
 
     @property
+    def limits(self) -> IngestLimits:
+        """How much each database keeps of entries that are not Verified yet."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: IngestLimits) -> None:
+        self._limits = limits  # read by each put: the next one keeps to the new limits
+
+    @property
     def storage(self) -> Storage:
         return self._replica.storage
 
