@@ -273,6 +273,11 @@ class Instance:
                 self._processes = SignatureProcesses(count)
             return self._processes.count
 
+    @property
+    def signature_processes(self) -> SignatureProcesses | None:
+        """The worker processes started by :meth:`use_signature_processes`, if any."""
+        return self._processes
+
     def _verify_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
