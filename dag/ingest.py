@@ -347,6 +347,6 @@ class Ingest:
         ]
         if stale:
             # A write of its own, before the batch: removing them is right whatever the batch does.
-            self.replica.storage.write(WriteBatch(removed=stale))
+            self.writer.write(WriteBatch(removed=stale), local=False)
             log.info("gave up on %d unverified entries of %s that waited too long", len(stale), cid_to_text(tree))
         return len(stale)
