@@ -1,7 +1,8 @@
 """Putting storage right at open and after corruption: stale waits given up, corrupt rows removed.
 
-Both run straight on storage, before (or instead of) any cache over it, which is why they
-take a ``Storage`` and not the replica; the replica's caches are reset afterwards.
+Both run straight on storage, at open before any cache over it exists, which is why they
+take a ``Storage`` and not the writer; a repair during a run (``Instance.put_remote_entries``)
+is followed by resetting every cache of the replica.
 """
 
 from __future__ import annotations
