@@ -24,9 +24,10 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .ids import cid_from_text, cid_to_text
-from .ingest import PreparedEntries, PutResult
+from .ingest import PutResult
 from .instance import CallbackHandle, Instance
 from .keys import SigningKey
+from .prepared import PreparedEntries
 from .storage import MemoryStorage, SqliteStorage, Status
 from .stores import Doc, Settings, Table
 from .transaction import Transaction

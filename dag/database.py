@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .entry import INDEX_STORE, SETTINGS_STORE, Entry
 from .errors import NotFoundError, StoreTypeError
@@ -13,19 +13,17 @@ from .replica import Replica
 from .state import DOC, TABLE, StateCache
 from .storage.base import Status
 from .stores import DOCSTORE_TYPE, TABLE_TYPE, Doc, Settings, Table
-from .transaction import Transaction, check_store_name, commit_entry
-from .walk import ancestors, missing_from
-
-if TYPE_CHECKING:
-    from .instance import Instance
+from .transaction import Transaction, check_store_name
+from .walk import ancestors, first_parent_samples, missing_from
+from .writer import Writer
 
 
 class Database:
     """Reads show the verified frontier unless ``include_unverified=True`` is asked for."""
 
-    def __init__(self, instance: Instance, tree: bytes, signer: SigningKey) -> None:
-        self._instance = instance
-        self._replica: Replica = instance._replica
+    def __init__(self, writer: Writer, tree: bytes, signer: SigningKey) -> None:
+        self._writer = writer
+        self._replica: Replica = writer.replica
         self._tree = tree
         self._signer = signer
 
@@ -56,7 +54,7 @@ class Database:
 
     def with_key(self, signer: SigningKey) -> Database:
         """The same database, writing with another key."""
-        return Database(self._instance, self._tree, signer)
+        return Database(self._writer, self._tree, signer)
 
     # ---- tips -------------------------------------------------------------------------
 
@@ -124,10 +122,7 @@ class Database:
     # ---- writing ----------------------------------------------------------------------
 
     def transaction(self) -> Transaction:
-        return Transaction(self)
-
-    def _commit(self, deltas: dict[str, bytes], decoded: dict[str, Any]) -> Entry:
-        return commit_entry(self, deltas, decoded)
+        return Transaction(self._writer, self._tree, self._signer)
 
     # ---- entries, for inspection and for sync -----------------------------------------
 
@@ -180,6 +175,16 @@ class Database:
 
     def ancestors(self, tips: Iterable[bytes]) -> set[bytes]:
         return ancestors(self._replica, tips)
+
+    def sample_ancestors(self, tips: Iterable[bytes], *, exact: int, limit: int, max_steps: int) -> list[bytes]:
+        """IDs on the first-parent line below each of ``tips``: distances 1..``exact``, then
+        doubling; at most ``limit`` in all, each line walked at most ``max_steps`` back.
+        Reconciliation sends them so a peer can find a shared entry near the fork."""
+        return first_parent_samples(self._replica, tips, exact=exact, limit=limit, max_steps=max_steps)
+
+    def expected_pin(self, parents: Iterable[bytes]) -> list[bytes]:
+        """The `_settings` tips an entry on ``parents`` must pin, as ingest checks it."""
+        return list(self._replica.expected_pin(parents))
 
     def missing_from(self, theirs: Iterable[bytes], ours: Iterable[bytes] | None = None) -> list[bytes]:
         """Our Verified entries the holder of ``theirs`` lacks, in height order."""

@@ -307,6 +307,63 @@ def _decode_store(value: object, index: int) -> StoreNode:
     return StoreNode(name, parents, data, height)
 
 
+def _decode_stores(raw_stores: object) -> tuple[StoreNode, ...]:
+    """The ``subtrees`` list: at least one, sorted by unique name, within ``MAX_STORES``."""
+    if not isinstance(raw_stores, list):
+        raise GarbageEntryError("subtrees is not a list")
+    if not raw_stores:
+        raise NonCanonicalError("empty subtrees must be omitted")
+    if len(raw_stores) > MAX_STORES:
+        raise OversizeError(f"entry touches {len(raw_stores)} stores")
+    stores = tuple([_decode_store(node, i) for i, node in enumerate(raw_stores)])
+    previous = ""
+    for node in stores:
+        if node.name <= previous:
+            raise GarbageEntryError("subtrees are not sorted by unique name")
+        previous = node.name
+    return stores
+
+
+def _check_root_rule(
+    root: bytes | None, parents: tuple[bytes, ...], height: int, pins: tuple[bytes, ...], stores: tuple[StoreNode, ...]
+) -> None:
+    """A root entry (no ``tree.root``) starts a tree: no parents, height 0, no pin, the
+    ``_root`` store; any other entry has parents and never the ``_root`` store."""
+    has_root_store = any(node.name == ROOT_STORE for node in stores)
+    if root is None:
+        if parents:
+            raise RootRuleError("a root entry cannot have parents")
+        if height != 0:
+            raise RootRuleError("a root entry has height 0")
+        if pins:
+            raise RootRuleError("a root entry pins no settings")
+        if not has_root_store:
+            raise RootRuleError("a root entry must hold the _root store")
+    else:
+        if not parents:
+            raise RootRuleError("a non-root entry must have parents")
+        if has_root_store:
+            raise RootRuleError("only a root entry holds the _root store")
+
+
+def _decode_sig(sig: dict[str, Any]) -> tuple[bytes, bytes | None]:
+    """``sig``: the signer's key (only the ``Direct`` hint form) and the signature, if any."""
+    hint = sig.get("key")
+    try:
+        direct = hint["Direct"]  # type: ignore[index]
+        inner = direct["hint"]
+        pubkey_text = inner["pubkey"]
+        if len(hint) != 1 or len(direct) != 1 or len(inner) != 1:  # type: ignore[arg-type]
+            raise GarbageEntryError("sig.key has unknown fields")
+        pubkey = keys.pubkey_from_text(pubkey_text)
+        signature = keys.signature_from_text(sig["sig"]) if "sig" in sig else None
+    except (KeyError, TypeError) as exc:
+        raise GarbageEntryError(f"sig.key is not a key hint: {exc}") from None
+    except KeyFormatError as exc:
+        raise GarbageEntryError(str(exc)) from None
+    return pubkey, signature
+
+
 def decode_entry(raw: bytes) -> Entry:
     """Decode and check an entry from its bytes; raises an :class:`EntryError` subclass."""
     if not isinstance(raw, bytes):
@@ -338,51 +395,9 @@ def decode_entry(raw: bytes) -> Entry:
     pins, entropy = _decode_metadata(tree["metadata"]) if "metadata" in tree else ((), None)
 
     raw_stores = top.get("subtrees")
-    stores: tuple[StoreNode, ...] = ()
-    if raw_stores is not None:
-        if not isinstance(raw_stores, list):
-            raise GarbageEntryError("subtrees is not a list")
-        if not raw_stores:
-            raise NonCanonicalError("empty subtrees must be omitted")
-        if len(raw_stores) > MAX_STORES:
-            raise OversizeError(f"entry touches {len(raw_stores)} stores")
-        stores = tuple([_decode_store(node, i) for i, node in enumerate(raw_stores)])
-        previous = ""
-        for node in stores:
-            if node.name <= previous:
-                raise GarbageEntryError("subtrees are not sorted by unique name")
-            previous = node.name
-    has_root_store = any(node.name == ROOT_STORE for node in stores)
-
-    if root is None:
-        if parents:
-            raise RootRuleError("a root entry cannot have parents")
-        if height != 0:
-            raise RootRuleError("a root entry has height 0")
-        if pins:
-            raise RootRuleError("a root entry pins no settings")
-        if not has_root_store:
-            raise RootRuleError("a root entry must hold the _root store")
-    else:
-        if not parents:
-            raise RootRuleError("a non-root entry must have parents")
-        if has_root_store:
-            raise RootRuleError("only a root entry holds the _root store")
-
-    sig = _dict(top.get("sig"), _SIG_KEYS, "sig")
-    hint = sig.get("key")
-    try:
-        direct = hint["Direct"]  # type: ignore[index]
-        inner = direct["hint"]
-        pubkey_text = inner["pubkey"]
-        if len(hint) != 1 or len(direct) != 1 or len(inner) != 1:  # type: ignore[arg-type]
-            raise GarbageEntryError("sig.key has unknown fields")
-        pubkey = keys.pubkey_from_text(pubkey_text)
-        signature = keys.signature_from_text(sig["sig"]) if "sig" in sig else None
-    except (KeyError, TypeError) as exc:
-        raise GarbageEntryError(f"sig.key is not a key hint: {exc}") from None
-    except KeyFormatError as exc:
-        raise GarbageEntryError(str(exc)) from None
+    stores = _decode_stores(raw_stores) if raw_stores is not None else ()
+    _check_root_rule(root, parents, height, pins, stores)
+    pubkey, signature = _decode_sig(_dict(top.get("sig"), _SIG_KEYS, "sig"))
     cid = cid_of(raw)
     return Entry(
         cid=cid,
@@ -397,3 +412,14 @@ def decode_entry(raw: bytes) -> Entry:
         signature=signature,
         tree=cid if root is None else root,
     )
+
+
+def dependencies_of(entry: Entry) -> set[bytes]:
+    """Every entry ``entry`` names and is verified against: parents, store parents, the
+    settings it pins and its root; it can be Verified only once all of them are."""
+    deps = {*entry.parents, *entry.settings_tips}
+    for node in entry.stores:
+        deps.update(node.parents)
+    if entry.root is not None:
+        deps.add(entry.root)
+    return deps

@@ -27,27 +27,20 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import libipld
-
-from .auth import AuthSettings, check_write
-from .crdt.doc import MAX_VALUE_DEPTH, DocDelta, apply_doc_delta, decode_doc_delta, wire_too_deep
-from .entry import INDEX_STORE, ROOT_STORE, SETTINGS_STORE, Entry, decode_entry
-from .errors import GarbageEntryError, InvalidValueError, PermissionDeniedError
-from .ids import cid_to_text, join_cids, split_cids
-from .keys import pubkey_to_text
-from .replica import MAIN, Replica
-from .storage.base import EntryMeta, EntryRecord, Status, Storage, WriteBatch
-from .verifier import SignatureProcesses
+from .checks import EntryChecks
+from .entry import Entry, dependencies_of
+from .errors import GarbageEntryError
+from .ids import cid_to_text, join_cids
+from .prepared import PreparedEntries
+from .replica import MAIN
+from .storage.base import EntryMeta, EntryRecord, Status, WriteBatch
+from .writer import Writer
 
 log = logging.getLogger(__name__)
-
-PARALLEL_SIGNATURES_FROM = 64  # below this a thread pool costs more than it saves
-SIGNATURE_CHUNK = 100
-_RESERVED_NAMES = frozenset({SETTINGS_STORE, INDEX_STORE, ROOT_STORE})  # the "_" stores an entry may write
 
 # Unverified entries kept per database. Honest sync sends parents before children, so
 # entries wait only briefly and few at a time (a frame's worth while the one before it is
@@ -87,89 +80,19 @@ class PutResult:
     refused: dict[str, str] = field(default_factory=dict)
 
 
-def _decode_and_check(raws: Sequence[bytes], processes: SignatureProcesses | None) -> tuple[list[Entry], list[bool]]:
-    if processes is not None:
-        # Decode the chunk, then wait for a worker process without holding the GIL.
-        entries = [decode_entry(raw) for raw in raws]
-        signed = [(entry, entry.signature) for entry in entries if entry.signature is not None]
-        answers = processes.check([(entry.pubkey, entry.signing_message(), sig) for entry, sig in signed])
-        valid = {entry.cid: ok for (entry, _sig), ok in zip(signed, answers, strict=True)}
-        return entries, [valid.get(entry.cid, False) for entry in entries]
-    # One entry at a time, decode then check: the GIL is let go (during the check) every
-    # few microseconds, so the thread writing to storage never waits long to get it back.
-    entries = []
-    checks = []
-    for raw in raws:
-        entry = decode_entry(raw)
-        entries.append(entry)
-        checks.append(entry.signature_valid())
-    return entries, checks
-
-
-def _data_too_deep(data: bytes) -> bool:
-    """A data delta past the depth limit (shorter ones cannot be: a level costs a byte)."""
-    try:
-        value = libipld.decode_dag_cbor(data)
-    except RecursionError:
-        return True
-    except ValueError:
-        return False  # unreadable data writes nothing: every fold skips it the same way
-    return isinstance(value, dict | list) and wire_too_deep(value)
-
-
-class PreparedEntries:
-    """Remote entries being decoded and signature-checked on a thread pool, ahead of ingest.
-
-    Decoding and Ed25519 checks need nothing but the bytes, so they can start the moment
-    a frame arrives, while the previous frame is still being decided and written: the
-    pool's threads (PyNaCl releases the GIL while it verifies) keep the other core busy
-    instead of waiting for the writer. A malformed entry surfaces when the batch is put,
-    as the same error decoding inline would raise, and nothing of the batch is stored.
-    """
-
-    def __init__(
-        self, raws: Sequence[bytes], pool: ThreadPoolExecutor | None, processes: SignatureProcesses | None = None
-    ) -> None:
-        self.count = len(raws)
-        self._raws: Sequence[bytes] = ()
-        self._chunks: list[Future[tuple[list[Entry], list[bool]]]] = []
-        if pool is None or len(raws) < PARALLEL_SIGNATURES_FROM:
-            self._raws = raws  # decoded inline when put: a pool hand-off costs more here
-            return
-        for start in range(0, len(raws), SIGNATURE_CHUNK):
-            self._chunks.append(pool.submit(_decode_and_check, raws[start : start + SIGNATURE_CHUNK], processes))
-
-    def results(self) -> tuple[list[Entry], dict[bytes, bool]]:
-        """The decoded entries in order and the signature checks done so far (by binary ID)."""
-        if not self._chunks:
-            return [decode_entry(raw) for raw in self._raws], {}
-        entries: list[Entry] = []
-        valid: dict[bytes, bool] = {}
-        for chunk in self._chunks:
-            decoded, checks = chunk.result()  # re-raises the first decoding error
-            entries.extend(decoded)
-            for entry, ok in zip(decoded, checks, strict=True):
-                valid[entry.cid] = ok
-        return entries, valid
-
-    def cancel(self) -> None:
-        """Drop the work not started yet (the batch will not be put)."""
-        for chunk in self._chunks:
-            chunk.cancel()
-
-
 class Ingest:
     """One batch of remote entries on its way into storage."""
 
     def __init__(
         self,
-        replica: Replica,
+        writer: Writer,
         pool: ThreadPoolExecutor | None,
         *,
         limits: IngestLimits | None = None,
         now: float = 0.0,
     ) -> None:
-        self.replica = replica
+        self.writer = writer
+        self.replica = writer.replica
         self.pool = pool
         self.limits = limits or IngestLimits()
         self.now = now
@@ -179,17 +102,19 @@ class Ingest:
         self.decided: dict[bytes, Status] = {}
         self.views: dict[bytes, bytes] = {}
         self.tips: dict[tuple[bytes, str], set[bytes]] = {}
-        self.signatures: dict[bytes, bool] = {}
-        self.tips_before: dict[bytes, frozenset[bytes]] = {}
-        # Per-batch memos: entries of a batch mostly share a settings view and a writer.
-        self._pins: dict[bytes, tuple[bytes, ...]] = {}
-        self._may_write: dict[tuple[bytes, tuple[bytes, ...], bytes], str | None] = {}
+        self.trees: dict[bytes, None] = {}  # the trees of the new entries, in their order
+        self._checks = EntryChecks(self.replica, self._load, {}, self.views)
         self._stored_waits: bool | None = None  # whether storage holds any wait (asked once)
 
     def run(self, raws: Iterable[bytes] | PreparedEntries, only_tree: bytes | None = None) -> PutResult:
+        """Decide and store the batch in one hold of the writer (see the invariants above)."""
         if not isinstance(raws, PreparedEntries):
             raws = PreparedEntries(list(raws), self.pool)
-        decoded, self.signatures = raws.results()  # raises before anything is stored
+        decoded, self._checks.signatures = raws.results()  # raises before anything is stored
+        with self.writer:
+            return self._run(decoded, only_tree)
+
+    def _run(self, decoded: list[Entry], only_tree: bytes | None) -> PutResult:
         if only_tree is not None:
             for entry in decoded:
                 if entry.tree != only_tree:
@@ -205,12 +130,11 @@ class Ingest:
         replica = self.replica
         overlay_meta = replica.overlay_meta
         overlay_entries = replica.overlay_entries
-        tips_before = self.tips_before
+        trees = self.trees
         unverified = Status.UNVERIFIED
         for cid, entry in self.new.items():
             tree = entry.tree
-            if tree not in tips_before:
-                tips_before[tree] = replica.tips_held(tree)
+            trees[tree] = None
             overlay_meta[cid] = EntryMeta(tree, entry.height, unverified, join_cids(entry.parents), b"")
             overlay_entries[cid] = entry
         ordered = sorted(self.new.values(), key=lambda e: (e.height, e.cid))
@@ -285,7 +209,7 @@ class Ingest:
         blockers = []
         metas: dict[bytes, EntryMeta] = {}
         meta_of = self.replica.meta_of_held
-        for dep in sorted(_dependencies_of(entry)):
+        for dep in sorted(dependencies_of(entry)):
             meta = meta_of(dep)
             status = None if meta is None else meta.status
             if status is Status.FAILED:
@@ -301,7 +225,7 @@ class Ingest:
             for blocker in blockers:
                 self.batch.waits_added.append((blocker, entry.cid, entry.tree))
             return Status.UNVERIFIED
-        reason = self._check(entry, metas)
+        reason = self._checks.refusal(entry, metas)
         if reason is not None and len(self.replica.storage.corrupt()) > len(corrupt):
             return self._wait_for_corrupt(entry)
         return self._settle(entry, Status.FAILED if reason else Status.VERIFIED, reason)
@@ -360,104 +284,6 @@ class Ingest:
             self.tips[key] = tips
         return tips
 
-    # ---- the checks ------------------------------------------------------------------
-
-    def _check(self, entry: Entry, metas: dict[bytes, EntryMeta]) -> str | None:
-        """Why ``entry`` fails, or None when it verifies.
-
-        All its dependencies are Verified; ``metas`` holds their metadata.
-        """
-        valid = self.signatures.get(entry.cid)
-        if not (entry.signature_valid() if valid is None else valid):
-            return "signature does not verify"
-        for node in entry.stores:
-            if node.height_override is not None and node.height_override > entry.height:
-                return f"store {node.name!r} height {node.height_override} is above the entry's height {entry.height}"
-        stores: dict[str, DocDelta | None] = {}
-        try:
-            for node in entry.stores:
-                name = node.name
-                if name[0] == "_":
-                    if name not in _RESERVED_NAMES:
-                        return f"writes reserved store {name!r}"
-                    if name != ROOT_STORE and node.data is not None:
-                        stores[name] = decode_doc_delta(libipld.decode_dag_cbor(node.data))
-                        continue
-                elif node.data is not None and len(node.data) > MAX_VALUE_DEPTH and _data_too_deep(node.data):
-                    return f"store {name!r}: value nested deeper than {MAX_VALUE_DEPTH} levels of maps and lists"
-                stores[name] = None
-        except (ValueError, InvalidValueError, RecursionError) as exc:
-            return f"unreadable settings delta: {exc}"
-        if entry.is_root:
-            return self._check_root(entry, stores)
-        tree = entry.tree
-        for parent in entry.parents:
-            if metas[parent].tree != tree:
-                return f"parent {cid_to_text(parent)} belongs to another database"
-        expected_height = 1 + max(metas[p].height for p in entry.parents)
-        if entry.height != expected_height:
-            return f"height is {entry.height}, parents give {expected_height}"
-        pin = self._expected_pin(entry.parents, metas)
-        if entry.settings_tips != pin:
-            return "settings pin is not the settings tips of its parents"
-        for node in entry.stores:
-            own_height = entry.height if node.height_override is None else node.height_override
-            for parent in node.parents:
-                parent_entry = self._load(parent)
-                if parent_entry is None or parent_entry.tree != tree or parent_entry.store(node.name) is None:
-                    return f"store parent {cid_to_text(parent)} is not in store {node.name!r}"
-                if parent_entry.store_height(node.name) >= own_height:
-                    return f"store {node.name!r} height does not increase"
-            if node.name == SETTINGS_STORE and node.parents != pin:
-                return "settings parents are not the settings tips of its parents"
-        if SETTINGS_STORE in stores:
-            return self._write_refusal(tree, pin, entry.pubkey, stores)
-        # Without a settings change the answer depends only on the settings and the key.
-        key = (tree, pin, entry.pubkey)
-        if key not in self._may_write:
-            self._may_write[key] = self._write_refusal(tree, pin, entry.pubkey, stores)
-        return self._may_write[key]
-
-    def _write_refusal(
-        self, tree: bytes, pin: tuple[bytes, ...], pubkey: bytes, stores: dict[str, DocDelta | None]
-    ) -> str | None:
-        at = frozenset(pin)
-        try:
-            settings = self.replica.settings_state(tree, at)
-            check_write(settings, pubkey_to_text(pubkey), stores, self.replica.auth_at_held(tree, at))
-        except PermissionDeniedError as exc:
-            return str(exc)
-        return None
-
-    def _expected_pin(self, parents: tuple[bytes, ...], metas: dict[bytes, EntryMeta]) -> tuple[bytes, ...]:
-        """The `_settings` tips over ``parents``' closure (``Replica.expected_pin``).
-
-        With one parent that is its own settings view, which is already sorted and has no
-        entry below another: the common case is a dictionary lookup.
-        """
-        if len(parents) != 1:
-            return self.replica.expected_pin_held(parents, self.views)
-        parent = parents[0]
-        view = self.views.get(parent)
-        if view is None:
-            view = metas[parent].settings_view
-        pin = self._pins.get(view)
-        if pin is None:
-            pin = self._pins[view] = tuple(split_cids(view))
-        return pin
-
-    def _check_root(self, entry: Entry, stores: dict[str, DocDelta | None]) -> str | None:
-        settings = stores.get(SETTINGS_STORE)
-        if settings is None:
-            return None
-        state: dict[str, object] = {}
-        apply_doc_delta(state, settings)
-        auth = AuthSettings.from_settings(state)
-        held = auth.permission_of(entry.pubkey_text)
-        if auth.configured and (held is None or not held.is_admin):
-            return "root entry is not signed by an admin of the settings it creates"
-        return None
-
     # ---- finishing -------------------------------------------------------------------
 
     def _finish(self) -> None:
@@ -480,7 +306,7 @@ class Ingest:
             before = self.replica.tips_held(tree, store)
             batch.tips_added.extend((tree, store, cid) for cid in sorted(tips - before))
             batch.tips_removed.extend((tree, store, cid) for cid in sorted(before - tips))
-        self.replica.write(batch, kept)
+        self.writer.write(batch, kept, local=False, trees=self.trees)
         for entry in waiting:
             if entry.cid not in refused:
                 self.result.unverified.append(entry.cid)
@@ -521,88 +347,6 @@ class Ingest:
         ]
         if stale:
             # A write of its own, before the batch: removing them is right whatever the batch does.
-            self.replica.storage.write(WriteBatch(removed=stale))
+            self.writer.write(WriteBatch(removed=stale), local=False)
             log.info("gave up on %d unverified entries of %s that waited too long", len(stale), cid_to_text(tree))
         return len(stale)
-
-
-def purge_stale_unverified(storage: Storage, limits: IngestLimits, now: float) -> int:
-    """Remove every Unverified entry that waited past the TTL (at open, before any cache)."""
-    stale = storage.stale_unverified(None, now - limits.unverified_ttl_s)
-    if stale:
-        storage.write(WriteBatch(removed=stale))
-    return len(stale)
-
-
-def repair_corrupt(storage: Storage, now: float) -> int:
-    """Treat entries whose stored bytes no longer hash to their ID as missing.
-
-    Run when an instance opens, before any cache exists. The corrupt rows are deleted
-    (never banned: the genuine entry may arrive again); everything that depends on them,
-    directly or not, goes back to Unverified and waits for them, and the tips are computed
-    again over what is still Verified. ``Database.missing_entries()`` then names the
-    corrupt entries, and when a peer sends them, the waiting entries verify again as
-    usual. Costs one pass over the affected databases (decoding each entry once), only
-    when something was found corrupt. Returns how many corrupt entries were removed.
-    """
-    removed: set[bytes] = set()
-    while True:
-        corrupt = set(storage.corrupt()) - removed
-        if not corrupt:
-            return len(removed)
-        metas = storage.get_meta(list(corrupt))
-        trees = {meta.tree for meta in metas.values() if meta.status is not Status.FAILED}
-        batch = WriteBatch(removed=sorted(corrupt), now=now)
-        for tree in sorted(trees):
-            _demote_dependants(storage, tree, corrupt | removed, batch)
-        storage.write(batch)
-        log.error("removed %d corrupt entries; what depends on them waits for them again", len(corrupt))
-        removed |= corrupt
-
-
-def _dependencies_of(entry: Entry) -> set[bytes]:
-    deps = {*entry.parents, *entry.settings_tips}
-    for node in entry.stores:
-        deps.update(node.parents)
-    if entry.root is not None:
-        deps.add(entry.root)
-    return deps
-
-
-def _demote_dependants(storage: Storage, tree: bytes, bad: set[bytes], batch: WriteBatch) -> None:
-    """Add to ``batch``: the dependants of ``bad`` back to Unverified, waiting; tips recomputed."""
-    entries: dict[bytes, Entry] = {}
-    for cid, _height, raw in storage.iter_entries(tree, None):  # corrupt rows are skipped
-        if cid not in bad:
-            entries[cid] = decode_entry(raw)
-    statuses = {cid: meta.status for cid, meta in storage.get_meta(list(entries)).items()}
-    deps = {cid: _dependencies_of(entry) for cid, entry in entries.items()}
-    dependants: dict[bytes, list[bytes]] = {}
-    for cid, needs in deps.items():
-        for dep in needs:
-            dependants.setdefault(dep, []).append(cid)
-    demoted: set[bytes] = set()
-    stack = list(bad)
-    while stack:
-        for child in dependants.get(stack.pop(), ()):
-            if child not in demoted:
-                demoted.add(child)
-                stack.append(child)
-    for cid in sorted(demoted):
-        if statuses.get(cid) is Status.VERIFIED:
-            batch.statuses[cid] = (Status.UNVERIFIED, b"")
-        batch.waits_added.extend((dep, cid, tree) for dep in sorted(deps[cid]) if dep in bad or dep in demoted)
-    verified = [cid for cid in entries if statuses.get(cid) is Status.VERIFIED and cid not in demoted]
-    members: dict[str, set[bytes]] = {MAIN: set()}
-    referenced: dict[str, set[bytes]] = {MAIN: set()}
-    for cid in verified:
-        entry = entries[cid]
-        members[MAIN].add(cid)
-        referenced[MAIN].update(entry.parents)
-        for node in entry.stores:
-            members.setdefault(node.name, set()).add(cid)
-            referenced.setdefault(node.name, set()).update(node.parents)
-    tips = {(store, cid) for store, cids in members.items() for cid in cids - referenced[store]}
-    old = set(storage.all_tips(tree))
-    batch.tips_removed.extend((tree, store, cid) for store, cid in sorted(old - tips))
-    batch.tips_added.extend((tree, store, cid) for store, cid in sorted(tips - old))

@@ -22,13 +22,16 @@ from .entry import ROOT_STORE, SETTINGS_STORE, build_entry
 from .errors import DataDirLockedError, NotFoundError, StorageError
 from .files import make_private_if_present, open_private, private_directory
 from .ids import cid_from_text, cid_to_text, join_cids
-from .ingest import Ingest, IngestLimits, PreparedEntries, PutResult, purge_stale_unverified, repair_corrupt
+from .ingest import Ingest, IngestLimits, PutResult
 from .keys import SigningKey, load_or_create_key_file
+from .prepared import PreparedEntries
+from .repair import purge_stale_unverified, repair_corrupt
 from .replica import MAIN, Replica
 from .storage.base import EntryMeta, EntryRecord, Status, Storage, WriteBatch
 from .storage.memory import MemoryStorage
 from .storage.sqlite import SqliteStorage
 from .verifier import SignatureProcesses
+from .writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ class Instance:
         self._clock = clock
         _check_storage(storage, self._limits, clock())  # before any cache over it exists
         self._replica = Replica(storage)
+        self._writer = Writer(self._replica, self._notify)
         self._device_key = device_key
         self._lock = lock
         self._callbacks: dict[int, tuple[bytes | None, WriteCallback]] = {}
@@ -179,6 +183,15 @@ class Instance:
         return self._device_key.pubkey
 
     @property
+    def limits(self) -> IngestLimits:
+        """How much each database keeps of entries that are not Verified yet."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: IngestLimits) -> None:
+        self._limits = limits  # read by each put: the next one keeps to the new limits
+
+    @property
     def storage(self) -> Storage:
         return self._replica.storage
 
@@ -224,11 +237,9 @@ class Instance:
             tips_added=[(cid, MAIN, cid), (cid, ROOT_STORE, cid), (cid, SETTINGS_STORE, cid)],
             trees_added=[cid],
         )
-        with self._replica.lock:
-            self._replica.write(batch, [entry])
-        db = Database(self, cid, signer)
-        self._notify(cid, frozenset(), frozenset([cid]), local=True)
-        return db
+        with self._writer:
+            self._writer.write(batch, [entry], local=True, trees=(cid,))
+        return Database(self._writer, cid, signer)
 
     def open_database(self, database_id: str | bytes, *, key: SigningKey | None = None) -> Database:
         """A database this instance holds; raises :class:`NotFoundError` otherwise."""
@@ -236,7 +247,7 @@ class Instance:
         meta = self._replica.meta_of(cid)
         if meta is None or meta.tree != cid or meta.status is not Status.VERIFIED:
             raise NotFoundError(f"no database {cid_to_text(cid)} here")
-        return Database(self, cid, key or self._device_key)
+        return Database(self._writer, cid, key or self._device_key)
 
     def has_database(self, database_id: str | bytes) -> bool:
         try:
@@ -246,7 +257,7 @@ class Instance:
         return True
 
     def databases(self) -> list[Database]:
-        return [Database(self, cid, self._device_key) for cid in self._replica.storage.trees()]
+        return [Database(self._writer, cid, self._device_key) for cid in self._replica.storage.trees()]
 
     # ---- entries from elsewhere ---------------------------------------------------------
 
@@ -261,6 +272,11 @@ class Instance:
             if self._processes is None:
                 self._processes = SignatureProcesses(count)
             return self._processes.count
+
+    @property
+    def signature_processes(self) -> SignatureProcesses | None:
+        """The worker processes started by :meth:`use_signature_processes`, if any."""
+        return self._processes
 
     def _verify_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -298,17 +314,12 @@ class Instance:
         pool = self._verify_pool()
         if not isinstance(entries, PreparedEntries):
             entries = PreparedEntries(list(entries), pool, self._processes)
-        with self._replica.lock:
-            if self._replica.storage.corrupt() and repair_corrupt(self._replica.storage, self._clock()):
+        with self._writer as replica:
+            if replica.storage.corrupt() and repair_corrupt(replica.storage, self._clock()):
                 # Bytes found corrupt during this run: what was verified on them waits for
                 # them again (as at open), so this batch can bring the genuine entries.
-                self._replica.reset_caches()
-            ingest = Ingest(self._replica, pool, limits=self._limits, now=self._clock())
-            result = ingest.run(entries, database_id)
-            after = {tree: self._replica.tips(tree) for tree in ingest.tips_before}
-        for tree, before in ingest.tips_before.items():
-            self._notify(tree, before, after[tree], local=False)
-        return result
+                replica.reset_caches()
+            return Ingest(self._writer, pool, limits=self._limits, now=self._clock()).run(entries, database_id)
 
     def unverified_usage(self, database_id: bytes) -> tuple[int, int]:
         """How many Unverified entries of a database are stored, and their bytes."""
@@ -325,10 +336,11 @@ class Instance:
         self._callbacks[key] = (tree, callback)
         return CallbackHandle(self, key)
 
-    def _notify(self, tree: bytes, before: frozenset[bytes], after: frozenset[bytes], *, local: bool) -> None:
+    def _notify(self, tree: bytes, before: frozenset[bytes], after: frozenset[bytes], local: bool) -> None:
+        """Called by the writer once a write moved ``tree``'s tips and the lock is released."""
         if before == after or not self._callbacks:
             return
-        db = Database(self, tree, self._device_key)
+        db = Database(self._writer, tree, self._device_key)
         tips_before = [cid_to_text(c) for c in sorted(before)]
         tips_after = [cid_to_text(c) for c in sorted(after)]
         for wanted, callback in list(self._callbacks.values()):

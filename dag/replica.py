@@ -64,7 +64,7 @@ class _Lru(OrderedDict[bytes, Any]):
 
 
 class Replica:
-    """Storage plus coherent caches. Callers hold ``lock`` around writes."""
+    """Storage plus coherent caches; written only through ``dag.writer.Writer``, which holds ``lock``."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
@@ -286,7 +286,8 @@ class Replica:
     # ---- writing --------------------------------------------------------------------
 
     def write(self, batch: WriteBatch, decoded: Iterable[Entry] = ()) -> None:
-        """Apply a batch to storage, then bring the caches up to date."""
+        """Apply a batch to storage, then bring the caches up to date (``Writer.write`` calls
+        this: it also tells the write callbacks which tips moved)."""
         self.storage.write(batch)
         for record in batch.entries:
             self._remember_meta(record.cid, record.meta)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import libipld
 
@@ -13,13 +13,12 @@ from .crdt.table import encode_table_delta
 from .entry import INDEX_STORE, SETTINGS_STORE, Entry, build_entry
 from .errors import InvalidValueError, StoreTypeError, TransactionError
 from .ids import join_cids
+from .keys import SigningKey
 from .replica import MAIN
 from .state import DOC, TABLE
 from .storage.base import EntryMeta, EntryRecord, Status, WriteBatch
 from .stores import DOCSTORE_TYPE, TABLE_TYPE, Doc, Settings, Table
-
-if TYPE_CHECKING:
-    from .database import Database
+from .writer import Writer
 
 
 def check_store_name(name: str) -> None:
@@ -37,8 +36,10 @@ class Transaction:
     that moment, so two transactions open at once simply make two concurrent entries.
     """
 
-    def __init__(self, db: Database) -> None:
-        self._db = db
+    def __init__(self, writer: Writer, tree: bytes, signer: SigningKey) -> None:
+        self._writer = writer
+        self._tree = tree
+        self._signer = signer
         self._docs: dict[str, DocDelta] = {}
         self._tables: dict[str, dict[str, Any]] = {}
         self._snapshots: dict[str, frozenset[bytes]] = {}
@@ -54,12 +55,13 @@ class Transaction:
     def _snapshot(self, store: str) -> frozenset[bytes]:
         tips = self._snapshots.get(store)
         if tips is None:
-            tips = self._db._store_tips(store)
+            # The effective tips: writes by keys revoked since do not show (dag/authority.py).
+            tips = self._writer.replica.effective_tips(self._tree, store)
             self._snapshots[store] = tips
         return tips
 
     def _base(self, store: str, kind: str) -> Any:
-        replica, tree = self._db._replica, self._db._tree
+        replica, tree = self._writer.replica, self._tree
         return lambda: replica.states.state(tree, store, kind, self._snapshot(store))
 
     def _registered_type(self, name: str) -> str | None:
@@ -132,14 +134,18 @@ class Transaction:
             decoded[INDEX_STORE] = index
         if not deltas:
             return None
-        self.entry = self._db._commit(deltas, decoded)
+        self.entry = commit_entry(self._writer, self._tree, self._signer, deltas, decoded)
         return self.entry.id
 
 
-def commit_entry(db: Database, deltas: dict[str, bytes], decoded: dict[str, Any]) -> Entry:
-    """Build, check, sign and store one local entry; nothing is written if any step fails."""
-    replica, tree, signer = db._replica, db._tree, db._signer
-    with replica.lock:
+def commit_entry(
+    writer: Writer, tree: bytes, signer: SigningKey, deltas: dict[str, bytes], decoded: dict[str, Any]
+) -> Entry:
+    """Build, check, sign and store one local entry; nothing is written if any step fails.
+
+    The tips it builds on and the write are one hold of the lock, so two commits racing
+    on threads never both take the same parents as "the" tips."""
+    with writer as replica:
         parents = sorted(replica.effective_tips(tree))  # never on a write whose key was revoked since
         metas = replica.meta(parents)
         height = 1 + max(metas[p].height for p in parents)
@@ -163,8 +169,5 @@ def commit_entry(db: Database, deltas: dict[str, bytes], decoded: dict[str, Any]
         for name, store_parents, _data in stores:
             batch.tips_removed.extend((tree, name, p) for p in store_parents)
             batch.tips_added.append((tree, name, entry.cid))
-        before = replica.tips(tree)
-        replica.write(batch, [entry])
-        after = replica.tips(tree)
-    db._instance._notify(tree, before, after, local=True)
+        writer.write(batch, [entry], local=True, trees=(tree,))
     return entry

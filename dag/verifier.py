@@ -152,6 +152,11 @@ class SignatureProcesses:
     def alive(self) -> int:
         return self._alive
 
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """Every worker process started, dead ones included: for whoever supervises them."""
+        return [worker.process for worker in self._all]
+
     def check(self, items: Sequence[SignatureItem]) -> list[bool]:
         """Whether each ``(pubkey, message, signature)`` verifies (blocks; call from a thread)."""
         if not items:

@@ -1,6 +1,6 @@
-"""Walks over the main DAG that sync needs: ancestors, and what one side lacks.
+"""Walks over the main DAG that sync needs: ancestors, what one side lacks, and samples.
 
-Both walk backwards from tips in descending (height, ID) order, so an entry is popped
+The first two walk backwards from tips in descending (height, ID) order, so an entry is popped
 only after every entry above it: its colour is final when it is popped. They read
 metadata only (heights and parents), never entry bytes.
 """
@@ -84,3 +84,28 @@ def missing_from(replica: Replica, ours: Iterable[bytes], theirs: Iterable[bytes
                 only_ours -= 1
     result.sort()
     return [cid for _, cid in result]
+
+
+def first_parent_samples(
+    replica: Replica, tips: Iterable[bytes], *, exact: int, limit: int, max_steps: int
+) -> list[bytes]:
+    """Ancestor IDs at distances 1..``exact``, then doubling, below each tip (first parent).
+
+    One line per tip, so the cost is bounded by ``max_steps`` per tip, not by the DAG's
+    width; reconciliation needs a sample near the fork, not every ancestor.
+    """
+    out: list[bytes] = []
+    for tip in sorted(tips):
+        distance, next_mark, cid = 0, 1, tip
+        steps = 0
+        while len(out) < limit and steps < max_steps:
+            meta = replica.meta_of(cid)
+            if meta is None or not meta.parents:
+                break
+            cid = split_cids(meta.parents)[0]
+            distance += 1
+            steps += 1
+            if distance == next_mark:
+                out.append(cid)
+                next_mark = distance + 1 if distance < exact else distance * 2
+    return out

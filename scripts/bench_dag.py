@@ -12,8 +12,8 @@ Figures (JSON keys), each measured on a fresh database unless said otherwise:
 * ``verify_store_per_s``: ``Instance.put_remote_entries`` in batches of 1,000 into a fresh
   SQLite instance (``synchronous="full"``), of a linear history committed on an in-memory
   instance (root first); the median of 3 runs. ``verify_store_per_s_one_thread`` is the
-  same through ``dag.ingest.Ingest(replica, None)``: signatures checked on the calling
-  thread only. ``verify_store_per_s_per_core`` is the total over ``os.cpu_count()``.
+  same with each batch given as ``PreparedEntries(batch, None)``: decoded and
+  signature-checked on the calling thread only. ``verify_store_per_s_per_core`` is the total over ``os.cpu_count()``.
 * ``read_ms``: ``db.doc("bench").get("counter")`` after N commits of linear history, warm:
   same instance, the read right after a commit whose parent's state had been read (the
   median of several commit+read pairs), so it should cost one delta. ``read_cold_ms``:
@@ -50,9 +50,9 @@ from dag import Database, Instance, SigningKey
 from dag.crdt.doc import DocDelta, encode_doc_delta
 from dag.entry import build_entry, decode_entry
 from dag.ids import cid_of
-from dag.ingest import Ingest
 from dag.instance import DB_FILE
 from dag.keys import verify_signature
+from dag.prepared import PreparedEntries
 from dag.snapshots import PREFIX as SNAPSHOT_PREFIX
 
 
@@ -215,9 +215,7 @@ def _put_all(inst: Instance, raws: list[bytes], one_thread: bool) -> None:
     for start in range(0, len(raws), BATCH):
         batch = raws[start : start + BATCH]
         if one_thread:
-            replica = inst._replica
-            with replica.lock:
-                Ingest(replica, None).run(batch)
+            inst.put_remote_entries(PreparedEntries(batch, None))
         else:
             inst.put_remote_entries(batch)
 

@@ -642,12 +642,23 @@ def report(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 CATEGORIES = [  # (category, substrings of a frame's file or function), checked from the leaf up
     ("signature verification", ("nacl/", "verify_signature", "_verify_key")),
-    ("sqlite", ("sqlite3", "dag/storage/sqlite.py")),
+    ("sqlite", ("sqlite3", "dag/storage/sqlite")),
     ("entry decode / CIDs (libipld, blake3)", ("libipld", "decode_entry", "blake3", "dag/ids.py", "dag/entry.py")),
     ("sync message codec (msgpack)", ("msgpack", "sync/messages.py", "http_codec.py")),
     ("transport: libp2p (noise, yamux, tcp)", ("libp2p/", "multiaddr/", "noise", "cryptography/")),
     ("transport: http", ("httpx/", "httpcore/", "h11/", "hypercorn/", "starlette/", "anyio/")),
-    ("dag ingest / verification logic", ("dag/ingest.py", "dag/replica.py", "dag/auth.py", "dag/walk.py")),
+    (
+        "dag ingest / verification logic",
+        (
+            "dag/ingest.py",
+            "dag/checks.py",
+            "dag/prepared.py",
+            "dag/writer.py",
+            "dag/replica.py",
+            "dag/auth.py",
+            "dag/walk.py",
+        ),
+    ),
     ("sync engine / handler / state", ("sync/",)),
     ("trio event loop", ("trio/",)),
     ("threading / executor", ("threading.py", "concurrent/futures")),

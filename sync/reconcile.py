@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from dag import Database, Status
-from dag.ids import split_cids
 
 EXACT_HAVE = 16  # ancestors sampled one by one before the sampling starts doubling
 MAX_HAVE = 64
@@ -36,21 +35,7 @@ MAX_HAVE_WALK = 20_000  # bound the sampling walk on very long histories
 
 def sample_have(db: Database, tips: Iterable[bytes]) -> list[bytes]:
     """Ancestor IDs at distances 1..16, then 32, 64, ... below our tips (first-parent walk)."""
-    replica = db._replica
-    out: list[bytes] = []
-    for tip in sorted(tips):
-        distance, next_mark, cid = 0, 1, tip
-        steps = 0
-        while len(out) < MAX_HAVE and steps < MAX_HAVE_WALK:
-            meta = replica.meta_of(cid)
-            if meta is None or not meta.parents:
-                break
-            cid = split_cids(meta.parents)[0]
-            distance += 1
-            steps += 1
-            if distance == next_mark:
-                out.append(cid)
-                next_mark = distance + 1 if distance < EXACT_HAVE else distance * 2
+    out = db.sample_ancestors(tips, exact=EXACT_HAVE, limit=MAX_HAVE, max_steps=MAX_HAVE_WALK)
     root = db.root_cid
     if root not in out and len(out) < MAX_HAVE + 1:
         out.append(root)

@@ -9,18 +9,19 @@ import libipld
 from dag import Entry, SigningKey
 from dag.crdt.doc import doc_from_value, encode_doc_delta
 from dag.entry import build_entry
+from dag.ids import cid_from_text, cid_to_text
 
 
 def forge(db: Any, signer: SigningKey, stores: dict[str, dict[str, Any]], **overrides: Any) -> Entry:
     """An entry on ``db``'s tips signed by ``signer``; ``parents``, ``height`` and ``pin`` may be overridden."""
-    replica, tree = db._replica, db._tree
-    parents = overrides.get("parents") or sorted(replica.tips(tree))
-    height = overrides.get("height") or 1 + max(m.height for m in replica.meta(parents).values())
-    pin = overrides.get("pin", list(replica.expected_pin(parents)))
+    tree = db.root_cid
+    parents = overrides.get("parents") or db.tip_cids()
+    height = overrides.get("height") or 1 + max(db.entry(cid_to_text(p)).height for p in parents)
+    pin = overrides.get("pin", db.expected_pin(parents))
     encoded = [
         (
             name,
-            sorted(replica.tips(tree, name)),
+            [cid_from_text(tip) for tip in db.store_tips(name)],
             bytes(libipld.encode_dag_cbor(encode_doc_delta(doc_from_value(value, atomic=False)))),
         )
         for name, value in sorted(stores.items())

@@ -26,9 +26,9 @@ def test_pages_cover_the_verified_history_once_in_order(make_instance: InstanceF
             txn.doc("d").set("ours", i)
     merged = instance.put_remote_entries([raw for _cid, raw in theirs.raw_entries()])
     assert len(merged.verified) == 20
-    heights = [h for _c, h, _r in instance._replica.storage.iter_entries(db.root_cid, None)]
+    heights = [h for _c, h, _r in instance.storage.iter_entries(db.root_cid, None)]
     assert len(heights) > len(set(heights))  # entries share heights
-    expected = [(cid, height) for cid, height, _raw in instance._replica.storage.iter_entries(db.root_cid, None)]
+    expected = [(cid, height) for cid, height, _raw in instance.storage.iter_entries(db.root_cid, None)]
     for limit in (1, 7, 1000):
         seen: list[tuple[bytes, int]] = []
         after = None

@@ -9,7 +9,7 @@ import libipld
 import pytest
 
 from dag import EntryError, Instance, Status
-from dag.ingest import PARALLEL_SIGNATURES_FROM
+from dag.prepared import PARALLEL_SIGNATURES_FROM
 from node import runtime
 from tests.conftest import InstanceFactory
 from tests.forge import forge

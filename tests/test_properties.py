@@ -43,7 +43,7 @@ from dag import (
 )
 from dag.entry import Entry
 from dag.ids import cid_of, cid_to_text
-from dag.ingest import PARALLEL_SIGNATURES_FROM
+from dag.prepared import PARALLEL_SIGNATURES_FROM
 
 BACKENDS = ["memory", "sqlite"]
 

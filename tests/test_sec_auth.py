@@ -22,6 +22,7 @@ from dag.auth import AuthSettings, check_auth_change
 from dag.crdt.doc import MAX_VALUE_DEPTH
 from dag.entry import build_entry
 from dag.errors import InvalidValueError
+from dag.ids import cid_to_text
 from sync import SyncConfig, enable_sync
 from sync.messages import Count, Error, Message, SendEntries, SyncTree, decode_message, encode_message
 from sync.proofs import make_proof
@@ -37,11 +38,10 @@ def wire_entry(
 ) -> Entry:
     """An entry signed by ``signer`` whose store deltas are given in their wire form (so an
     atomic marker ``""`` can be set), on ``parents`` (default: ``db``'s Verified tips)."""
-    replica, tree = db._replica, db._tree
-    parents = sorted(parents or replica.tips(tree))
-    metas = replica.meta(parents)
-    height = 1 + max(m.height for m in metas.values())
-    pin = list(replica.expected_pin(parents))
+    tree = db.root_cid
+    parents = sorted(parents or db.tip_cids())
+    height = 1 + max(db.entry(cid_to_text(p)).height for p in parents)
+    pin = db.expected_pin(parents)
     encoded: list[tuple[str, list[bytes], bytes | None]] = []
     for name, delta in sorted(stores.items()):
         store_parents = pin if name == "_settings" else sorted(_store_tips_under(db, name, parents))
@@ -54,7 +54,7 @@ def _store_tips_under(db: Any, store: str, parents: list[bytes]) -> set[bytes]:
     members: set[bytes] = set()
     referenced: set[bytes] = set()
     for cid in db.ancestors(parents):
-        entry = db._replica.entry(cid)
+        entry = db.entry(cid_to_text(cid))
         node = entry.store(store)
         if node is not None:
             members.add(cid)

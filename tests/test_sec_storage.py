@@ -26,7 +26,7 @@ from dag import Database, Instance, Permission, SigningKey, Status
 from dag.crdt.doc import doc_from_value, encode_doc_delta
 from dag.entry import Entry, decode_entry, key_hint
 from dag.errors import StorageError
-from dag.ids import CID_PREFIX
+from dag.ids import CID_PREFIX, cid_from_text, cid_to_text
 from dag.ingest import BANNED_AGAIN, IngestLimits
 from dag.instance import DB_FILE
 from dag.keys import signature_to_text
@@ -53,15 +53,15 @@ def _sign(value: dict[str, Any], signer: SigningKey) -> bytes:
 
 def _with_store_height(db: Database, signer: SigningKey, store: str, value: dict[str, Any], store_height: int) -> Entry:
     """A well-formed entry on ``db``'s tips writing ``store`` with a store height override."""
-    replica, tree = db._replica, db._tree
-    parents = sorted(replica.tips(tree))
-    height = 1 + max(m.height for m in replica.meta(parents).values())
+    tree = db.root_cid
+    parents = db.tip_cids()
+    height = 1 + max(db.entry(cid_to_text(p)).height for p in parents)
     node: dict[str, Any] = {"name": store, "data": _delta(value), "h": store_height}
-    store_parents = sorted(replica.tips(tree, store))
+    store_parents = [cid_from_text(tip) for tip in db.store_tips(store)]
     if store_parents:
         node["parents"] = store_parents
     tree_map: dict[str, Any] = {"root": tree, "parents": parents, "h": height}
-    pin = list(replica.expected_pin(parents))
+    pin = db.expected_pin(parents)
     if pin:
         tree_map["metadata"] = bytes(libipld.encode_dag_cbor({"settings_tips": pin}))
     return decode_entry(_sign({"tree": tree_map, "subtrees": [node]}, signer))
@@ -176,7 +176,7 @@ def _orphans(db: Database, signer: SigningKey, count: int, *, pad: int = 0) -> l
 def test_unverified_entries_are_bounded_per_database(make_instance: InstanceFactory) -> None:
     db = history(make_instance(), 1)
     target = make_instance()
-    target._limits = IngestLimits(max_unverified_entries=5, max_unverified_bytes=1 << 20)
+    target.limits = IngestLimits(max_unverified_entries=5, max_unverified_bytes=1 << 20)
     target.put_remote_entries(raws(db))
     first = _orphans(db, db.signer, 8)
     result = target.put_remote_entries([e.raw for e in first])
@@ -187,7 +187,7 @@ def test_unverified_entries_are_bounded_per_database(make_instance: InstanceFact
     assert all(target.storage.get_raw(e.cid) is None for e in first if e.cid not in kept)
     # Bytes are bounded too: one big entry does not fit in what is left.
     room = target.unverified_usage(db.root_cid)[1] + 1000
-    target._limits = IngestLimits(max_unverified_entries=100, max_unverified_bytes=room)
+    target.limits = IngestLimits(max_unverified_entries=100, max_unverified_bytes=room)
     big = _orphans(db, db.signer, 1, pad=2000)[0]
     assert list(target.put_remote_entries([big.raw]).refused) == [big.id]
     # Verified entries are never refused: the honest history still moves on.
@@ -348,7 +348,7 @@ def test_flipped_byte_in_a_stored_entry_is_not_served_and_is_fetched_again(tmp_p
 
 def test_corrupt_bytes_found_by_a_read_are_never_returned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check at open is bounded; past it, the read that meets the bytes catches them."""
-    import dag.storage.sqlite as sqlite_module
+    import dag.storage.sqlite_integrity as sqlite_module
 
     data_dir = tmp_path / "node"
     node = Instance.open(data_dir)
@@ -379,7 +379,7 @@ def test_corrupt_bytes_found_during_a_run_are_repaired_by_the_next_batch(
 ) -> None:
     """No restart needed: the next received batch demotes what stood on the corrupt entry
     and the genuine bytes, sent again, verify everything again."""
-    import dag.storage.sqlite as sqlite_module
+    import dag.storage.sqlite_integrity as sqlite_module
 
     data_dir = tmp_path / "node"
     node = Instance.open(data_dir)
@@ -479,7 +479,7 @@ def test_entry_checked_against_corrupt_bytes_waits_instead_of_failing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Corruption met while verifying (a store parent read as missing) is no reason to ban."""
-    import dag.storage.sqlite as sqlite_module
+    import dag.storage.sqlite_integrity as sqlite_module
 
     source = Instance.in_memory()
     db = source.create_database(name="x")
@@ -509,7 +509,7 @@ def test_entry_checked_against_corrupt_bytes_waits_instead_of_failing(
 
 def test_a_page_of_entries_skips_a_corrupt_row_and_stays_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A short page means the end (bootstrap stops there): a skipped row is made up for."""
-    import dag.storage.sqlite as sqlite_module
+    import dag.storage.sqlite_integrity as sqlite_module
 
     data_dir = tmp_path / "node"
     with Instance.open(data_dir) as node:

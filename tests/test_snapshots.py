@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dag import Instance, Permission, snapshots
+from dag.instance import DB_FILE
 from dag.snapshots import PREFIX
 from tests.histories import raws
 
 
 def _count_loads(instance: Instance, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every entry the instance reads from storage from now on."""
-    storage = instance._replica.storage
+    storage = instance.storage
     loads: list[bytes] = []
     original = storage.get_raw
 
@@ -42,7 +45,7 @@ def test_the_first_read_after_reopening_does_not_walk_the_history(
         expected_doc, expected_rows = db.doc("d").to_dict(), db.table("rows").rows()
         db_id = db.id
     with Instance.open(tmp_path) as instance:
-        assert any(key.startswith(PREFIX) for key in _saved_keys(instance))
+        assert any(key.startswith(PREFIX) for key in _saved_keys(tmp_path))
         loads = _count_loads(instance, monkeypatch)
         db = instance.open_database(db_id)
         assert db.doc("d").to_dict() == expected_doc
@@ -94,12 +97,13 @@ def test_a_damaged_saved_state_is_ignored(tmp_path: Path) -> None:
         expected = db.doc("d").to_dict()
         db_id = db.id
     with Instance.open(tmp_path) as instance:
-        for key in _saved_keys(instance):
-            instance._replica.storage.set_value(key, b"\xff not cbor")
+        for key in _saved_keys(tmp_path):
+            instance.storage.set_value(key, b"\xff not cbor")
     with Instance.open(tmp_path) as instance:
         assert instance.open_database(db_id).doc("d").to_dict() == expected
 
 
-def _saved_keys(instance: Instance) -> list[str]:
-    rows = instance._replica.storage._db.execute("SELECT key FROM kv WHERE key LIKE ?", (PREFIX + "%",))  # type: ignore[attr-defined]
+def _saved_keys(data_dir: Path) -> list[str]:
+    with closing(sqlite3.connect(data_dir / DB_FILE)) as conn:
+        rows = conn.execute("SELECT key FROM kv WHERE key LIKE ?", (PREFIX + "%",)).fetchall()
     return [row[0] for row in rows]

@@ -51,9 +51,9 @@ def test_workers_answer_like_local_checks(processes: SignatureProcesses) -> None
 
 def test_a_dead_worker_is_dropped_and_its_checks_done_here(processes: SignatureProcesses) -> None:
     items, expected = _items(20)
-    for worker in processes._all:
-        worker.process.kill()
-        worker.process.wait()
+    for process in processes.processes:
+        process.kill()
+        process.wait()
     assert processes.check(items) == expected  # the first dies on use: checked here
     assert processes.check(items) == expected  # so does the second
     assert processes.alive == 0
@@ -63,7 +63,7 @@ def test_a_dead_worker_is_dropped_and_its_checks_done_here(processes: SignatureP
 def test_after_close_checks_are_local_and_workers_have_exited(processes: SignatureProcesses) -> None:
     items, expected = _items(10)
     processes.close()
-    assert all(worker.process.poll() is not None for worker in processes._all)
+    assert all(process.poll() is not None for process in processes.processes)
     assert processes.check(items) == expected
 
 
@@ -90,9 +90,9 @@ def test_an_instance_with_worker_processes_verifies_and_refuses(make_instance: I
     result = target.put_remote_entries(target.prepare_remote_entries(entries))
     assert len(result.verified) == len(entries)
     assert target.open_database(db.id).doc("d").get("k0") == 149
-    workers = list(target._processes._all)  # type: ignore[union-attr]
+    workers = list(target.signature_processes.processes)  # type: ignore[union-attr]
     target.close()
-    assert all(worker.process.poll() is not None for worker in workers)
+    assert all(process.poll() is not None for process in workers)
 
 
 def test_a_stuck_worker_is_dropped_after_its_deadline(
@@ -108,12 +108,12 @@ def test_a_stuck_worker_is_dropped_after_its_deadline(
     message = os.urandom(40_000)
     items += [(KEY.pubkey_bytes, message, KEY.sign(message))] * 3
     expected += [True] * 3
-    for worker in processes._all:
-        os.kill(worker.process.pid, signal.SIGSTOP)  # alive, but never answers
+    for process in processes.processes:
+        os.kill(process.pid, signal.SIGSTOP)  # alive, but never answers
     try:
         assert processes.check(items) == expected
         assert processes.alive == 1
     finally:
-        for worker in processes._all:
+        for process in processes.processes:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.process.pid, signal.SIGCONT)
+                os.kill(process.pid, signal.SIGCONT)
