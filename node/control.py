@@ -46,6 +46,7 @@ from sync import (
     TransportError,
 )
 from sync.transport import TaskStatus
+from transports.hostport import parse_host_port
 from transports.http_codec import JsonInputError, parse_json
 
 from .errors import ConfigError
@@ -186,8 +187,6 @@ def unix_socket(path: Path) -> socket.socket:
 
 def tcp_socket(bind: str) -> socket.socket:
     """A listening TCP socket at ``host:port`` (no SO_REUSEPORT: a taken port is an error)."""
-    from transports.http import parse_host_port
-
     try:
         host, port = parse_host_port(bind)
     except ValueError:

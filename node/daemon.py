@@ -19,13 +19,14 @@ import trio
 from dag import DataDirLockedError, Instance, SigningKey
 from sync import SyncConfig, Transport, enable_sync
 from sync.transport import TaskStatus
+from transports.hostport import join_host_port, parse_host_port
 
 from . import runtime
 from .config import NodeConfig
 from .control import serve_control, serve_metrics, tcp_socket
 from .errors import AlreadyRunningError, ConfigError
 from .metrics import CountingTransport, Metrics, counting
-from .netaddr import expand_multiaddr, is_wildcard_host, local_ipv4_addresses
+from .netaddr import is_wildcard_host, local_ipv4_addresses
 from .service import NodeService
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def _libp2p(config: NodeConfig, key: SigningKey) -> Transport:
 
 
 def _http(config: NodeConfig) -> Transport:
-    from transports.http import HttpTransport, parse_host_port
+    from transports.http import HttpTransport
 
     try:
         host, port = parse_host_port(config.http_bind)
@@ -80,23 +81,11 @@ def _http(config: NodeConfig) -> Transport:
         raise ConfigError(f"bad --http-advertise address: {exc}") from None
 
 
-def _expand_wildcards(addresses: list[str]) -> list[str]:
-    hosts: list[str] | None = None
-    out: list[str] = []
-    for address in addresses:
-        if address.startswith("/ip4/0.0.0.0/"):
-            hosts = hosts or local_ipv4_addresses()
-            out.extend(expand_multiaddr(address, hosts))
-        else:
-            out.append(address)
-    return out
-
-
 def build_transports(config: NodeConfig, instance: Instance, metrics: Metrics) -> dict[str, CountingTransport]:
     """The enabled transports, by the name their addresses carry (``p2p:...``, ``http:...``)."""
     transports: dict[str, CountingTransport] = {}
     if config.p2p:
-        transports["p2p"] = counting("p2p", _libp2p(config, instance.device_key), metrics, advertise=_expand_wildcards)
+        transports["p2p"] = counting("p2p", _libp2p(config, instance.device_key), metrics)
     if config.http:
         transports["http"] = counting("http", _http(config), metrics)
     return transports
@@ -143,7 +132,7 @@ async def run_node(
                     await nursery.start(serve_control, service, config.control_socket)
                     if metrics_sock is not None:
                         host, port = metrics_sock.getsockname()[:2]
-                        service.metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                        service.metrics_address = join_host_port(host, port)
                         await nursery.start(serve_metrics, service, metrics_sock)
                         metrics_sock = None  # serve_metrics owns it now
                     if on_ready is not None:

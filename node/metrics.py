@@ -34,7 +34,15 @@ from sync.messages import (
     SyncTree,
     encode_message,
 )
-from sync.transport import BackgroundTransport, Handler, RequestContext, TaskStatus, Transport
+from sync.transport import (
+    BackgroundTransport,
+    ClosingTransport,
+    Handler,
+    LiveConnections,
+    RequestContext,
+    TaskStatus,
+    Transport,
+)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _EXCHANGES = (SyncTree, SendEntries)
@@ -120,32 +128,22 @@ def _outcome(answer: Message) -> tuple[str, str | None] | None:
 class CountingTransport:
     """A transport that counts what passes through ``inner`` (see the module docstring).
 
-    ``inner`` stays reachable for status (``.inner``); ``advertise`` may rewrite the
-    listen addresses (wildcards into interface addresses) before sync puts them in tickets.
+    ``inner`` stays reachable for status (``.inner``). The optional protocols sync asks of a
+    transport pass through to it: running (:class:`CountingBackgroundTransport`), open
+    connections and closing.
     """
 
-    def __init__(
-        self,
-        name: str,
-        inner: Transport,
-        metrics: Metrics,
-        *,
-        advertise: Callable[[list[str]], list[str]] | None = None,
-    ) -> None:
+    def __init__(self, name: str, inner: Transport, metrics: Metrics) -> None:
         self.name = name
         self.inner = inner
         self.metrics = metrics
-        self._advertise = advertise
 
-    def __getattr__(self, name: str) -> Any:
-        """Anything else is the inner transport's (``status()``, ``host``, what sync may ask later)."""
-        if name == "inner":  # not set yet (during unpickling or a failed __init__): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    def live_address(self, pubkey: str) -> str | None:
+        """The inner transport's open connection to ``pubkey``, if it keeps connections (None: none)."""
+        return self.inner.live_address(pubkey) if isinstance(self.inner, LiveConnections) else None
 
     def listen_addresses(self) -> list[str]:
-        addresses = self.inner.listen_addresses()
-        return self._advertise(addresses) if self._advertise and addresses else addresses
+        return self.inner.listen_addresses()
 
     async def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
         self.metrics.message(self.name, "sent", message)
@@ -180,9 +178,8 @@ class CountingTransport:
         await self.inner.serve(counted, task_status=task_status)
 
     async def aclose(self) -> None:
-        close = getattr(self.inner, "aclose", None)
-        if close is not None:
-            await close()
+        if isinstance(self.inner, ClosingTransport):
+            await self.inner.aclose()
 
 
 class CountingBackgroundTransport(CountingTransport):
@@ -193,12 +190,10 @@ class CountingBackgroundTransport(CountingTransport):
         await self.inner.run(task_status=task_status)
 
 
-def counting(
-    name: str, inner: Transport, metrics: Metrics, *, advertise: Callable[[list[str]], list[str]] | None = None
-) -> CountingTransport:
+def counting(name: str, inner: Transport, metrics: Metrics) -> CountingTransport:
     """Wrap ``inner``, keeping it a :class:`BackgroundTransport` if it is one."""
     cls = CountingBackgroundTransport if isinstance(inner, BackgroundTransport) else CountingTransport
-    return cls(name, inner, metrics, advertise=advertise)
+    return cls(name, inner, metrics)
 
 
 class NodeCollector(Collector):

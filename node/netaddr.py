@@ -1,8 +1,9 @@
-"""Turning wildcard listen addresses into addresses a peer can dial.
+"""Turning a wildcard HTTP bind address into addresses a peer can dial.
 
 A node listening on ``0.0.0.0`` is reachable at each of its interfaces' addresses, but
-the wildcard itself means nothing to a peer: a ticket must carry the real ones. Only the
-node knows which it listens on, so the expansion happens here, not in the transports.
+the wildcard itself means nothing to a peer: a ticket must carry the real ones. The HTTP
+transport advertises what it is told, so the node tells it these; the libp2p transport
+expands its own multiaddrs (``transports.libp2p.advertised_addresses``).
 """
 
 from __future__ import annotations
@@ -40,16 +41,8 @@ def local_ipv4_addresses() -> list[str]:
     return sorted(found, key=lambda a: a.startswith("127."))
 
 
-def expand_multiaddr(address: str, hosts: list[str]) -> list[str]:
-    """``/ip4/0.0.0.0/tcp/N/...`` -> one address per host; anything else unchanged."""
-    prefix = f"/ip4/{WILDCARD_V4}/"
-    if not address.startswith(prefix):
-        return [address]
-    return [f"/ip4/{host}/" + address[len(prefix) :] for host in hosts]
-
-
 def is_wildcard_host(host: str) -> bool:
     return host in ("", WILDCARD_V4, "::", "[::]")
 
 
-__all__ = ["expand_multiaddr", "is_wildcard_host", "local_ipv4_addresses"]
+__all__ = ["is_wildcard_host", "local_ipv4_addresses"]

@@ -1,10 +1,11 @@
-"""What the transports can tell about connections: who is connected, directly or relayed.
+"""What the transports say about their connections, as the control API shows it.
 
-Sync's transport interface says nothing about connections (HTTP has none to speak of),
-so this reads what a transport offers, duck-typed: a libp2p transport's host lists its
-live connections, and a transport with a ``status()`` (the reachability and relay API
-that the libp2p transport is growing) has it passed through as it is. A transport
-without either simply reports nothing here; nothing breaks when an API appears or goes.
+Sync's transport interface says nothing about connections (HTTP has none to speak of), so
+a transport that knows them offers a status snapshot
+(:class:`~sync.transport.ReportingTransport`): its connected peers, each direct or
+relayed, and whatever else it tracks (libp2p: reachability, relays, hole punching). This
+module only assembles those snapshots; reading a library's connection tables is the
+transport's business. A transport without a snapshot reports nothing here.
 """
 
 from __future__ import annotations
@@ -12,44 +13,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+from collections.abc import Iterable
 from typing import Any
 
+from sync.transport import ConnectionKind, ReportingTransport, Transport, TransportStatus
+
 log = logging.getLogger(__name__)
-
-RELAY_MARK = "p2p-circuit"
-
-
-def peer_id_of(pubkey: str) -> str | None:
-    """The libp2p peer ID a device key names (``12D3Koo...``), or None if it is not one."""
-    try:
-        from libp2p.crypto.ed25519 import Ed25519PublicKey
-        from libp2p.peer.id import ID
-
-        from dag.keys import pubkey_from_text
-
-        return str(ID.from_pubkey(Ed25519PublicKey.from_bytes(pubkey_from_text(pubkey))))
-    except Exception:  # not an Ed25519 device key, or libp2p missing: no peer ID
-        return None
-
-
-def libp2p_connections(transport: Any) -> dict[str, str]:
-    """peer ID -> ``"direct"`` or ``"relayed"`` for every live connection of a libp2p host."""
-    host = getattr(transport, "host", None)
-    if host is None:
-        return {}
-    out: dict[str, str] = {}
-    try:
-        network = host.get_network()
-        for peer_id, connections in network.get_connections_map().items():
-            kinds = set()
-            for connection in connections:
-                addresses = [str(a) for a in connection.get_transport_addresses()]
-                kinds.add("relayed" if any(RELAY_MARK in a for a in addresses) else "direct")
-            if kinds:
-                out[str(peer_id)] = "direct" if "direct" in kinds else "relayed"
-    except Exception as exc:  # a status view must never take the node down
-        log.debug("cannot read libp2p connections: %s", exc)
-    return out
 
 
 def plain(value: Any) -> Any:
@@ -67,20 +36,36 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def transport_status(transport: Any) -> dict[str, Any] | None:
-    """The transport's own status report (reachability, relays ...), if it has one."""
-    for attribute in ("status", "reachability"):
-        member = getattr(transport, attribute, None)
-        if member is None:
-            continue
-        try:
-            value = member() if callable(member) else member
-        except Exception as exc:
-            log.debug("transport %s() failed: %s", attribute, exc)
-            continue
-        report = plain(value)
-        return report if isinstance(report, dict) else {attribute: report}
-    return None
+def snapshot(transport: Transport) -> TransportStatus | None:
+    """The transport's status snapshot, if it offers one."""
+    if not isinstance(transport, ReportingTransport):
+        return None
+    try:
+        return transport.status()
+    except Exception as exc:  # a status view must never fail a control command; the node runs on
+        log.debug("transport status() failed: %s: %s", type(exc).__name__, exc)
+        return None
 
 
-__all__ = ["libp2p_connections", "peer_id_of", "plain", "transport_status"]
+def transport_status(transport: Transport) -> dict[str, Any] | None:
+    """The transport's status snapshot as JSON-able data (``status --json`` shows it as is)."""
+    status = snapshot(transport)
+    if status is None:
+        return None
+    report = plain(status)
+    return report if isinstance(report, dict) else {"status": report}
+
+
+def connections(transports: Iterable[Transport]) -> dict[str, ConnectionKind]:
+    """device key -> ``"direct"`` or ``"relayed"`` for every peer a transport is connected to
+    (a later transport's word wins for a peer connected over several)."""
+    out: dict[str, ConnectionKind] = {}
+    for transport in transports:
+        status = snapshot(transport)
+        for peer in status.peers if status is not None else ():
+            if peer.device:
+                out[peer.device] = peer.kind
+    return out
+
+
+__all__ = ["connections", "plain", "snapshot", "transport_status"]

@@ -27,7 +27,7 @@ from transports.http_codec import JsonInputError, parse_json
 
 from .config import NodeConfig
 from .metrics import CountingTransport, Metrics, render
-from .netstatus import libp2p_connections, peer_id_of, transport_status
+from .netstatus import connections, transport_status
 
 log = logging.getLogger(__name__)
 
@@ -94,28 +94,10 @@ class NodeService:
         return [str(a) for a in self.sync.listen_addresses()]
 
     def _connections(self) -> dict[str, str]:
-        """device key -> "direct" / "relayed" for peers with a live connection.
-
-        A transport's own status report (its ``peers``, each with ``device`` and ``kind``)
-        is preferred; otherwise a libp2p host's connection table is read directly.
-        """
-        by_device: dict[str, str] = {}
-        by_peer_id: dict[str, str] = {}
-        for transport in self.transports.values():
-            status = transport_status(transport.inner)
-            reported = status.get("peers") if status else None
-            if isinstance(reported, list):
-                for item in reported:
-                    if isinstance(item, dict) and item.get("device") and item.get("kind"):
-                        by_device[str(item["device"])] = str(item["kind"])
-            else:
-                by_peer_id.update(libp2p_connections(transport.inner))
-        out: dict[str, str] = {}
-        for peer in self.sync.peers():  # only sync peers: a transport also sees relays and probes
-            kind = by_device.get(peer.pubkey) or by_peer_id.get(peer_id_of(peer.pubkey) or "")
-            if kind:
-                out[peer.pubkey] = kind
-        return out
+        """device key -> "direct" / "relayed" for sync peers with a live connection (a
+        transport also sees relays and probes, which are left out)."""
+        kinds = connections(t.inner for t in self.transports.values())
+        return {peer.pubkey: kinds[peer.pubkey] for peer in self.sync.peers() if peer.pubkey in kinds}
 
     async def health(self) -> dict[str, Any]:
         return {

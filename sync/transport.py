@@ -4,13 +4,21 @@ Transports know nothing of databases: they carry :mod:`sync.messages` between no
 engine routes each request to the transport registered under the address's transport
 name. A handler answers with an async iterator of messages, so that a large answer can
 be streamed in several frames.
+
+Beyond :class:`Transport`, a transport may offer more, each an optional protocol checked
+with ``isinstance`` (never by probing attributes): a service to run
+(:class:`BackgroundTransport`), open connections to answer on (:class:`LiveConnections`),
+something to close (:class:`ClosingTransport`) and a status snapshot
+(:class:`ReportingTransport`). The snapshot's per-peer part, :class:`PeerConnection`, is
+defined here so that a node can tell direct from relayed peers without knowing which
+library the transport is built on.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import trio
 
@@ -87,3 +95,43 @@ class LiveConnections(Protocol):
     def live_address(self, pubkey: str) -> str | None:
         """An address that reaches ``pubkey`` over an open connection only (None: none is open)."""
         ...
+
+
+@runtime_checkable
+class ClosingTransport(Protocol):
+    """A transport holding something beyond its tasks (an HTTP client's pooled
+    connections) that its owner closes once it is done with it."""
+
+    async def aclose(self) -> None: ...
+
+
+ConnectionKind = Literal["direct", "relayed"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConnection:
+    """How this node is connected to one peer right now."""
+
+    peer_id: str  # the transport's own name for the peer
+    device: str | None  # the device key (``ed25519:...``) the peer ID names, when it names one
+    kind: ConnectionKind  # direct if any connection to the peer is direct
+    relay: str | None  # the relay's peer ID, while relayed
+    connections: int
+
+
+class TransportStatus(Protocol):
+    """What every transport's status snapshot has: the peers it is connected to.
+
+    A snapshot is a (frozen) dataclass; the rest of it (reachability, relays ...) is the
+    transport's own, and a node shows it as data without reading it.
+    """
+
+    @property
+    def peers(self) -> tuple[PeerConnection, ...]: ...
+
+
+@runtime_checkable
+class ReportingTransport(Protocol):
+    """A transport that can say how it is connected right now (libp2p)."""
+
+    def status(self) -> TransportStatus: ...

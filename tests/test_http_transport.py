@@ -55,7 +55,9 @@ from sync.messages import (
 from sync.transport import Handler, RequestContext, TaskStatus
 from tests.kit_http import HttpKit
 from tests.transport_kits import Node
-from transports.http import HttpTransport, PortInUseError, parse_host_port
+from transports.errors import PortInUseError
+from transports.hostport import parse_host_port
+from transports.http import HttpTransport
 from transports.http_codec import (
     CONTENT_JSON,
     CONTENT_MSGPACK,

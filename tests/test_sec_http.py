@@ -20,7 +20,8 @@ import trio
 from scripts.flood_http import Node, run_flood
 from sync.messages import Ack, Error, Message, decode_message, encode_message
 from sync.transport import RequestContext
-from transports.http import DEFAULT_MAX_INFLIGHT_BODY_BYTES_PER_SOURCE, HttpTransport, parse_host_port
+from transports.hostport import parse_host_port
+from transports.http import DEFAULT_MAX_INFLIGHT_BODY_BYTES_PER_SOURCE, HttpTransport
 
 TIMEOUT_S = 20  # every test is bounded; each takes a few seconds at most
 HEAD = b"POST /api/v0 HTTP/1.1\r\nhost: x\r\ncontent-type: application/msgpack\r\n"

@@ -33,11 +33,13 @@ from typing import Any, Literal
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID as PeerID
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
 
 from sync.transport import TaskStatus
 
+from .errors import quietly
 from .relay import is_circuit_address, is_relayed
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class _Dcutr(DCUtRProtocol):
     async def _try_unilateral_upgrade(self, peer_id: PeerID) -> bool:
         try:
             addresses = [a for a in self.host.get_peerstore().addrs(peer_id) if not is_circuit_address(a)]
-        except Exception:
+        except PeerStoreError:  # no address known for the peer (or they expired)
             return False
         if not addresses:
             return False
@@ -102,7 +104,7 @@ class _Dcutr(DCUtRProtocol):
         try:
             try:
                 await super()._handle_dcutr_stream(stream)  # catches its own errors
-            except Exception as exc:
+            except Exception as exc:  # whatever escapes it is this attempt's outcome, kept in its result
                 error = f"{type(exc).__name__}: {exc}"
             succeeded = bool(await self._verify_direct_connection(peer))
             self._puncher.record(peer, "responder", succeeded, time.monotonic() - started, error)
@@ -160,7 +162,7 @@ class HolePuncher:
                 succeeded = bool(await self._service.initiate_hole_punch(peer))
         except trio.TooSlowError:
             error = f"no result in {PUNCH_TIMEOUT_S:g} s"
-        except Exception as exc:
+        except Exception as exc:  # any library failure is this attempt's outcome: recorded and logged
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self._running.discard(peer)
@@ -183,5 +185,5 @@ class HolePuncher:
                 for connection in connections:
                     if is_relayed(connection):
                         log.info("closing the relayed connection to %s: a direct one is up", peer)
-                        with trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(Exception):
+                        with trio.move_on_after(CLOSE_TIMEOUT_S), quietly(f"closing the relayed connection to {peer}"):
                             await connection.close()

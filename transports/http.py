@@ -25,9 +25,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import re
 import socket
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from functools import partial
 from typing import Final, cast
 
@@ -47,7 +46,6 @@ from sync.errors import (
     OversizeMessageError,
     ProtocolError,
     RequestTimeoutError,
-    SyncError,
     TransportError,
     UnreachableError,
 )
@@ -55,6 +53,8 @@ from sync.messages import Bootstrap, Error, Incremental, Message, encode_message
 from sync.peer import raise_for
 from sync.transport import Handler, RequestContext, TaskStatus
 
+from .errors import PortInUseError
+from .hostport import join_host_port, parse_host_port
 from .http_codec import CONTENT_FRAMES, CONTENT_MSGPACK, FRAME_HEADER_BYTES, FrameReader, WireFormat, format_for
 
 log = logging.getLogger(__name__)
@@ -103,27 +103,20 @@ MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 # Connections kept per transport; the engine runs one exchange per peer at a time.
 MAX_CONNECTIONS: Final = 64
 
-_ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})):(?P<port>[0-9]{1,5})$")
 _WILDCARD_HOSTS: Final = {"0.0.0.0", "::", ""}
 
 
-class PortInUseError(OSError):
-    """The HTTP transport's bind address is taken (by another node or another server)."""
-
-
-def parse_host_port(address: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` for IPv6) -> ``(host without brackets, port)``; ValueError if not."""
-    match = _ADDRESS.match(address)
-    if match is None:
-        raise ValueError(f"{address!r} is not host:port")
-    port = int(match["port"])
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{address!r} has no valid port")
-    return match["host"].strip("[]"), port
-
-
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+@contextlib.contextmanager
+def _httpx_errors(address: str) -> Iterator[None]:
+    """httpx's errors as ours (every one is an ``httpx.HTTPError``); ours pass unchanged."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise UnreachableError(f"cannot connect to http:{address}: {exc!r}") from exc
+    except httpx.TimeoutException as exc:
+        raise RequestTimeoutError(f"no answer from http:{address} in time: {exc!r}") from exc
+    except httpx.HTTPError as exc:
+        raise TransportError(f"request to http:{address} failed: {exc!r}") from exc
 
 
 def _is_last(message: Message) -> bool:
@@ -231,7 +224,7 @@ class HttpTransport:
         if self._advertise is not None:
             return list(self._advertise)
         host = "127.0.0.1" if self._bind_host in _WILDCARD_HOSTS else self._bind_host
-        return [_join_host_port(host, self._port)]
+        return [join_host_port(host, self._port)]
 
     async def serve(self, handler: Handler, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve ``handler`` on the bind address until cancelled; started once listening."""
@@ -248,7 +241,7 @@ class HttpTransport:
                 self._port = sock.getsockname()[1]
                 if self._bind_host in _WILDCARD_HOSTS and self._advertise is None:
                     log.warning("HTTP transport listens on all interfaces; tickets say 127.0.0.1 (set advertise)")
-                log.info("HTTP transport listening on %s", _join_host_port(self._bind_host, self._port))
+                log.info("HTTP transport listening on %s", join_host_port(self._bind_host, self._port))
                 task_status.started()
         finally:
             self._serving = False
@@ -277,7 +270,7 @@ class HttpTransport:
             sock.listen(Config.backlog)
         except OSError as exc:
             sock.close()
-            where = _join_host_port(self._bind_host, self._bind_port)
+            where = join_host_port(self._bind_host, self._bind_port)
             if exc.errno == errno.EADDRINUSE:
                 raise PortInUseError(
                     exc.errno, f"HTTP transport cannot listen on {where}: the port is in use (another node?)"
@@ -446,7 +439,7 @@ class HttpTransport:
         url = f"http://{address}{API_PATH}"
         headers = {"content-type": CONTENT_MSGPACK, "accept": CONTENT_FRAMES}
         last: Message | None = None
-        try:
+        with _httpx_errors(address):
             async with self._http_client().stream("POST", url, content=body, headers=headers) as response:
                 if response.status_code != 200:
                     await self._raise_for_status(address, response)
@@ -469,14 +462,6 @@ class HttpTransport:
                                 yield answer
                 if reader.pending:
                     raise TransportError(f"answer from http:{address} ended mid-frame")
-        except SyncError:
-            raise
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise UnreachableError(f"cannot connect to http:{address}: {exc!r}") from exc
-        except httpx.TimeoutException as exc:
-            raise RequestTimeoutError(f"no answer from http:{address} in time: {exc!r}") from exc
-        except httpx.HTTPError as exc:
-            raise TransportError(f"request to http:{address} failed: {exc!r}") from exc
         if last is None:
             raise TransportError(f"answer from http:{address} ended before its last message")
         yield last

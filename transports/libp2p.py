@@ -5,13 +5,13 @@ closes. A frame is a 4-byte big-endian length and a msgpack message; a length ov
 limit (default 16 MiB) ends the stream with an error. The host's identity is the node's
 Ed25519 device key, so a peer ID names a device.
 
-What this module does about py-libp2p's traps (see the project's notes):
+What this module does about py-libp2p 0.8.1's traps:
 * only Noise is offered (a default host also accepts plaintext, TLS and secio);
 * every exception in the stream handler is caught (one escaping takes the host down);
 * ``max_connections_per_peer=1`` avoids the 250 ms parallel-dial head start, and the
   auto-connector's targets are zeroed so it never redials the peerstore by itself;
-* a listening port is checked with a plain ``bind()`` first (its listeners set
-  SO_REUSEPORT, so a second process would silently share the port);
+* a listening port is first bound by a probe socket of our own, without SO_REUSEPORT
+  (py-libp2p's listeners set it, so a second process would silently share the port);
 * a peer's "recently failed" mark is cleared before each dial, so a peer that came back
   is reachable at once instead of after 60 s;
 * a dial goes to exactly the address asked for (``host.connect`` dials whichever one
@@ -31,19 +31,20 @@ a node given ``relays`` reserves a slot on each and advertises its ``/p2p-circui
 addresses; ``/p2p-circuit`` addresses are dialled through the relay (``host.connect``
 drops them); reachability comes from a real dial-back on a fresh connection; DCUtR
 upgrades relayed connections to direct ones where the NATs allow. ``status()`` tells
-which of all that is the case right now.
+which of all that is the case right now (:mod:`transports.libp2p_status`).
+
+Every failure of py-libp2p on the asking side becomes a sync error in one place,
+:func:`transports.errors.libp2p_errors`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
 import socket
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import multiaddr
 import trio
@@ -55,38 +56,38 @@ from libp2p.custom_types import TProtocol
 from libp2p.io.utils import read_exactly
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.peer.id import ID as PeerID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.utils.address_validation import expand_wildcard_address
 from libp2p.utils.varint import decode_uvarint_from_stream, encode_delim
+from multiaddr.exceptions import Error as MultiaddrError
 
 from dag import SigningKey
-from dag.keys import pubkey_to_text
-from sync.errors import (
-    OversizeMessageError,
-    ProtocolError,
-    RequestTimeoutError,
-    SyncError,
-    TransportError,
-    UnreachableError,
-)
+from sync.errors import ProtocolError, TransportError, UnreachableError
 from sync.messages import Error, Message, decode_message, encode_message
-from sync.transport import Handler, RequestContext, TaskStatus
+from sync.transport import ConnectionKind, Handler, RequestContext, TaskStatus
 
-from .holepunch import HolePuncher, HolePunchResult
-from .reachability import RECHECK_S, DialbackOutcome, DialbackServer, Reachability, ReachabilityMonitor
+from .errors import FrameTooLarge, closing_quietly, libp2p_errors
+from .holepunch import HolePuncher
+from .libp2p_status import (
+    Libp2pStatus,
+    RelayServiceStatus,
+    connected_peers,
+    directly_connected,
+    peer_connection,
+    peer_connections,
+    peer_pubkey,
+)
+from .reachability import RECHECK_S, DialbackServer, ReachabilityMonitor
 from .relay import (
     DEFAULT_RELAY_LIMITS,
     RelayClient,
-    RelayError,
     RelayLimits,
     RelayService,
-    ReservationStatus,
     dial_exactly,
     dial_through_relay,
     is_circuit_address,
-    is_relayed,
     split_circuit_address,
 )
 
@@ -105,10 +106,6 @@ READ_CHUNK = 1 << 20
 # serve() waits this long for the first reservations, so that addresses handed out right after
 # accept_connections() already reach the node through its relays; a relay that is down costs no more.
 INITIAL_RESERVATION_WAIT_S = 5.0
-
-
-class FrameTooLarge(OversizeMessageError):
-    pass
 
 
 async def _read_exactly(stream: INetStream, size: int) -> bytes:
@@ -160,24 +157,21 @@ async def write_frame(stream: INetStream, payload: bytes) -> None:
     await stream.write(len(payload).to_bytes(HEADER, "big") + payload)
 
 
-def peer_pubkey(peer: PeerID) -> str | None:
-    """The device key (``ed25519:...``) a peer ID names, when it names an Ed25519 key."""
-    try:
-        key = peer.extract_public_key()
-    except Exception:  # not an inline key
-        return None
-    return pubkey_to_text(key.to_bytes()) if key is not None else None
-
-
 async def _no_auto_connect() -> None:
     return None
 
 
-def _is_loopback(address: multiaddr.Multiaddr) -> bool:
+def _ip4(address: multiaddr.Multiaddr) -> str | None:
+    """The address's IPv4 host, None if it has none (``/ip6/...``, ``/dns4/...``)."""
     try:
-        return ipaddress.ip_address(address.value_for_protocol("ip4")).is_loopback
-    except Exception:
-        return False
+        return str(address.value_for_protocol("ip4"))
+    except MultiaddrError:  # ProtocolLookupError: no /ip4 part
+        return None
+
+
+def _is_loopback(address: multiaddr.Multiaddr) -> bool:
+    host = _ip4(address)
+    return host is not None and ipaddress.ip_address(host).is_loopback
 
 
 def advertised_addresses(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
@@ -190,10 +184,7 @@ def advertised_addresses(candidates: list[multiaddr.Multiaddr]) -> list[multiadd
     """
     expanded: list[multiaddr.Multiaddr] = []
     for address in candidates:
-        try:
-            wildcard = address.value_for_protocol("ip4") == "0.0.0.0"
-        except Exception:
-            wildcard = False
+        wildcard = _ip4(address) == "0.0.0.0"
         for concrete in expand_wildcard_address(address) if wildcard else [address]:
             if concrete not in expanded:
                 expanded.append(concrete)
@@ -230,12 +221,12 @@ def new_noise_host(key_pair: Any, *, dial_timeout_s: float, retries: bool = True
 
 
 def _check_port_free(address: multiaddr.Multiaddr) -> None:
+    host = _ip4(address)
     try:
         port = int(address.value_for_protocol("tcp"))
-        host = address.value_for_protocol("ip4")
-    except Exception:
+    except MultiaddrError:  # not TCP: nothing of ours to probe
         return
-    if port == 0:
+    if host is None or port == 0:
         return
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     # SO_REUSEADDR: connections of a previous run left in TIME_WAIT must not block a restart
@@ -247,46 +238,6 @@ def _check_port_free(address: multiaddr.Multiaddr) -> None:
         raise TransportError(f"cannot listen on {address}: port {port} is in use ({exc.strerror})") from exc
     finally:
         probe.close()
-
-
-ConnectionKind = Literal["direct", "relayed"]
-
-
-@dataclass(frozen=True, slots=True)
-class PeerConnection:
-    """How this node is connected to one peer right now."""
-
-    peer_id: str
-    device: str | None  # the device key the peer ID names (``ed25519:...``)
-    kind: ConnectionKind  # direct if any connection to the peer is direct
-    relay: str | None  # the relay's peer ID, while relayed
-    connections: int
-
-
-@dataclass(frozen=True, slots=True)
-class RelayServiceStatus:
-    """The relay this node offers (``relay_service=True``)."""
-
-    reservations: dict[str, float]  # peer ID -> expiry (unix time)
-    active_circuits: int
-    circuits_opened: int
-    circuits_cut: int  # reset by the relay at a data or duration limit
-
-
-@dataclass(frozen=True, slots=True)
-class Libp2pStatus:
-    """A snapshot of the transport's view of the network (see ``Libp2pTransport.status``)."""
-
-    peer_id: str
-    serving: bool
-    reachability: Reachability
-    reachability_checked_by: str | None  # the peer whose dial-back decided it
-    listen_addresses: tuple[str, ...]
-    reservations: tuple[ReservationStatus, ...]
-    peers: tuple[PeerConnection, ...]
-    hole_punches: tuple[HolePunchResult, ...]  # the latest attempt per peer
-    relay_service: RelayServiceStatus | None
-    dialbacks: tuple[DialbackOutcome, ...]  # what this node found dialling others back
 
 
 class Libp2pTransport:
@@ -443,36 +394,18 @@ class Libp2pTransport:
     def live_address(self, pubkey: str) -> str | None:
         """``/p2p/<peer ID>`` when ``pubkey``'s peer holds a connection to us: a request to
         it rides that connection and never dials (``_open`` refuses to)."""
-        network: Any = self._host.get_network()
-        for peer in list(network.connections):
-            if peer_pubkey(peer) == pubkey and self._peer_connection(peer) is not None:
+        for peer in connected_peers(self._host):
+            if peer_pubkey(peer) == pubkey and peer_connection(self._host, peer) is not None:
                 return f"/p2p/{peer}"
         return None
 
     def connection_kind(self, peer_id: str) -> ConnectionKind | None:
         """``direct`` or ``relayed`` for a connected peer, None if not connected."""
-        connection = self._peer_connection(PeerID.from_base58(peer_id))
+        connection = peer_connection(self._host, PeerID.from_base58(peer_id))
         return connection.kind if connection is not None else None
-
-    def _peer_connection(self, peer: PeerID) -> PeerConnection | None:
-        network: Any = self._host.get_network()
-        connections = [c for c in network.get_connections(peer) if not c.is_closed]
-        if not connections:
-            return None
-        relayed = [c for c in connections if is_relayed(c)]
-        relay: str | None = None
-        if len(relayed) == len(connections):
-            with contextlib.suppress(Exception):
-                relay = str(split_circuit_address(relayed[0].get_transport_addresses()[0])[0].peer_id)
-        kind: ConnectionKind = "relayed" if len(relayed) == len(connections) else "direct"
-        return PeerConnection(str(peer), peer_pubkey(peer), kind, relay, len(connections))
 
     def status(self) -> Libp2pStatus:
         """Reachability, reservations, how each connected peer is reached, hole punching."""
-        network: Any = self._host.get_network()
-        peers = tuple(
-            connection for peer in list(network.connections) if (connection := self._peer_connection(peer)) is not None
-        )
         service = None
         if self._relay_service is not None:
             service = RelayServiceStatus(
@@ -489,7 +422,7 @@ class Libp2pTransport:
             reachability_checked_by=last.peer if last else None,
             listen_addresses=tuple(self.listen_addresses()),
             reservations=self._relay_client.status() if self._relay_client is not None else (),
-            peers=peers,
+            peers=peer_connections(self._host),
             hole_punches=tuple(self._puncher.results.values()) if self._puncher is not None else (),
             relay_service=service,
             dialbacks=tuple(self._dialback.outcomes.values()),
@@ -497,14 +430,9 @@ class Libp2pTransport:
 
     def _dialback_candidates(self) -> list[PeerID]:
         """Peers to ask for a dial-back: our relays, then anyone we hold a direct connection to."""
-        network: Any = self._host.get_network()
-
-        def direct(peer: PeerID) -> bool:
-            return any(not c.is_closed and not is_relayed(c) for c in network.get_connections(peer))
-
         relays = self._relay_client.relay_peers if self._relay_client is not None else set()
-        ordered = [p for p in relays if direct(p)]
-        ordered += [p for p in list(network.connections) if p not in relays and direct(p)]
+        ordered = [p for p in relays if directly_connected(self._host, p)]
+        ordered += [p for p in connected_peers(self._host) if p not in relays and directly_connected(self._host, p)]
         return ordered
 
     def _on_inbound_circuit(self, peer: PeerID) -> None:
@@ -536,7 +464,7 @@ class Libp2pTransport:
         except Exception as exc:  # one stream must never take the host down (see the docstring)
             log.info("p2p stream from %s ended: %s: %s", peer, type(exc).__name__, exc)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
+            with closing_quietly("closing a p2p stream", 2):
                 await stream.close()  # already broken or not, nothing is left to tell the peer
 
     # ---- asking -------------------------------------------------------------------------
@@ -552,57 +480,30 @@ class Libp2pTransport:
         from 0 of 6 failures to 6 of 6), and a relayed exchange is slow anyway.
         """
         await self._wait_ready()
-        live_only = False  # "/p2p/<ID>" alone: over an open connection only (see live_address)
-        try:
-            target = multiaddr.Multiaddr(address)
-            if is_circuit_address(target):
-                info = None
-                peer = split_circuit_address(target)[1]
-            elif [protocol.name for protocol in target.protocols()] == ["p2p"]:
-                info, live_only = None, True
-                peer = PeerID.from_base58(target.value_for_protocol("p2p"))
-            else:
-                info = info_from_p2p_addr(target)
-                peer = info.peer_id
-        except Exception as exc:
-            raise UnreachableError(f"not a libp2p address with a /p2p/ peer ID: {address!r}") from exc
-        if live_only and self._peer_connection(peer) is None:
+        target, info, peer, live_only = _parse_target(address)
+        if live_only and peer_connection(self._host, peer) is None:
             raise UnreachableError(f"p2p:{address}: no open connection to that peer (it is not dialled)")
-        try:
-            with trio.fail_after(self._connect_timeout_s):
-                if self._peer_connection(peer) is None:
-                    async with self._dial_locks.setdefault(peer, trio.Lock()):
-                        if info is not None:
-                            await dial_exactly(self._host, info)
-                        elif live_only:  # the connection closed meanwhile: still never dial
-                            raise UnreachableError(f"p2p:{address}: the connection to that peer closed")
-                        elif self._peer_connection(peer) is None:
-                            await dial_through_relay(self._host, target)
-                connection = self._peer_connection(peer)
-                if connection is not None and connection.kind == "relayed":
-                    return await self._host.new_stream(peer, [PROTOCOL_ID]), False
-                # A raw stream: the request carries its own (lazy) protocol negotiation.
-                stream: INetStream = await self._host.get_network().new_stream(peer)
-                stream.set_protocol(PROTOCOL_ID)
-                return stream, True
-        except trio.TooSlowError as exc:
-            raise RequestTimeoutError(f"p2p:{address}: no connection in {self._connect_timeout_s:g} s") from exc
-        except UnreachableError:
-            raise
-        except RelayError as exc:
-            raise UnreachableError(f"p2p:{address}: {exc}") from exc
-        except Exception as exc:
-            raise UnreachableError(f"p2p:{address}: {type(exc).__name__}: {exc}") from exc
+        with libp2p_errors(f"p2p:{address}: connecting", self._connect_timeout_s, error=UnreachableError):
+            if peer_connection(self._host, peer) is None:
+                async with self._dial_locks.setdefault(peer, trio.Lock()):
+                    if info is not None:
+                        await dial_exactly(self._host, info)
+                    elif live_only:  # the connection closed meanwhile: still never dial
+                        raise UnreachableError(f"p2p:{address}: the connection to that peer closed")
+                    elif peer_connection(self._host, peer) is None:
+                        await dial_through_relay(self._host, target)
+            connection = peer_connection(self._host, peer)
+            if connection is not None and connection.kind == "relayed":
+                return await self._host.new_stream(peer, [PROTOCOL_ID]), False
+            # A raw stream: the request carries its own (lazy) protocol negotiation.
+            stream: INetStream = await self._host.get_network().new_stream(peer)
+            stream.set_protocol(PROTOCOL_ID)
+            return stream, True
 
     async def _confirm_protocol(self, stream: INetStream, address: str) -> None:
         """Check the listener's answers to a lazily sent protocol proposal."""
-        try:
-            with trio.fail_after(self._answer_timeout_s):
-                answers = (await _negotiated(stream), await _negotiated(stream))
-        except trio.TooSlowError as exc:
-            raise RequestTimeoutError(f"p2p:{address}: no protocol answer in {self._answer_timeout_s:g} s") from exc
-        except Exception as exc:
-            raise TransportError(f"p2p:{address}: protocol negotiation broke: {exc}") from exc
+        with libp2p_errors(f"p2p:{address}: protocol negotiation", self._answer_timeout_s):
+            answers = (await _negotiated(stream), await _negotiated(stream))
         if answers != (MULTISTREAM_ID, PROTOCOL_ID):
             raise UnreachableError(f"p2p:{address}: the peer does not speak {PROTOCOL_ID} (it answered {answers})")
 
@@ -610,25 +511,31 @@ class Libp2pTransport:
         stream, lazy = await self._open(address)
         try:
             payload = encode_message(message)
-            try:
+            with libp2p_errors(f"p2p:{address}: sending", None):
                 await stream.write((_LAZY_PROPOSAL if lazy else b"") + len(payload).to_bytes(HEADER, "big") + payload)
-            except Exception as exc:
-                raise TransportError(f"p2p:{address}: sending failed: {exc}") from exc
             if lazy:
                 await self._confirm_protocol(stream, address)
             while True:
-                try:
-                    with trio.fail_after(self._answer_timeout_s):
-                        frame = await read_frame(stream, self.max_frame_bytes)
-                except trio.TooSlowError as exc:
-                    raise RequestTimeoutError(f"p2p:{address}: no answer in {self._answer_timeout_s:g} s") from exc
-                except SyncError:
-                    raise
-                except Exception as exc:
-                    raise TransportError(f"p2p:{address}: connection broke mid-answer: {exc}") from exc
+                with libp2p_errors(f"p2p:{address}: waiting for an answer", self._answer_timeout_s):
+                    frame = await read_frame(stream, self.max_frame_bytes)
                 if frame is None:
                     return
                 yield decode_message(frame)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
+            with closing_quietly("resetting a p2p stream", 2):
                 await stream.reset()  # the stream is gone either way
+
+
+def _parse_target(address: str) -> tuple[multiaddr.Multiaddr, PeerInfo | None, PeerID, bool]:
+    """``address`` as (multiaddr, where to dial or None, the peer, whether it is ``/p2p/<ID>``
+    alone: a peer reached over an open connection only, see ``live_address``)."""
+    try:
+        target = multiaddr.Multiaddr(address)
+        if is_circuit_address(target):
+            return target, None, split_circuit_address(target)[1], False
+        if [protocol.name for protocol in target.protocols()] == ["p2p"]:
+            return target, None, PeerID.from_base58(target.value_for_protocol("p2p")), True
+        info = info_from_p2p_addr(target)
+        return target, info, info.peer_id, False
+    except (ValueError, MultiaddrError) as exc:  # InvalidAddrError, base58 and multiaddr parse errors
+        raise UnreachableError(f"not a libp2p address with a /p2p/ peer ID: {address!r}") from exc

@@ -20,7 +20,6 @@ so a relay can tell who among its clients is behind NAT.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -34,9 +33,11 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID as PeerID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
+from multiaddr.exceptions import Error as MultiaddrError
 
 from sync.transport import TaskStatus
 
+from .errors import closing_quietly, quietly
 from .relay import is_circuit_address, is_relayed
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,8 @@ async def _read(stream: INetStream) -> dict[str, Any]:
 
 def _observed_ip(stream: INetStream) -> str | None:
     try:
-        remote = stream.get_remote_address()
-    except Exception:
+        remote = stream.get_remote_address()  # None when the connection layer does not know it
+    except OSError:  # the socket is already gone (getpeername)
         return None
     return str(remote[0]) if remote else None
 
@@ -102,7 +103,7 @@ def dialback_targets(addresses: list[str], observed_ip: str) -> list[multiaddr.M
             continue
         try:
             port = int(multiaddr.Multiaddr(text).value_for_protocol("tcp"))
-        except Exception:
+        except (ValueError, MultiaddrError):  # the asker's own claim: not a TCP multiaddr, skipped
             continue
         family = "ip6" if ":" in observed_ip else "ip4"
         target = multiaddr.Multiaddr(f"/{family}/{observed_ip}/tcp/{port}")
@@ -129,7 +130,7 @@ class DialbackServer:
         self._host.set_stream_handler(DIALBACK_PROTOCOL, self.handle)
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
+        with quietly("removing the dial-back handler"):
             self._host.remove_stream_handler(DIALBACK_PROTOCOL)
 
     async def handle(self, stream: INetStream) -> None:
@@ -142,7 +143,7 @@ class DialbackServer:
         except Exception as exc:  # a stream handler must never raise
             log.info("dial-back for %s ended: %s: %s", peer, type(exc).__name__, exc)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(Exception):
+            with closing_quietly("closing a dial-back stream", CLOSE_TIMEOUT_S):
                 await stream.close()
 
     async def _answer(self, stream: INetStream, peer: PeerID, request: dict[str, Any]) -> dict[str, Any]:
@@ -185,14 +186,10 @@ class DialbackServer:
                         return str(target), None
                     except trio.TooSlowError:
                         errors.append(f"{target}: no answer in {DIAL_TIMEOUT_S:g} s")
-                    except Exception as exc:
+                    except Exception as exc:  # any library failure: the next target; all go in the answer
                         errors.append(f"{target}: {type(exc).__name__}: {exc}")
         finally:
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(HOST_CLOSE_TIMEOUT_S),
-                contextlib.suppress(Exception),
-            ):
+            with closing_quietly("closing a dial-back host", HOST_CLOSE_TIMEOUT_S):
                 await host.close()
         return None, "; ".join(errors)
 
@@ -207,7 +204,7 @@ async def ask_dialback(host: IHost, peer: PeerID, addresses: list[str]) -> dict[
             return await _read(stream)
     finally:
         if stream is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(Exception):
+            with closing_quietly("closing a dial-back stream", CLOSE_TIMEOUT_S):
                 await stream.close()
 
 
@@ -260,7 +257,7 @@ class ReachabilityMonitor:
         for peer in self._candidates()[:CANDIDATES_PER_CHECK]:
             try:
                 answer = await ask_dialback(self._host, peer, addresses)
-            except Exception as exc:
+            except Exception as exc:  # any library failure: ask the next candidate
                 log.debug("dial-back request to %s failed: %s: %s", peer, type(exc).__name__, exc)
                 continue
             status = answer.get("status")

@@ -51,9 +51,11 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
 from libp2p.relay.circuit_v2.resources import RelayLimits as Libp2pRelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+from multiaddr.exceptions import Error as MultiaddrError
 
-from sync.errors import UnreachableError
 from sync.transport import TaskStatus
+
+from .errors import RelayError, closing_quietly, libp2p_errors, quietly
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +93,6 @@ class RelayLimits:
 DEFAULT_RELAY_LIMITS = RelayLimits()
 
 
-class RelayError(UnreachableError):
-    """A relay refused or failed a reservation or a circuit (the status is in the message)."""
-
-
 def _status_name(code: int) -> str:
     try:
         return StatusCode(code).name
@@ -118,15 +116,15 @@ def split_circuit_address(address: multiaddr.Multiaddr) -> tuple[PeerInfo, PeerI
 
 
 def is_relayed(connection: Any) -> bool:
-    """Whether a swarm or muxed connection runs over a relay circuit."""
+    """Whether a swarm or muxed connection runs over a relay circuit.
+
+    Its type says so when it was set (we set it on every circuit); else a circuit address does.
+    """
     try:
         if connection.get_connection_type() == ConnectionType.RELAYED:
             return True
-    except Exception:  # not every connection type answers
-        pass
-    try:
         return any(is_circuit_address(a) for a in connection.get_transport_addresses() or [])
-    except Exception:
+    except (AttributeError, NotImplementedError):  # a connection layer that keeps neither
         return False
 
 
@@ -144,7 +142,7 @@ async def _close(stream: INetStream | None, *, reset: bool = False) -> None:
     """Close (or reset) a stream that may already be gone; never raises, never blocks long."""
     if stream is None:
         return
-    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(Exception):
+    with closing_quietly("closing a relay stream", CLOSE_TIMEOUT_S):
         if reset:
             await stream.reset()
         else:
@@ -188,7 +186,7 @@ class RelayService(CircuitV2Protocol):
         self.host.set_stream_handler(HOP_PROTOCOL, self.handle_hop)
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
+        with quietly("removing the HOP handler"):
             self.host.remove_stream_handler(HOP_PROTOCOL)
 
     def reservations(self) -> dict[str, float]:
@@ -237,7 +235,7 @@ class RelayService(CircuitV2Protocol):
         source = stream.muxed_conn.peer_id
         try:
             target = PeerID(message.peer.id)
-        except Exception:
+        except (TypeError, ValueError):
             await self._status(stream, StatusCode.MALFORMED_MESSAGE)
             return
         if self.resource_manager.get_reservation(target) is None:
@@ -257,7 +255,7 @@ class RelayService(CircuitV2Protocol):
                     connect.limit.CopyFrom(_limit(self.relay_limits))
                     await write_delimited_msg(target_stream, connect)
                     answer = await read_delimited_msg(target_stream, StopMessage)
-            except Exception as exc:
+            except Exception as exc:  # any library failure at the target is the same answer to the source
                 log.info("relay: circuit %s -> %s failed at the target: %r", source, target, exc)
                 await self._status(stream, StatusCode.CONNECTION_FAILED)
                 return
@@ -303,7 +301,7 @@ class RelayService(CircuitV2Protocol):
                 cut = True
                 broken.append(str(exc))
                 scope.cancel()
-            except Exception as exc:
+            except Exception as exc:  # a broken leg (any library error) resets both; logged below
                 broken.append(f"{type(exc).__name__}: {exc}")
                 scope.cancel()
 
@@ -363,10 +361,7 @@ def _evict_failed(host: IHost, peer: PeerID) -> None:
 
 
 def _connected(host: IHost, peer: PeerID) -> bool:
-    try:
-        return any(not c.is_closed for c in host.get_network().get_connections(peer))
-    except Exception:
-        return False
+    return any(not c.is_closed for c in host.get_network().get_connections(peer))
 
 
 async def dial_exactly(host: IHost, peer: PeerInfo) -> None:
@@ -387,7 +382,7 @@ async def dial_exactly(host: IHost, peer: PeerInfo) -> None:
     for address in peer.addrs:
         try:
             await network.dial_addr(address, peer.peer_id)
-        except Exception as exc:
+        except Exception as exc:  # any library failure: try the next address; all are in the error
             errors.append(f"{address}: {type(exc).__name__}: {exc}")
             continue
         schedule_identify = getattr(host, "_schedule_identify", None)
@@ -395,6 +390,11 @@ async def dial_exactly(host: IHost, peer: PeerInfo) -> None:
             schedule_identify(peer.peer_id, reason="connect")
         return
     raise RelayError(f"cannot connect to {peer.peer_id}: " + ("; ".join(errors) or "no address"))
+
+
+def _relay_errors(what: str, timeout_s: float) -> contextlib.AbstractContextManager[None]:
+    """Any failure of an exchange with a relay is a RelayError: the address is unreachable."""
+    return libp2p_errors(what, timeout_s, error=RelayError, timeout=RelayError)
 
 
 async def _stop_status(stream: INetStream, code: StatusCode) -> None:
@@ -406,17 +406,11 @@ async def reserve(host: IHost, relay: PeerInfo) -> float:
     _evict_failed(host, relay.peer_id)
     stream: INetStream | None = None
     try:
-        with trio.fail_after(CONTROL_TIMEOUT_S):
+        with _relay_errors(f"relay {relay.peer_id}: reserving", CONTROL_TIMEOUT_S):
             await dial_exactly(host, relay)
             stream = await host.new_stream(relay.peer_id, [HOP_PROTOCOL])
             await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
             answer = await read_delimited_msg(stream, HopMessage)
-    except trio.TooSlowError as exc:
-        raise RelayError(f"relay {relay.peer_id}: no reservation answer in {CONTROL_TIMEOUT_S:g} s") from exc
-    except RelayError:
-        raise
-    except Exception as exc:
-        raise RelayError(f"relay {relay.peer_id}: {type(exc).__name__}: {exc}") from exc
     finally:
         await _close(stream)
     if int(answer.status) != StatusCode.OK:
@@ -437,8 +431,9 @@ async def dial_through_relay(host: IHost, address: multiaddr.Multiaddr) -> None:
     _evict_failed(host, relay.peer_id)
     stream: INetStream | None = None
     upgraded = False
+    what = f"relay {relay.peer_id}: circuit to {target}"
     try:
-        with trio.fail_after(CONTROL_TIMEOUT_S):
+        with _relay_errors(what, CONTROL_TIMEOUT_S):
             await dial_exactly(host, relay)
             stream = await host.new_stream(relay.peer_id, [HOP_PROTOCOL])
             await write_delimited_msg(stream, HopMessage(type=HopMessage.CONNECT, peer=PbPeerId(id=target.to_bytes())))
@@ -446,17 +441,11 @@ async def dial_through_relay(host: IHost, address: multiaddr.Multiaddr) -> None:
         if int(answer.status) != StatusCode.OK:
             raise RelayError(f"relay {relay.peer_id} refused a circuit to {target}: {_status_name(answer.status)}")
         raw = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED, addresses=[address])
-        with trio.fail_after(UPGRADE_TIMEOUT_S):
+        with _relay_errors(f"{what}: upgrading", UPGRADE_TIMEOUT_S):
             connection = await host.upgrade_outbound_connection(raw, target)
-        with contextlib.suppress(Exception):
-            cast(Any, connection).set_transport_info([address], ConnectionType.RELAYED)
+        # Marked relayed in the swarm's table too (py-libp2p leaves it "direct").
+        cast(Any, connection).set_transport_info([address], ConnectionType.RELAYED)
         upgraded = True
-    except trio.TooSlowError as exc:
-        raise RelayError(f"relay {relay.peer_id}: no circuit to {target} in time") from exc
-    except RelayError:
-        raise
-    except Exception as exc:
-        raise RelayError(f"relay {relay.peer_id}: circuit to {target}: {type(exc).__name__}: {exc}") from exc
     finally:
         if not upgraded:
             await _close(stream, reset=True)
@@ -483,7 +472,7 @@ class RelayClient:
             address = multiaddr.Multiaddr(text)
             try:
                 info = info_from_p2p_addr(address)
-            except Exception as exc:
+            except (ValueError, MultiaddrError) as exc:
                 raise ValueError(f"a relay address needs its /p2p/<peer id>: {text!r}") from exc
             self._relays.append(_Relay(address, info))
         self._on_inbound_circuit = on_inbound_circuit
@@ -521,7 +510,7 @@ class RelayClient:
                     nursery.start_soon(self._keep, relay)
                 task_status.started()
         finally:
-            with contextlib.suppress(Exception):
+            with quietly("removing the STOP handler"):
                 self._host.remove_stream_handler(STOP_PROTOCOL)
 
     async def _keep(self, relay: _Relay) -> None:
@@ -540,7 +529,7 @@ class RelayClient:
                 log.info("reserved a slot on relay %s", relay.address)
             relay.state, relay.error, retry = "reserved", None, RETRY_MIN_S
             relay.reservations += 1
-            with contextlib.suppress(Exception):
+            with quietly(f"protecting the connection to relay {relay.address}"):
                 network.protect(relay.info.peer_id, PROTECT_TAG)
             renew_in = max(MIN_RENEW_S, (relay.expires_at - time.time()) * RENEW_FRACTION)
             relay.wake = trio.Event()
