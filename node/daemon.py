@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
@@ -21,6 +20,7 @@ from sync import SyncConfig, Transport, enable_sync
 from sync.transport import TaskStatus
 
 from . import runtime
+from .api import InfoResult
 from .config import NodeConfig
 from .control import serve_control, serve_metrics, tcp_socket
 from .errors import AlreadyRunningError, ConfigError
@@ -113,7 +113,7 @@ async def _stop_on_signal(service: NodeService) -> None:
 async def run_node(
     config: NodeConfig,
     *,
-    on_ready: Callable[[dict[str, Any]], None] | None = None,
+    on_ready: Callable[[InfoResult], None] | None = None,
     handle_signals: bool = True,
     settle_heap: bool = False,
     task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED,
