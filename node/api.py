@@ -162,9 +162,20 @@ class DatabaseDetail(DatabaseSummary):
     peers: list[PeerState]
 
 
+class AuthGrant(TypedDict, total=False):
+    name: str
+    permissions: str
+    status: str
+
+
+# A database's ``auth`` settings as ``dag.auth`` stores them ("global" is a keyword, so
+# this TypedDict is spelled as a call): grants by key, and the one any key has.
+AuthSettings = TypedDict("AuthSettings", {"keys": dict[str, AuthGrant], "global": AuthGrant}, total=False)
+
+
 class DatabaseShow(DatabaseDetail):
     stores: dict[str, str]  # store name -> type
-    auth: dict[str, object]  # the database's auth settings as stored
+    auth: AuthSettings
     missing: list[str]
 
 
