@@ -1,7 +1,8 @@
 """The node's commands, as the control API serves them: one method per CLI command.
 
 Everything here runs in the daemon's trio thread, next to the sync engine, and returns
-plain JSON-able data; the control server (``node/control.py``) only routes and encodes.
+the plain dicts typed in ``node/api.py`` (the read side that describes databases and
+peers is ``node/views.py``); the control server (``node/control.py``) only routes and encodes.
 A user's mistake raises :class:`CommandError` or a ``dag``/``sync`` error with a message
 fit to be shown as it is; ``control.py`` maps each to an error code.
 
