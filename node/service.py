@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from dag import Database, Instance, NotFoundError, Permission, Status, cid_from_text, cid_to_text
+from dag import Database, Instance, NotFoundError, Permission, cid_from_text, cid_to_text
 from dag.errors import BadCidError
 from sync import AccessPendingError, Sync, Ticket, UnauthorizedError
 from sync.state import Relationship
@@ -156,19 +156,7 @@ class NodeService:
 
     def gauges(self) -> dict[str, int | dict[str, int]]:
         """Scrape-time values for /metrics."""
-        entries: dict[str, int] = {s.name.lower(): 0 for s in Status}
-        databases = self._user_databases()
-        for db in databases:
-            for status, count in db.status_counts().items():
-                entries[status] = entries.get(status, 0) + count
-        return {
-            "peers": len(self.sync.peers()),
-            "connected": len(self._connections()),
-            "databases": len(databases),
-            "entries": entries,
-            "relationships": len(self.sync.state.relationships()),
-            "pending": len(self.sync.access_requests("pending")),
-        }
+        return views.gauges(self.sync, self._user_databases(), len(self._connections()))
 
     def prometheus(self) -> bytes:
         return render(self.metrics, self.gauges)

@@ -125,6 +125,22 @@ def peer(sync: Sync, known: PeerRecord, connected: Mapping[str, str]) -> PeerInf
     }
 
 
+def gauges(sync: Sync, databases: list[Database], connected: int) -> dict[str, int | dict[str, int]]:
+    """Scrape-time values for /metrics: counts of peers, databases, entries by status, requests."""
+    entries: dict[str, int] = {s.name.lower(): 0 for s in Status}
+    for db in databases:
+        for status, count in db.status_counts().items():
+            entries[status] = entries.get(status, 0) + count
+    return {
+        "peers": len(sync.peers()),
+        "connected": connected,
+        "databases": len(databases),
+        "entries": entries,
+        "relationships": len(sync.state.relationships()),
+        "pending": len(sync.access_requests("pending")),
+    }
+
+
 def history(sync: Sync, rows: int) -> list[HistoryRow]:
     """The last ``rows`` syncs; ``sync.state`` writes each row with exactly these keys."""
     return cast(list[HistoryRow], sync.state.history()[-rows:])
@@ -142,4 +158,14 @@ def access_request(request: AccessRequest) -> AccessRequestInfo:
     }
 
 
-__all__ = ["access_request", "connections", "detail", "history", "peer", "peer_state", "summary", "transports"]
+__all__ = [
+    "access_request",
+    "connections",
+    "detail",
+    "gauges",
+    "history",
+    "peer",
+    "peer_state",
+    "summary",
+    "transports",
+]
