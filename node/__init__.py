@@ -1,1 +1,3 @@
-"""The eidetica-node process: command line, and (later) daemon, control API and TUI."""
+"""The eidetica-node process: the daemon (storage, sync engine, transports), its control API
+over a unix socket (``service`` answers, ``api`` types the answers, ``control`` serves
+them), and the clients of that API: the command line (``cli``, ``render``) and the TUI."""

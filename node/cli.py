@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from . import render
+from . import api, render
+from .api import InfoResult, OfflineDatabase, OfflineInfo
 from .config import CONFIG_FILE, LOG_LEVELS, NodeConfig, config_template, load_config
 from .errors import ConfigError, NodeError, NotRunningError
 
@@ -152,6 +153,65 @@ def _daemon_options() -> Parser:
     return options
 
 
+Adder = Callable[[str, str], Parser]
+
+
+def _actions(group: Parser, common: Parser) -> Adder:
+    """An adder of ACTIONs under a command group (``db``, ``table``, ``access``)."""
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=Parser)
+
+    def add(name: str, help: str) -> Parser:
+        sub: Parser = actions.add_parser(name, help=help, description=help, parents=[common])
+        return sub
+
+    return add
+
+
+def _db_actions(add: Adder) -> None:
+    create = add("create", "create a database owned by this node; prints its ID")
+    create.add_argument("name", help="the database's name")
+    create.add_argument(
+        "--public", metavar="PERMISSION", help="let any key have this permission (read, or write:N; e.g. write:10)"
+    )
+    listing = add("list", "list the databases this node holds")
+    listing.add_argument("--all", action="store_true", help="include the node's own _sync database")
+    show = add("show", "a database's entries, tips, keys and how each peer stands")
+    show.add_argument("db", help="database ID or name")
+    get = add("get", "read a value (or the whole store) from a database's document store")
+    get.add_argument("db", help="database ID or name")
+    get.add_argument("key", nargs="?", help="dotted path; leave out to print the whole store")
+    get.add_argument("--store", help="document store (default: data)")
+    put = add("set", "write a value into a database's document store")
+    put.add_argument("db", help="database ID or name")
+    put.add_argument("key", help="dotted path, like title or author.name")
+    put.add_argument("value", help="the value (text, unless --json-value)")
+    put.add_argument("--json-value", action="store_true", help="parse VALUE as JSON (numbers, lists, objects)")
+    put.add_argument("--store", help="document store (default: data)")
+    delete = add("delete", "delete a key from a database's document store")
+    delete.add_argument("db", help="database ID or name")
+    delete.add_argument("key", help="dotted path")
+    delete.add_argument("--store", help="document store (default: data)")
+
+
+def _table_actions(add: Adder) -> None:
+    insert = add("insert", "insert a row; prints its ID")
+    insert.add_argument("db", help="database ID or name")
+    insert.add_argument("table", help="table store name")
+    insert.add_argument("row", help='the row, a JSON object: \'{"title": "milk"}\'')
+    rows = add("list", "list a table's rows")
+    rows.add_argument("db", help="database ID or name")
+    rows.add_argument("table", help="table store name")
+
+
+def _access_actions(add: Adder) -> None:
+    requests = add("list", "pending access requests")
+    requests.add_argument("--all", action="store_true", help="decided ones too")
+    approve = add("approve", "grant a request with this node's key")
+    approve.add_argument("request", help="request ID (or its start)")
+    reject = add("reject", "refuse a request")
+    reject.add_argument("request", help="request ID (or its start)")
+
+
 def build_parser() -> Parser:
     common = _common()
     parser = Parser(
@@ -177,52 +237,8 @@ def build_parser() -> Parser:
     add("info", "the node's identity, addresses and databases (works with no node running, too)")
     add("health", "check that the node answers (exit 0 if healthy)")
     add("stop", "stop the running node as SIGTERM does (flush sync, close); waits until it has stopped")
-
-    db = add("db", "databases: create, list, show, get, set, delete").add_subparsers(
-        dest="action", metavar="ACTION", required=True, parser_class=Parser
-    )
-
-    def add_db(name: str, help: str) -> Parser:
-        sub: Parser = db.add_parser(name, help=help, description=help, parents=[common])
-        return sub
-
-    create = add_db("create", "create a database owned by this node; prints its ID")
-    create.add_argument("name", help="the database's name")
-    create.add_argument(
-        "--public", metavar="PERMISSION", help="let any key have this permission (read, or write:N; e.g. write:10)"
-    )
-    listing = add_db("list", "list the databases this node holds")
-    listing.add_argument("--all", action="store_true", help="include the node's own _sync database")
-    show = add_db("show", "a database's entries, tips, keys and how each peer stands")
-    show.add_argument("db", help="database ID or name")
-    get = add_db("get", "read a value (or the whole store) from a database's document store")
-    get.add_argument("db", help="database ID or name")
-    get.add_argument("key", nargs="?", help="dotted path; leave out to print the whole store")
-    get.add_argument("--store", help="document store (default: data)")
-    put = add_db("set", "write a value into a database's document store")
-    put.add_argument("db", help="database ID or name")
-    put.add_argument("key", help="dotted path, like title or author.name")
-    put.add_argument("value", help="the value (text, unless --json-value)")
-    put.add_argument("--json-value", action="store_true", help="parse VALUE as JSON (numbers, lists, objects)")
-    put.add_argument("--store", help="document store (default: data)")
-    delete = add_db("delete", "delete a key from a database's document store")
-    delete.add_argument("db", help="database ID or name")
-    delete.add_argument("key", help="dotted path")
-    delete.add_argument("--store", help="document store (default: data)")
-
-    table = add("table", "table stores: insert and list rows").add_subparsers(
-        dest="action", metavar="ACTION", required=True, parser_class=Parser
-    )
-    insert = table.add_parser(
-        "insert", help="insert a row; prints its ID", description="insert a row; prints its ID", parents=[common]
-    )
-    insert.add_argument("db", help="database ID or name")
-    insert.add_argument("table", help="table store name")
-    insert.add_argument("row", help='the row, a JSON object: \'{"title": "milk"}\'')
-    rows = table.add_parser("list", help="list a table's rows", description="list a table's rows", parents=[common])
-    rows.add_argument("db", help="database ID or name")
-    rows.add_argument("table", help="table store name")
-
+    _db_actions(_actions(add("db", "databases: create, list, show, get, set, delete"), common))
+    _table_actions(_actions(add("table", "table stores: insert and list rows"), common))
     share = add("share", "print a ticket for a database (give it to the node that should join)")
     share.add_argument("db", help="database ID or name")
     join = add("join", "fetch the database a ticket names and keep it in sync with its peers")
@@ -232,23 +248,7 @@ def build_parser() -> Parser:
     sync = add("sync", "sync now: one database (or all) with every peer it syncs with")
     sync.add_argument("db", nargs="?", help="database ID or name (default: all)")
     sync.add_argument("--peer", help="only this peer (device key, or its start)")
-
-    access = add("access", "access requests from peers: list, approve, reject").add_subparsers(
-        dest="action", metavar="ACTION", required=True, parser_class=Parser
-    )
-    requests = access.add_parser(
-        "list", help="pending access requests", description="pending access requests", parents=[common]
-    )
-    requests.add_argument("--all", action="store_true", help="decided ones too")
-    approve = access.add_parser(
-        "approve",
-        help="grant a request with this node's key",
-        description="grant a request with this node's key",
-        parents=[common],
-    )
-    approve.add_argument("request", help="request ID (or its start)")
-    reject = access.add_parser("reject", help="refuse a request", description="refuse a request", parents=[common])
-    reject.add_argument("request", help="request ID (or its start)")
+    _access_actions(_actions(add("access", "access requests from peers: list, approve, reject"), common))
     return parser
 
 
@@ -287,7 +287,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in FLAG_SETTINGS if hasattr(args, name)}
 
 
-def _print(args: argparse.Namespace, command: str, result: Any) -> None:
+def _print(args: argparse.Namespace, command: str, result: object) -> None:
     """Print a result; text from peers (names, values, errors) cannot drive the terminal."""
     if getattr(args, "json", False):
         print(render.json_safe(json.dumps(result, indent=2, ensure_ascii=False)))
@@ -327,7 +327,7 @@ def _init(config: NodeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _offline_info(config: NodeConfig) -> dict[str, Any]:
+def _offline_info(config: NodeConfig) -> OfflineInfo:
     """``info`` with no node running: open the data directory under its lock."""
     from dag import DagError, DataDirLockedError, Instance, cid_to_text
     from sync.state import SYNC_DB_KEY
@@ -340,7 +340,7 @@ def _offline_info(config: NodeConfig) -> dict[str, Any]:
         with Instance.open(config.data_dir) as instance:
             stored = instance.get_value(SYNC_DB_KEY)
             hidden = cid_to_text(stored) if stored else None
-            databases = [
+            databases: list[OfflineDatabase] = [
                 {"id": db.id, "name": db.name, "entries": len(db), "tips": db.tips()}
                 for db in instance.databases()
                 if db.id != hidden
@@ -380,7 +380,7 @@ def _run(config: NodeConfig, args: argparse.Namespace) -> int:
         ):
             logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
-    def ready(info: dict[str, Any]) -> None:
+    def ready(info: InfoResult) -> None:
         if getattr(args, "json", False):
             print(json.dumps({"ready": True, **info}), flush=True)
             return
@@ -438,14 +438,14 @@ def _status(config: NodeConfig) -> int:
 # ---- commands the node answers ------------------------------------------------------------
 
 
-def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+def _call(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
     """The control command and arguments a parsed command line stands for."""
     from transports.http_codec import JsonInputError, parse_json
 
     command = args.command
     action = getattr(args, "action", None)
     if command == "db":
-        arguments: dict[str, Any] = {}
+        arguments: dict[str, object] = {}
         if action == "create":
             arguments = {"name": args.name, "public": args.public}
         elif action == "list":
@@ -455,7 +455,7 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         elif action == "get":
             arguments = {"db": args.db, "key": args.key, "store": args.store}
         elif action == "set":
-            value: Any = args.value
+            value: object = args.value
             if args.json_value:
                 try:
                     value = parse_json(args.value)
@@ -492,7 +492,7 @@ def _remote(config: NodeConfig, args: argparse.Namespace) -> int:
     command, arguments = _call(args)
     with ControlClient(config.data_dir) as client:
         try:
-            result = client.health() if command == "health" else client.call(command, **arguments)
+            result: object = client.health() if command == "health" else client.call(command, **arguments)
         except NotRunningError:
             if command != "info":
                 raise
@@ -501,9 +501,10 @@ def _remote(config: NodeConfig, args: argparse.Namespace) -> int:
         _wait_stopped(config)
     _print(args, command, result)
     if command == "sync":
-        failed = [r for r in result["results"] if not r["ok"]]
+        outcomes = api.SYNC.result(result)["results"]
+        failed = [r for r in outcomes if not r["ok"]]
         if failed:
-            _fail(f"{len(failed)} of {len(result['results'])} syncs failed; first: {failed[0]['error']}")
+            _fail(f"{len(failed)} of {len(outcomes)} syncs failed; first: {failed[0]['error']}")
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
@@ -22,6 +21,7 @@ from sync.transport import TaskStatus
 from transports.hostport import join_host_port, parse_host_port
 
 from . import runtime
+from .api import InfoResult
 from .config import NodeConfig
 from .control import serve_control, serve_metrics, tcp_socket
 from .errors import AlreadyRunningError, ConfigError
@@ -102,7 +102,7 @@ async def _stop_on_signal(service: NodeService) -> None:
 async def run_node(
     config: NodeConfig,
     *,
-    on_ready: Callable[[dict[str, Any]], None] | None = None,
+    on_ready: Callable[[InfoResult], None] | None = None,
     handle_signals: bool = True,
     settle_heap: bool = False,
     task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED,

@@ -10,7 +10,29 @@ import json
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
+
+from . import api
+from .api import (
+    AccessList,
+    CreatedDatabase,
+    DatabaseList,
+    DatabaseShow,
+    Decision,
+    HealthResult,
+    InfoResult,
+    JoinResult,
+    OfflineInfo,
+    PeerList,
+    RowCreated,
+    RowList,
+    ShareResult,
+    StopResult,
+    SyncResult,
+    ValueResult,
+)
+
+R = TypeVar("R")
 
 # What must never reach a terminal raw from text someone else wrote (a peer's display
 # name, a database name, a value, an error a peer sent): C0 controls and DEL (ESC starts
@@ -63,17 +85,17 @@ def ago(ms: int | None, now_ms: int | None = None) -> str:
     return f"{seconds // 86400}d ago"
 
 
-def value_text(value: Any) -> str:
+def value_text(value: object) -> str:
     """A stored value as text: strings as they are, anything else as JSON."""
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def info(result: dict[str, Any]) -> list[str]:
+def info(result: InfoResult | OfflineInfo) -> list[str]:
     lines = [
         f"data directory  {result['data_dir']}",
         f"device ID       {result['device_id']}",
     ]
-    if result.get("running"):
+    if result["running"] is True:
         lines.append(f"node            running (pid {result['pid']}), name {result.get('display_name')}")
         for address in result.get("addresses") or ["(listening on no address)"]:
             lines.append(f"address         {address}")
@@ -92,12 +114,12 @@ def info(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def health(result: dict[str, Any]) -> list[str]:
+def health(result: HealthResult) -> list[str]:
     transports = ", ".join(f"{k} {'up' if v else 'down'}" for k, v in result.get("transports", {}).items())
     return [f"{result['status']} (up {result.get('uptime_s', 0):g} s{'; ' + transports if transports else ''})"]
 
 
-def db_list(result: dict[str, Any]) -> list[str]:
+def db_list(result: DatabaseList) -> list[str]:
     rows = result["databases"]
     if not rows:
         return ["no databases yet (create one: eidetica-node db create NAME)"]
@@ -108,7 +130,7 @@ def db_list(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def db_show(result: dict[str, Any]) -> list[str]:
+def db_show(result: DatabaseShow) -> list[str]:
     lines = [
         f"id          {result['id']}",
         f"name        {result['name'] or '(unnamed)'}",
@@ -121,9 +143,9 @@ def db_show(result: dict[str, Any]) -> list[str]:
     for key, grant in sorted((auth.get("keys") or {}).items()):
         if isinstance(grant, dict):
             lines.append(f"key         {key}  {grant.get('permissions')}  {grant.get('status', '')}")
-    grant = auth.get("global")
-    if isinstance(grant, dict):
-        lines.append(f"any key     {grant.get('permissions')}  {grant.get('status', '')}")
+    anyone = auth.get("global")
+    if isinstance(anyone, dict):
+        lines.append(f"any key     {anyone.get('permissions')}  {anyone.get('status', '')}")
     for peer in result.get("peers", []):
         state = peer["state"] + (f" by {peer['behind_by']}" if peer.get("behind_by") else "")
         error = f"  last error: {peer['last_error']}" if peer.get("last_error") else ""
@@ -133,31 +155,31 @@ def db_show(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def db_get(result: dict[str, Any]) -> list[str]:
+def db_get(result: ValueResult) -> list[str]:
     return [value_text(result["value"])]
 
 
-def nothing(_result: Any) -> list[str]:
+def nothing(_result: object) -> list[str]:
     return []
 
 
-def created(result: dict[str, Any]) -> list[str]:
+def created(result: CreatedDatabase | RowCreated) -> list[str]:
     return [result["id"]]
 
 
-def table_list(result: dict[str, Any]) -> list[str]:
+def table_list(result: RowList) -> list[str]:
     return [f"{row_id}  {json.dumps(row, ensure_ascii=False)}" for row_id, row in sorted(result["rows"].items())]
 
 
-def share(result: dict[str, Any]) -> list[str]:
+def share(result: ShareResult) -> list[str]:
     return [result["ticket"]]
 
 
-def join(result: dict[str, Any]) -> list[str]:
+def join(result: JoinResult) -> list[str]:
     return [f"joined {result['db']} ({result['name'] or 'unnamed'}, {result['entries']} entries)"]
 
 
-def peers(result: dict[str, Any]) -> list[str]:
+def peers(result: PeerList) -> list[str]:
     rows = result["peers"]
     if not rows:
         return ["no peers yet (join a ticket: eidetica-node join TICKET)"]
@@ -172,7 +194,7 @@ def peers(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def sync(result: dict[str, Any]) -> list[str]:
+def sync(result: SyncResult) -> list[str]:
     if not result["results"]:
         return ["nothing to sync: no database syncs with a peer yet"]
     return [
@@ -181,7 +203,7 @@ def sync(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def access_list(result: dict[str, Any]) -> list[str]:
+def access_list(result: AccessList) -> list[str]:
     rows = result["requests"]
     if not rows:
         return ["no access requests"]
@@ -191,29 +213,43 @@ def access_list(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def decided(result: dict[str, Any]) -> list[str]:
+def decided(result: Decision) -> list[str]:
     return [f"{result['status']} {result['id']}: {result['key']} on {result['db']}"]
 
 
-RENDERERS: dict[str, Callable[[Any], list[str]]] = {
-    "info": info,
-    "health": health,
-    "db.create": created,
-    "db.list": db_list,
-    "db.show": db_show,
-    "db.get": db_get,
-    "db.set": nothing,
-    "db.delete": nothing,
-    "table.insert": created,
-    "table.list": table_list,
-    "share": share,
-    "join": join,
-    "peers": peers,
-    "sync": sync,
-    "access.list": access_list,
-    "access.approve": decided,
-    "access.reject": decided,
-    "stop": lambda result: [f"stopped the node (pid {result['pid']})"],
-}
+def stopped(result: StopResult) -> list[str]:
+    return [f"stopped the node (pid {result['pid']})"]
 
-__all__ = ["RENDERERS", "ago", "json_safe", "short", "terminal_safe", "value_text"]
+
+Renderer = Callable[[object], list[str]]
+
+
+def _view(command: api.Command[R], lines: Callable[[R], list[str]]) -> tuple[str, Renderer]:
+    """``command``'s renderer, reading the node's JSON answer as ``command``'s result type."""
+    return command.name, lambda body: lines(command.result(body))
+
+
+RENDERERS: dict[str, Renderer] = dict(
+    [
+        _view(api.Command[InfoResult | OfflineInfo](api.INFO.name), info),  # the CLI prints the offline form too
+        _view(api.HEALTH, health),
+        _view(api.DB_CREATE, created),
+        _view(api.DB_LIST, db_list),
+        _view(api.DB_SHOW, db_show),
+        _view(api.DB_GET, db_get),
+        _view(api.DB_SET, nothing),
+        _view(api.DB_DELETE, nothing),
+        _view(api.TABLE_INSERT, created),
+        _view(api.TABLE_LIST, table_list),
+        _view(api.SHARE, share),
+        _view(api.JOIN, join),
+        _view(api.PEERS, peers),
+        _view(api.SYNC, sync),
+        _view(api.ACCESS_LIST, access_list),
+        _view(api.ACCESS_APPROVE, decided),
+        _view(api.ACCESS_REJECT, decided),
+        _view(api.STOP, stopped),
+    ]
+)
+
+__all__ = ["RENDERERS", "Renderer", "ago", "json_safe", "short", "terminal_safe", "value_text"]

@@ -1,7 +1,8 @@
 """The node's commands, as the control API serves them: one method per CLI command.
 
 Everything here runs in the daemon's trio thread, next to the sync engine, and returns
-plain JSON-able data; the control server (``node/control.py``) only routes and encodes.
+the plain dicts typed in ``node/api.py`` (the read side that describes databases and
+peers is ``node/views.py``); the control server (``node/control.py``) only routes and encodes.
 A user's mistake raises :class:`CommandError` or a ``dag``/``sync`` error with a message
 fit to be shown as it is; ``control.py`` maps each to an error code.
 
@@ -14,20 +15,40 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
-from dag import Database, Instance, NotFoundError, Permission, Status, cid_from_text, cid_to_text
+from dag import Database, Instance, NotFoundError, Permission, cid_from_text, cid_to_text
 from dag.errors import BadCidError
 from sync import AccessPendingError, Sync, Ticket, UnauthorizedError
+from sync.state import Relationship
 from transports.http_codec import JsonInputError, parse_json
 
+from . import views
+from .api import (
+    AccessList,
+    CreatedDatabase,
+    DatabaseList,
+    DatabaseShow,
+    Decision,
+    HealthResult,
+    InfoResult,
+    JoinResult,
+    PeerList,
+    RowCreated,
+    RowList,
+    ShareResult,
+    StatusResult,
+    StopResult,
+    SyncOutcome,
+    SyncResult,
+    ValueResult,
+    WriteResult,
+)
 from .config import NodeConfig
 from .metrics import CountingTransport, Metrics, render
-from .netstatus import connections, transport_status
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +115,9 @@ class NodeService:
         return [str(a) for a in self.sync.listen_addresses()]
 
     def _connections(self) -> dict[str, str]:
-        """device key -> "direct" / "relayed" for sync peers with a live connection (a
-        transport also sees relays and probes, which are left out)."""
-        kinds = connections(t.inner for t in self.transports.values())
-        return {peer.pubkey: kinds[peer.pubkey] for peer in self.sync.peers() if peer.pubkey in kinds}
+        return views.connections(self.transports, self.sync)
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> HealthResult:
         return {
             "status": "ok",
             "device_id": self.instance.device_id,
@@ -107,7 +125,7 @@ class NodeService:
             "transports": {name: bool(t.listen_addresses()) for name, t in self.transports.items()},
         }
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> InfoResult:
         return {
             "running": True,
             "pid": os.getpid(),
@@ -117,107 +135,35 @@ class NodeService:
             "device_id": self.instance.device_id,
             "display_name": self.sync.display_name,
             "addresses": self.addresses(),
-            "transports": self._transports(),
-            "databases": [self._summary(db) for db in self._user_databases()],
+            "transports": views.transports(self.transports),
+            "databases": [views.summary(db) for db in self._user_databases()],
             "peers": len(self.sync.peers()),
             "started_ms": self.started_ms,
             "metrics": self.metrics.totals(),
         }
 
-    def _transports(self) -> list[dict[str, Any]]:
-        out = []
-        for name, transport in self.transports.items():
-            item: dict[str, Any] = {"name": name, "addresses": transport.listen_addresses()}
-            status = transport_status(transport.inner)
-            if status is not None:
-                item["status"] = status
-            out.append(item)
-        return out
-
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> StatusResult:
         """Everything the TUI shows, in one answer (it polls this)."""
         connections = self._connections()
         return {
             "node": await self.info(),
-            "peers": [self._peer(p, connections) for p in self.sync.peers()],
-            "databases": [self._detail(db) for db in self._user_databases()],
-            "history": self.sync.state.history()[-HISTORY_ROWS:],
+            "peers": [views.peer(self.sync, p, connections) for p in self.sync.peers()],
+            "databases": [views.detail(self.sync, db) for db in self._user_databases()],
+            "history": views.history(self.sync, HISTORY_ROWS),
             "access_pending": len(self.sync.access_requests("pending")),
             "now_ms": self.now_ms(),
         }
 
-    def gauges(self) -> dict[str, Any]:
+    def gauges(self) -> dict[str, int | dict[str, int]]:
         """Scrape-time values for /metrics."""
-        entries: dict[str, int] = {s.name.lower(): 0 for s in Status}
-        databases = self._user_databases()
-        for db in databases:
-            for status, count in db.status_counts().items():
-                entries[status] = entries.get(status, 0) + count
-        return {
-            "peers": len(self.sync.peers()),
-            "connected": len(self._connections()),
-            "databases": len(databases),
-            "entries": entries,
-            "relationships": len(self.sync.state.relationships()),
-            "pending": len(self.sync.access_requests("pending")),
-        }
+        return views.gauges(self.sync, self._user_databases(), len(self._connections()))
 
     def prometheus(self) -> bytes:
         return render(self.metrics, self.gauges)
 
     # ---- databases --------------------------------------------------------------------
 
-    def _summary(self, db: Database) -> dict[str, Any]:
-        counts = db.status_counts()
-        return {
-            "id": db.id,
-            "name": db.name,
-            "entries": sum(counts.values()),
-            "verified": counts.get("verified", 0),
-            "unverified": counts.get("unverified", 0),
-            "failed": counts.get("failed", 0),
-            "tips": db.tips(),
-        }
-
-    def _peer_state(self, db: Database, peer: str, tips: list[bytes]) -> dict[str, Any]:
-        """Where ``peer`` stands for ``db``, from its cursor (what both held at the last exchange).
-
-        behind: we hold entries outside the cursor's closure (ours since, not yet sent);
-        ahead: the cursor names entries we do not hold verified (theirs, not yet here).
-        """
-        cursor = self.sync.state.cursor(db.id, peer)
-        item: dict[str, Any] = {
-            "peer": peer,
-            "last_sync_ms": cursor.last_sync_ms,
-            "last_error": cursor.last_error,
-        }
-        if cursor.last_sync_ms is None and not cursor.common:
-            item.update(state="never", behind_by=0, ahead=False)
-            return item
-        common = set(cursor.common)
-        behind_by = 0 if set(tips) <= common else len(db.missing_from(list(common)))
-        ahead = any(db.status_of(c) is not Status.VERIFIED for c in common)
-        state = "diverged" if behind_by and ahead else "behind" if behind_by else "ahead" if ahead else "up to date"
-        item.update(state=state, behind_by=behind_by, ahead=ahead)
-        return item
-
-    def _detail(self, db: Database) -> dict[str, Any]:
-        summary = self._summary(db)
-        tips = db.tip_cids()
-        summary["peers"] = [self._peer_state(db, r.peer, tips) for r in self.sync.state.relationships(db.id)]
-        return summary
-
-    def _peer(self, peer: Any, connections: Mapping[str, str]) -> dict[str, Any]:
-        return {
-            "pubkey": peer.pubkey,
-            "display_name": peer.display_name,
-            "addresses": [str(a) for a in peer.addresses],
-            "last_seen_ms": peer.last_seen_ms,
-            "connection": connections.get(peer.pubkey),
-            "databases": sorted(r.db for r in self.sync.state.relationships() if r.peer == peer.pubkey),
-        }
-
-    async def db_create(self, name: str, public: str | None = None) -> dict[str, Any]:
+    async def db_create(self, name: str, public: str | None = None) -> CreatedDatabase:
         if not isinstance(name, str) or not name.strip():
             raise CommandError("a database needs a name")
         permission = Permission.parse(public) if public else None
@@ -227,20 +173,20 @@ class NodeService:
                 txn.settings().set_global(permission)
         return {"id": db.id, "name": name, "public": str(permission) if permission else None}
 
-    async def db_list(self, all: bool = False) -> dict[str, Any]:
+    async def db_list(self, all: bool = False) -> DatabaseList:
         databases = self.instance.databases() if all else self._user_databases()
-        return {"databases": [self._summary(db) for db in databases]}
+        return {"databases": [views.summary(db) for db in databases]}
 
-    async def db_show(self, db: str) -> dict[str, Any]:
+    async def db_show(self, db: str) -> DatabaseShow:
         database = self.database(db)
-        detail = self._detail(database)
-        settings = database.settings().to_dict()
-        detail["stores"] = database.store_types()
-        detail["auth"] = settings.get("auth", {})
-        detail["missing"] = [cid_to_text(c) for c in database.missing_entries()]
-        return detail
+        return {
+            **views.detail(self.sync, database),
+            "stores": database.store_types(),
+            "auth": database.settings().to_dict().get("auth", {}),
+            "missing": [cid_to_text(c) for c in database.missing_entries()],
+        }
 
-    async def db_get(self, db: str, key: str | None = None, store: str = DEFAULT_STORE) -> dict[str, Any]:
+    async def db_get(self, db: str, key: str | None = None, store: str = DEFAULT_STORE) -> ValueResult:
         doc = self.database(db).doc(store)
         if key is None:
             return {"value": doc.to_dict()}
@@ -248,7 +194,7 @@ class NodeService:
             raise NotFoundError(f"no key {key!r} in store {store!r} of {db}")
         return {"value": doc.get(key)}
 
-    async def db_set(self, db: str, key: str, value: Any, store: str = DEFAULT_STORE) -> dict[str, Any]:
+    async def db_set(self, db: str, key: str, value: object, store: str = DEFAULT_STORE) -> WriteResult:
         if not key:
             raise CommandError("a key is required")
         database = self.database(db)
@@ -256,7 +202,7 @@ class NodeService:
             txn.doc(store).set(key, value)
         return {"db": database.id, "tips": database.tips()}
 
-    async def db_delete(self, db: str, key: str, store: str = DEFAULT_STORE) -> dict[str, Any]:
+    async def db_delete(self, db: str, key: str, store: str = DEFAULT_STORE) -> WriteResult:
         database = self.database(db)
         if key not in database.doc(store):
             raise NotFoundError(f"no key {key!r} in store {store!r} of {db}")
@@ -264,7 +210,7 @@ class NodeService:
             txn.doc(store).delete(key)
         return {"db": database.id, "tips": database.tips()}
 
-    async def table_insert(self, db: str, table: str, row: Any) -> dict[str, Any]:
+    async def table_insert(self, db: str, table: str, row: object) -> RowCreated:
         if isinstance(row, str):
             try:
                 row = parse_json(row)
@@ -277,18 +223,18 @@ class NodeService:
             row_id = txn.table(table).insert(row)
         return {"id": row_id}
 
-    async def table_list(self, db: str, table: str) -> dict[str, Any]:
+    async def table_list(self, db: str, table: str) -> RowList:
         return {"rows": self.database(db).table(table).rows()}
 
     # ---- sharing and syncing -----------------------------------------------------------
 
-    async def share(self, db: str) -> dict[str, Any]:
+    async def share(self, db: str) -> ShareResult:
         database = self.database(db)
         if not self.addresses():
             raise CommandError("this node listens on no address, so no peer could use a ticket (enable p2p or http)")
         return {"db": database.id, "ticket": str(self.sync.create_ticket(database.id))}
 
-    async def join(self, ticket: str, access: str | None = None) -> dict[str, Any]:
+    async def join(self, ticket: str, access: str | None = None) -> JoinResult:
         if access is not None:
             Permission.parse(access)
         parsed = Ticket.parse(ticket)
@@ -317,11 +263,11 @@ class NodeService:
             raise CommandError(f"no address in the ticket answered in {JOIN_TIMEOUT_S:g} s", "unreachable") from None
         return {"db": database.id, "name": database.name, "entries": len(database)}
 
-    async def peers(self) -> dict[str, Any]:
+    async def peers(self) -> PeerList:
         connections = self._connections()
-        return {"peers": [self._peer(p, connections) for p in self.sync.peers()]}
+        return {"peers": [views.peer(self.sync, p, connections) for p in self.sync.peers()]}
 
-    async def sync_now(self, db: str | None = None, peer: str | None = None) -> dict[str, Any]:
+    async def sync_now(self, db: str | None = None, peer: str | None = None) -> SyncResult:
         """Sync now with every peer a database (or every database) syncs with."""
         if db is not None:
             db_id = self._db_for_sync(db)
@@ -334,19 +280,7 @@ class NodeService:
             relations = [r for r in relations if r.peer == peer or r.peer.startswith(peer)]
             if not relations:
                 raise CommandError(f"no database syncs with peer {peer}")
-        results = []
-        with trio.move_on_after(SYNC_TIMEOUT_S):
-            for relation in relations:
-                try:
-                    await self.sync.sync_now(relation.peer, relation.db)
-                    results.append({"db": relation.db, "peer": relation.peer, "ok": True, "error": None})
-                except Exception as exc:  # one peer's failure is reported, the others still sync
-                    results.append({"db": relation.db, "peer": relation.peer, "ok": False, "error": str(exc)})
-        done = {(r["db"], r["peer"]) for r in results}
-        for relation in relations:
-            if (relation.db, relation.peer) not in done:
-                results.append({"db": relation.db, "peer": relation.peer, "ok": False, "error": "timed out"})
-        return {"results": results}
+        return {"results": await _sync_pairs(self.sync, relations)}
 
     def _db_for_sync(self, ref: str) -> str:
         """A database to sync may not be here yet (a join waiting for approval): IDs pass as they are."""
@@ -361,22 +295,9 @@ class NodeService:
 
     # ---- access requests ---------------------------------------------------------------
 
-    async def access_list(self, all: bool = False) -> dict[str, Any]:
+    async def access_list(self, all: bool = False) -> AccessList:
         requests = self.sync.access_requests(None if all else "pending")
-        return {
-            "requests": [
-                {
-                    "id": r.request_id,
-                    "db": r.db,
-                    "key": r.key,
-                    "permission": r.permission,
-                    "status": r.status,
-                    "requested_ms": r.requested_ms,
-                    "decided_ms": r.decided_ms,
-                }
-                for r in requests
-            ]
-        }
+        return {"requests": [views.access_request(r) for r in requests]}
 
     def _request_id(self, request: str) -> str:
         ids = [r.request_id for r in self.sync.access_requests() if r.request_id.startswith(request)]
@@ -386,15 +307,15 @@ class NodeService:
             raise CommandError(f"{request!r} names {len(ids)} access requests; give more of the ID")
         return ids[0]
 
-    async def access_approve(self, request: str) -> dict[str, Any]:
+    async def access_approve(self, request: str) -> Decision:
         decided = self.sync.approve_request(self._request_id(request))
         return {"id": decided.request_id, "db": decided.db, "key": decided.key, "status": decided.status}
 
-    async def access_reject(self, request: str) -> dict[str, Any]:
+    async def access_reject(self, request: str) -> Decision:
         decided = self.sync.reject_request(self._request_id(request))
         return {"id": decided.request_id, "db": decided.db, "key": decided.key, "status": decided.status}
 
-    async def stop(self) -> dict[str, Any]:
+    async def stop(self) -> StopResult:
         """Stop the node as SIGTERM does: flush sync, close transports and storage."""
         log.info("stop requested over the control socket: flushing sync and stopping")
         self.request_stop()
@@ -402,7 +323,7 @@ class NodeService:
 
     # ---- dispatch -----------------------------------------------------------------------
 
-    def commands(self) -> dict[str, Callable[..., Any]]:
+    def commands(self) -> dict[str, Callable[..., Awaitable[object]]]:
         """Control API command name -> method (names mirror the CLI: ``db.create`` ...)."""
         return {
             "health": self.health,
@@ -425,6 +346,24 @@ class NodeService:
             "access.reject": self.access_reject,
             "stop": self.stop,
         }
+
+
+async def _sync_pairs(sync: Sync, relations: list[Relationship]) -> list[SyncOutcome]:
+    """One outcome per (database, peer), in order; what the deadline cut off is "timed out"."""
+    results: list[SyncOutcome] = []
+    with trio.move_on_after(SYNC_TIMEOUT_S):
+        for relation in relations:
+            try:
+                await sync.sync_now(relation.peer, relation.db)
+                results.append({"db": relation.db, "peer": relation.peer, "ok": True, "error": None})
+            except Exception as exc:  # one peer's failure is reported, the others still sync
+                log.debug("sync of %s with %s failed: %s", relation.db, relation.peer, exc)
+                results.append({"db": relation.db, "peer": relation.peer, "ok": False, "error": str(exc)})
+    done = {(r["db"], r["peer"]) for r in results}
+    for relation in relations:
+        if (relation.db, relation.peer) not in done:
+            results.append({"db": relation.db, "peer": relation.peer, "ok": False, "error": "timed out"})
+    return results
 
 
 __all__ = ["DEFAULT_STORE", "CommandError", "NodeService"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 from rich.text import Text
 from textual import work
@@ -27,16 +27,58 @@ from textual.notifications import SeverityLevel
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from .api import DB_SHOW, SHARE, STATUS, SYNC, DatabaseDetail, DatabaseShow, StatusResult, TransportStatusJSON
 from .errors import NodeError
 from .render import ago, short, terminal_safe
 
 REFRESH_S = 1.0
 
+# Each pane: its selector, title and columns (key, label); rows are filled by key.
+TABLES: list[tuple[str, str, list[tuple[str, str]]]] = [
+    (
+        "#databases",
+        "databases",
+        [
+            ("name", "name"),
+            ("peers", "peers"),
+            ("entries", "entries"),
+            ("verified", "verified"),
+            ("unverified", "unverified"),
+            ("failed", "failed"),
+            ("tips", "tips"),
+            ("id", "id"),
+        ],
+    ),
+    (
+        "#peers",
+        "peers",
+        [
+            ("name", "name"),
+            ("connection", "connection"),
+            ("seen", "last seen"),
+            ("dbs", "dbs"),
+            ("device", "device"),
+        ],
+    ),
+    (
+        "#events",
+        "recent syncs",
+        [
+            ("when", "when"),
+            ("peer", "peer"),
+            ("db", "database"),
+            ("sent", "sent"),
+            ("received", "received"),
+            ("result", "result"),
+        ],
+    ),
+]
+
 
 class Client(Protocol):
     """What the app needs of a control client (``AsyncControlClient``, or a fake in tests)."""
 
-    async def call(self, command: str, **arguments: Any) -> Any: ...
+    async def call(self, command: str, **arguments: object) -> object: ...
 
 
 def _rate(bytes_per_s: float) -> str:
@@ -47,7 +89,7 @@ def _rate(bytes_per_s: float) -> str:
     return ""
 
 
-def transport_summary(status: dict[str, Any] | None) -> str:
+def transport_summary(status: TransportStatusJSON | None) -> str:
     """The parts of a transport's status report a person wants at a glance."""
     if not status:
         return ""
@@ -63,12 +105,142 @@ def transport_summary(status: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
-def peer_summary(db: dict[str, Any]) -> str:
+def peer_summary(db: DatabaseDetail) -> str:
     """``2 up to date, 1 behind`` for a database's peers."""
     states: dict[str, int] = {}
     for peer in db.get("peers", []):
         states[peer["state"]] = states.get(peer["state"], 0) + 1
     return ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no peers"
+
+
+Cell = str | int | Text
+Rows = dict[str, dict[str, Cell]]  # row key -> column key -> cell
+
+
+def database_rows(snapshot: StatusResult) -> Rows:
+    return {
+        db["id"]: {
+            "name": db.get("name") or "(unnamed)",
+            "id": short(db["id"], 20),
+            "entries": db["entries"],
+            "verified": db["verified"],
+            "unverified": db["unverified"],
+            "failed": Text(str(db["failed"]), style="bold red" if db["failed"] else ""),
+            "tips": len(db["tips"]),
+            "peers": peer_summary(db),
+        }
+        for db in snapshot["databases"]
+    }
+
+
+def peer_rows(snapshot: StatusResult) -> Rows:
+    now = snapshot.get("now_ms")
+    return {
+        peer["pubkey"]: {
+            "name": peer.get("display_name") or "-",
+            "device": short(peer["pubkey"], 20),
+            "connection": Text(
+                terminal_safe(peer.get("connection") or "not connected"),
+                style="green" if peer.get("connection") else "dim",
+            ),
+            "seen": ago(peer.get("last_seen_ms"), now),
+            "dbs": len(peer.get("databases", [])),
+        }
+        for peer in snapshot["peers"]
+    }
+
+
+def event_rows(snapshot: StatusResult) -> Rows:
+    """Recent syncs, newest first, keyed by position."""
+    now = snapshot.get("now_ms")
+    names = {p["pubkey"]: p.get("display_name") or short(p["pubkey"]) for p in snapshot["peers"]}
+    db_names = {d["id"]: d.get("name") or short(d["id"]) for d in snapshot["databases"]}
+    events: Rows = {}
+    for index, row in enumerate(reversed(snapshot.get("history", []))):  # newest first
+        error = row.get("error")
+        events[str(index)] = {
+            "when": ago(row.get("at_ms"), now),
+            "peer": names.get(row.get("peer", ""), short(row.get("peer"))),
+            "db": db_names.get(row.get("db", ""), short(row.get("db"))),
+            "sent": row.get("sent", 0),
+            "received": row.get("received", 0),
+            "result": Text(terminal_safe(error)[:80], style="red") if error else Text("ok", style="green"),
+        }
+    return events
+
+
+def identity(snapshot: StatusResult, rates: tuple[float, float]) -> Text:
+    """The top pane: who the node is, where it listens, its throughput (``rates``: up, down)."""
+    node = snapshot["node"]
+    text = Text()
+    text.append(terminal_safe(str(node.get("display_name") or "-")), style="bold")
+    text.append(f"  {node['device_id']}\n")
+    text.append(f"data {node['data_dir']}   pid {node.get('pid')}\n", style="dim")
+    for transport in node.get("transports", []):
+        text.append(f"{transport['name']:<5}", style="bold")
+        text.append(" " + terminal_safe(", ".join(transport.get("addresses") or ["not listening"])))
+        summary = transport_summary(transport.get("status"))
+        if summary:
+            text.append(f"  {summary}", style="cyan")
+        text.append("\n")
+    totals = node.get("metrics", {})
+    text.append(
+        f"throughput ↑ {_rate(rates[0])}  ↓ {_rate(rates[1])}   "
+        f"syncs {totals.get('syncs', 0)}, errors {totals.get('errors', 0)}"
+    )
+    pending = snapshot.get("access_pending", 0)
+    if pending:
+        text.append(f"   {pending} access request(s) pending (eidetica-node access list)", style="bold yellow")
+    return text
+
+
+def database_lines(detail: DatabaseShow) -> list[str]:
+    """A database's detail view (``db.show``)."""
+    lines = [
+        f"id        {detail['id']}",
+        f"entries   {detail['entries']} ({detail['verified']} verified, {detail['unverified']} unverified, "
+        f"{detail['failed']} failed)",
+        f"tips      {', '.join(detail['tips'])}",
+        f"stores    {', '.join(f'{k} ({v})' for k, v in sorted(detail.get('stores', {}).items())) or 'none'}",
+        "",
+        "peers:",
+    ]
+    for peer in detail.get("peers", []):
+        behind = f" by {peer['behind_by']} entries" if peer.get("behind_by") else ""
+        error = f"\n    last error: {peer['last_error']}" if peer.get("last_error") else ""
+        lines.append(f"  {peer['peer']}\n    {peer['state']}{behind}, synced {ago(peer['last_sync_ms'])}{error}")
+    if not detail.get("peers"):
+        lines.append("  none yet: press t for a ticket to share")
+    return [*lines, "", "auth:", json.dumps(detail.get("auth", {}), indent=2)]
+
+
+def peer_lines(snapshot: StatusResult, pubkey: str) -> tuple[str, str] | None:
+    """A peer's detail view (title, body) from the last snapshot, or None if it is gone."""
+    peer = next((p for p in snapshot.get("peers", []) if p["pubkey"] == pubkey), None)
+    if peer is None:
+        return None
+    now = snapshot.get("now_ms")
+    lines = [
+        f"device     {peer['pubkey']}",
+        f"connection {peer.get('connection') or 'not connected'}",
+        f"last seen  {ago(peer.get('last_seen_ms'), now)}",
+        "addresses:",
+        *[f"  {a}" for a in peer.get("addresses", [])],
+        "databases:",
+    ]
+    for db in snapshot.get("databases", []):
+        for state in db.get("peers", []):
+            if state["peer"] == pubkey:
+                lines.append(f"  {db.get('name') or db['id']}: {state['state']}, synced {ago(state['last_sync_ms'])}")
+    lines.append("recent syncs:")
+    for row in reversed(snapshot.get("history", [])):
+        if row.get("peer") == pubkey:
+            result = row.get("error") or "ok"
+            lines.append(
+                f"  {ago(row.get('at_ms'), now)}  {short(row.get('db'), 20)}  "
+                f"sent {row.get('sent', 0)}, received {row.get('received', 0)}: {result}"
+            )
+    return f"peer {peer.get('display_name') or short(pubkey)}", "\n".join(lines)
 
 
 class DetailScreen(ModalScreen[None]):
@@ -117,52 +289,12 @@ class StatusApp(App[None]):
         Binding("tab", "focus_next", "Next pane"),
     ]
 
-    TABLES: ClassVar[list[tuple[str, str, list[tuple[str, str]]]]] = [
-        (
-            "#databases",
-            "databases",
-            [
-                ("name", "name"),
-                ("peers", "peers"),
-                ("entries", "entries"),
-                ("verified", "verified"),
-                ("unverified", "unverified"),
-                ("failed", "failed"),
-                ("tips", "tips"),
-                ("id", "id"),
-            ],
-        ),
-        (
-            "#peers",
-            "peers",
-            [
-                ("name", "name"),
-                ("connection", "connection"),
-                ("seen", "last seen"),
-                ("dbs", "dbs"),
-                ("device", "device"),
-            ],
-        ),
-        (
-            "#events",
-            "recent syncs",
-            [
-                ("when", "when"),
-                ("peer", "peer"),
-                ("db", "database"),
-                ("sent", "sent"),
-                ("received", "received"),
-                ("result", "result"),
-            ],
-        ),
-    ]
-
     def __init__(self, client: Client, *, refresh_s: float = REFRESH_S, owns_client: bool = False) -> None:
         super().__init__()
         self.client = client
         self.owns_client = owns_client
         self.refresh_s = refresh_s
-        self.snapshot: dict[str, Any] | None = None
+        self.snapshot: StatusResult | None = None
         self.error: str | None = None
         self._last_totals: tuple[float, int, int] | None = None
         self.rates = (0.0, 0.0)
@@ -179,7 +311,7 @@ class StatusApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        for selector, title, columns in self.TABLES:
+        for selector, title, columns in TABLES:
             table = self.query_one(selector, DataTable)
             table.border_title = title
             for key, label in columns:
@@ -199,7 +331,7 @@ class StatusApp(App[None]):
     @work(exclusive=True, group="poll")
     async def poll(self) -> None:
         try:
-            snapshot = await self.client.call("status")
+            snapshot = STATUS.result(await self.client.call(STATUS.name))
         except NodeError as exc:
             self.error = str(exc)
             self.query_one("#identity", Static).update(
@@ -209,62 +341,18 @@ class StatusApp(App[None]):
         self.error = None
         self.apply(snapshot)
 
-    def apply(self, snapshot: dict[str, Any]) -> None:
+    def apply(self, snapshot: StatusResult) -> None:
         """Redraw from one ``status`` answer (public so tests can feed one directly)."""
         self.snapshot = snapshot
         self._update_rates(snapshot)
-        self._identity(snapshot)
-        now = snapshot.get("now_ms")
-        names = {p["pubkey"]: p.get("display_name") or short(p["pubkey"]) for p in snapshot["peers"]}
-        db_names = {d["id"]: d.get("name") or short(d["id"]) for d in snapshot["databases"]}
-        self._fill(
-            "#databases",
-            {
-                db["id"]: {
-                    "name": db.get("name") or "(unnamed)",
-                    "id": short(db["id"], 20),
-                    "entries": db["entries"],
-                    "verified": db["verified"],
-                    "unverified": db["unverified"],
-                    "failed": Text(str(db["failed"]), style="bold red" if db["failed"] else ""),
-                    "tips": len(db["tips"]),
-                    "peers": peer_summary(db),
-                }
-                for db in snapshot["databases"]
-            },
-        )
-        self._fill(
-            "#peers",
-            {
-                peer["pubkey"]: {
-                    "name": peer.get("display_name") or "-",
-                    "device": short(peer["pubkey"], 20),
-                    "connection": Text(
-                        terminal_safe(peer.get("connection") or "not connected"),
-                        style="green" if peer.get("connection") else "dim",
-                    ),
-                    "seen": ago(peer.get("last_seen_ms"), now),
-                    "dbs": len(peer.get("databases", [])),
-                }
-                for peer in snapshot["peers"]
-            },
-        )
-        events = {}
-        for index, row in enumerate(reversed(snapshot.get("history", []))):  # newest first
-            events[str(index)] = {
-                "when": ago(row.get("at_ms"), now),
-                "peer": names.get(row.get("peer", ""), short(row.get("peer"))),
-                "db": db_names.get(row.get("db", ""), short(row.get("db"))),
-                "sent": row.get("sent", 0),
-                "received": row.get("received", 0),
-                "result": Text(terminal_safe(row["error"])[:80], style="red")
-                if row.get("error")
-                else Text("ok", style="green"),
-            }
+        self.query_one("#identity", Static).update(identity(snapshot, self.rates))
+        self.sub_title = terminal_safe(str(snapshot["node"].get("display_name") or ""))
+        self._fill("#databases", database_rows(snapshot))
+        self._fill("#peers", peer_rows(snapshot))
         # Keyed by position: the newest row stays on top, and the cells update in place.
-        self._fill("#events", events)
+        self._fill("#events", event_rows(snapshot))
 
-    def _update_rates(self, snapshot: dict[str, Any]) -> None:
+    def _update_rates(self, snapshot: StatusResult) -> None:
         totals = snapshot["node"].get("metrics", {})
         now = time.monotonic()
         sent, received = int(totals.get("bytes_sent", 0)), int(totals.get("bytes_received", 0))
@@ -274,31 +362,7 @@ class StatusApp(App[None]):
             self.rates = (max(0, sent - sent_before) / elapsed, max(0, received - received_before) / elapsed)
         self._last_totals = (now, sent, received)
 
-    def _identity(self, snapshot: dict[str, Any]) -> None:
-        node = snapshot["node"]
-        text = Text()
-        text.append(terminal_safe(str(node.get("display_name") or "-")), style="bold")
-        text.append(f"  {node['device_id']}\n")
-        text.append(f"data {node['data_dir']}   pid {node.get('pid')}\n", style="dim")
-        for transport in node.get("transports", []):
-            text.append(f"{transport['name']:<5}", style="bold")
-            text.append(" " + terminal_safe(", ".join(transport.get("addresses") or ["not listening"])))
-            summary = transport_summary(transport.get("status"))
-            if summary:
-                text.append(f"  {summary}", style="cyan")
-            text.append("\n")
-        totals = node.get("metrics", {})
-        text.append(
-            f"throughput ↑ {_rate(self.rates[0])}  ↓ {_rate(self.rates[1])}   "
-            f"syncs {totals.get('syncs', 0)}, errors {totals.get('errors', 0)}"
-        )
-        pending = snapshot.get("access_pending", 0)
-        if pending:
-            text.append(f"   {pending} access request(s) pending (eidetica-node access list)", style="bold yellow")
-        self.query_one("#identity", Static).update(text)
-        self.sub_title = terminal_safe(str(node.get("display_name") or ""))
-
-    def _fill(self, selector: str, rows: dict[str, dict[str, Any]]) -> None:
+    def _fill(self, selector: str, rows: Rows) -> None:
         """Make the table show ``rows`` (key -> column values), in place, keeping the cursor.
 
         Text cells become plain :class:`Text` with controls escaped: a DataTable reads a
@@ -353,69 +417,31 @@ class StatusApp(App[None]):
     @work(group="detail")
     async def open_database(self, db_id: str) -> None:
         try:
-            detail = await self.client.call("db.show", db=db_id)
+            detail = DB_SHOW.result(await self.client.call(DB_SHOW.name, db=db_id))
         except NodeError as exc:
             self._say(str(exc), title="cannot open database", severity="error")
             return
-        lines = [
-            f"id        {detail['id']}",
-            f"entries   {detail['entries']} ({detail['verified']} verified, {detail['unverified']} unverified, "
-            f"{detail['failed']} failed)",
-            f"tips      {', '.join(detail['tips'])}",
-            f"stores    {', '.join(f'{k} ({v})' for k, v in sorted(detail.get('stores', {}).items())) or 'none'}",
-            "",
-            "peers:",
-        ]
-        for peer in detail.get("peers", []):
-            behind = f" by {peer['behind_by']} entries" if peer.get("behind_by") else ""
-            error = f"\n    last error: {peer['last_error']}" if peer.get("last_error") else ""
-            lines.append(f"  {peer['peer']}\n    {peer['state']}{behind}, synced {ago(peer['last_sync_ms'])}{error}")
-        if not detail.get("peers"):
-            lines.append("  none yet: press t for a ticket to share")
-        lines += ["", "auth:", json.dumps(detail.get("auth", {}), indent=2)]
-        await self.push_screen(DetailScreen(f"database {detail.get('name') or detail['id']}", "\n".join(lines)))
+        title = f"database {detail.get('name') or detail['id']}"
+        await self.push_screen(DetailScreen(title, "\n".join(database_lines(detail))))
 
     def open_peer(self, pubkey: str) -> None:
-        snapshot = self.snapshot or {}
-        peer = next((p for p in snapshot.get("peers", []) if p["pubkey"] == pubkey), None)
-        if peer is None:
+        if self.snapshot is None:
             return
-        now = snapshot.get("now_ms")
-        lines = [
-            f"device     {peer['pubkey']}",
-            f"connection {peer.get('connection') or 'not connected'}",
-            f"last seen  {ago(peer.get('last_seen_ms'), now)}",
-            "addresses:",
-            *[f"  {a}" for a in peer.get("addresses", [])],
-            "databases:",
-        ]
-        for db in snapshot.get("databases", []):
-            for state in db.get("peers", []):
-                if state["peer"] == pubkey:
-                    lines.append(
-                        f"  {db.get('name') or db['id']}: {state['state']}, synced {ago(state['last_sync_ms'])}"
-                    )
-        lines.append("recent syncs:")
-        for row in reversed(snapshot.get("history", [])):
-            if row.get("peer") == pubkey:
-                result = row.get("error") or "ok"
-                lines.append(
-                    f"  {ago(row.get('at_ms'), now)}  {short(row.get('db'), 20)}  "
-                    f"sent {row.get('sent', 0)}, received {row.get('received', 0)}: {result}"
-                )
-        self.push_screen(DetailScreen(f"peer {peer.get('display_name') or short(pubkey)}", "\n".join(lines)))
+        shown = peer_lines(self.snapshot, pubkey)
+        if shown is not None:
+            self.push_screen(DetailScreen(*shown))
 
     @work(group="sync")
     async def action_sync(self) -> None:
         pane = self._focused_pane()
-        arguments: dict[str, Any] = {}
+        arguments: dict[str, str] = {}
         if pane == "#databases" and (db := self._selected("#databases")):
             arguments["db"] = db
         elif pane == "#peers" and (peer := self._selected("#peers")):
             arguments["peer"] = peer
         self._say("syncing " + (arguments.get("db") or arguments.get("peer") or "everything") + "…")
         try:
-            result = await self.client.call("sync", **arguments)
+            result = SYNC.result(await self.client.call(SYNC.name, **arguments))
         except NodeError as exc:
             self._say(str(exc), title="sync failed", severity="error")
             return
@@ -433,14 +459,14 @@ class StatusApp(App[None]):
             self._say("no database to share", severity="warning")
             return
         try:
-            result = await self.client.call("share", db=db)
+            result = SHARE.result(await self.client.call(SHARE.name, db=db))
         except NodeError as exc:
             self._say(str(exc), title="no ticket", severity="error")
             return
         await self.push_screen(DetailScreen("ticket (give it to: eidetica-node join TICKET)", result["ticket"]))
 
 
-def _cell(value: Any) -> Any:
+def _cell(value: Cell) -> Cell:
     """A table cell that shows its text as written (a ``Text`` built from raw text: escape it first)."""
     if isinstance(value, str):
         return Text(terminal_safe(value))
