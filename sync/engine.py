@@ -34,6 +34,7 @@ import trio
 
 from dag import Database, Instance, NotFoundError, cid_to_text
 
+from .client import ExchangeResult, PeerHello
 from .errors import (
     AccessError,
     SyncError,
@@ -43,7 +44,7 @@ from .errors import (
 )
 from .handler import CHALLENGE_TTL_MS, Offload, SyncHandler, UnverifiedBudget
 from .messages import Message
-from .peer import ExchangeResult, PeerHello, handshake, sync_database
+from .peer import handshake, sync_database
 from .state import DEFAULT_INTERVAL_S, AccessRequest, PeerRecord, Relationship, SyncState
 from .ticket import Ticket
 from .transport import Address, BackgroundTransport, LiveConnections, RequestContext, TaskStatus, Transport

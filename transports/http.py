@@ -50,7 +50,7 @@ from sync.errors import (
     UnreachableError,
 )
 from sync.messages import Bootstrap, Error, Incremental, Message, encode_message
-from sync.peer import raise_for
+from sync.client import raise_for
 from sync.transport import Handler, RequestContext, TaskStatus
 
 from .errors import PortInUseError
