@@ -5,14 +5,14 @@ transports (registered by name, started only by ``accept_connections``) and one 
 task that owns a command channel. Commands come from the frontend and from write
 callbacks (which may fire on any thread: they go through the trio token).
 
-Engine invariants:
-1. One worker task per peer at most; a peer's databases are synced one at a time, and a
-   database scheduled again while it syncs is synced again afterwards (coalescing).
-2. A failed sync is retried after 2^n s (at most 64 s), at most ``retry_attempts`` times;
-   then it waits for the next commit or period.
-3. A failure concerns one peer: it never stops the others or the engine.
-4. Every outcome moves the peer's cursor (on success) and adds one bounded history row.
-5. The engine dials only peers the local side chose: ones it connected to, joined from,
+When exchanges run (one worker per peer, backoff, periodic runs, flush) is
+``sync.scheduler``'s; what one exchange does is ``sync.peer``'s driver over
+``sync.client``'s machine; access administration is ``sync.access``; joining from a
+ticket is ``sync.ticket``. This class wires them and keeps the public API.
+
+Engine invariants (the scheduling ones are listed in ``sync.scheduler``):
+1. Every outcome moves the peer's cursor (on success) and adds one bounded history row.
+2. The engine dials only peers the local side chose: ones it connected to, joined from,
    that were registered (``register_sync_peer``, ``state.relate``), or whose key an admin
    named in the database's settings. A peer that only read from us is a *served*
    relationship: recorded, never dialled, pushed to or scheduled, whatever address it
@@ -22,43 +22,49 @@ Engine invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from dag import Database, Instance, NotFoundError, cid_to_text
+from dag import Database, Instance, cid_to_text
 
-from .client import ExchangeResult, PeerHello
+from .access import AccessAdmin
+from .client import PeerHello
 from .errors import (
-    AccessError,
     SyncError,
-    TicketError,
-    TransportError,
     UnreachableError,
 )
+from .exchanges import ExchangeRunner
 from .handler import CHALLENGE_TTL_MS, Offload, SyncHandler, UnverifiedBudget
 from .messages import Message
-from .peer import handshake, sync_database
-from .state import DEFAULT_INTERVAL_S, AccessRequest, PeerRecord, Relationship, SyncState
-from .ticket import Ticket
-from .transport import Address, BackgroundTransport, LiveConnections, RequestContext, TaskStatus, Transport
+from .peer import handshake
+from .reach import Reach
+from .scheduler import Scheduler
+from .state import DEFAULT_INTERVAL_S, AccessRequest, PeerRecord, SyncState
+from .ticket import Ticket, join_any
+from .transport import (
+    Address,
+    BackgroundTransport,
+    ClosingTransport,
+    RequestContext,
+    TaskStatus,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 64
-COMMAND_BUFFER = 10_000
 HOUSEKEEPING_S = CHALLENGE_TTL_MS / 2000  # expired pending handshakes go within half their lifetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SyncConfig:
-    """Engine settings; keyword-only, with the defaults the design names."""
+    """Engine settings, with the defaults the design names (keyword-only: ``SyncConfig(retry_attempts=3)``)."""
 
     display_name: str | None = None
     retry_attempts: int = 8
@@ -108,16 +114,6 @@ class SyncHandle:
             await trio.sleep(poll_s)
 
 
-@dataclass
-class _PeerWork:
-    due: dict[str, float] = field(default_factory=dict)  # db id -> trio time
-    pull: set[str] = field(default_factory=set)  # due databases that must exchange even with nothing to push
-    attempts: dict[str, int] = field(default_factory=dict)
-    running: bool = False
-    busy: bool = False
-    wake: trio.Event = field(default_factory=trio.Event)
-
-
 class Sync:
     """The public sync API of a node (mirrors upstream's, in Python and trio)."""
 
@@ -136,18 +132,24 @@ class Sync:
         self._offload = offload
         self._transports: dict[str, Transport] = {}
         self._serving: set[str] = set()
-        self._peers_by_address: dict[Address, str] = {}
-        self._work: dict[str, _PeerWork] = {}
-        self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        self._commands_in, self._commands_out = trio.open_memory_channel[tuple[str, Any]](COMMAND_BUFFER)
-        self._changed = trio.Event()
         self._writes_queued: set[str] = set()
-        self._peer_locks: dict[str, trio.Lock] = {}
         self._closed = False
         name = config.display_name or self.state.get_setting("display_name") or instance.device_id[8:20]
         self.display_name = str(name)
         self.budget = UnverifiedBudget(instance)  # one per node: a peer's pushes and answers share it
+        self.access = AccessAdmin(instance, self.state, now_ms)
+        self.reach = Reach(instance, self.state, self._transports)
+        self.exchanges = ExchangeRunner(
+            instance,
+            self.state,
+            self.reach,
+            self._transports,
+            budget=self.budget,
+            now_ms=now_ms,
+            offload=offload,
+            request_timeout_s=config.request_timeout_s,
+        )
         self.handler = SyncHandler(
             instance,
             self.state,
@@ -157,6 +159,13 @@ class Sync:
             offload=offload,
             on_exchange=self._on_exchange,
             budget=self.budget,
+        )
+        self.scheduler = Scheduler(
+            self._scheduled_exchange,
+            relationships=self.state.relationships,
+            dialled=self.reach.dialled,
+            retry_attempts=config.retry_attempts,
+            default_interval_s=config.default_interval_s,
         )
         self._callback = instance.on_write(self._on_write)
 
@@ -178,30 +187,32 @@ class Sync:
         """Make ``transport`` reachable under ``name`` (addresses ``name:...`` route to it)."""
         if name in self._transports:
             raise SyncError(f"a transport named {name!r} is already registered")
-        self._transports[name] = transport
         if isinstance(transport, BackgroundTransport):
-            self._require_nursery().start_soon(transport.run)
-        if self._nursery is not None and not self._closed:
+            self.scheduler.start_soon(transport.run)
+        self._transports[name] = transport
+        if self.scheduler.running and not self._closed:
             # Resume: every relationship kept in _sync whose peer this transport reaches.
             for relation in self.state.relationships():
                 peer = self.state.peer(relation.peer)
-                if self._dialled(relation) and peer is not None and any(a.transport == name for a in peer.addresses):
+                if (
+                    self.reach.dialled(relation)
+                    and peer is not None
+                    and any(a.transport == name for a in peer.addresses)
+                ):
                     self.schedule(relation.peer, relation.db)
 
     async def accept_connections(self) -> None:
         """Start serving on every registered transport. Nothing listens before this."""
-        nursery = self._require_nursery()
+        if not self.scheduler.running or self._closed:
+            raise SyncError("sync is not running (use it inside `async with enable_sync(...)`)")
         for name, transport in self._transports.items():
             if name not in self._serving:
-                await nursery.start(self._serve, name, transport)
+                await self.scheduler.start(functools.partial(transport.serve, self._handle))
                 self._serving.add(name)
 
-    async def _serve(self, name: str, transport: Transport, *, task_status: TaskStatus[None]) -> None:
-        async def handle(message: Message, context: RequestContext) -> AsyncIterator[Message]:
-            async for answer in self.handler.handle(message, context):
-                yield answer
-
-        await transport.serve(handle, task_status=task_status)
+    async def _handle(self, message: Message, context: RequestContext) -> AsyncIterator[Message]:
+        async for answer in self.handler.handle(message, context):
+            yield answer
 
     def listen_addresses(self) -> list[Address]:
         return [
@@ -217,7 +228,7 @@ class Sync:
             raise UnreachableError(f"no transport registered for {address.transport!r} addresses")
         return transport
 
-    # ---- tickets ---------------------------------------------------------------------
+    # ---- tickets and access requests (the work is in sync.ticket and sync.access) -------
 
     def create_ticket(self, db_id: str) -> Ticket:
         self.instance.open_database(db_id)  # raises NotFoundError for an unknown database
@@ -226,21 +237,17 @@ class Sync:
     async def join(self, ticket: str | Ticket, *, access: str | None = None) -> Database:
         """Bootstrap the ticket's database from whichever of its addresses answers first."""
         parsed = Ticket.parse(ticket) if isinstance(ticket, str) else ticket
-        if not parsed.addresses:
-            raise TicketError("ticket has no usable address")
-        errors: list[str] = []
-        refusal: AccessError | None = None
-        for address in parsed.addresses:
-            try:
-                await self.sync_with_peer(address, parsed.db, access=access)
-                return self.instance.open_database(parsed.db)
-            except AccessError as exc:  # an answer, not a failure to reach: say what it was
-                refusal = refusal or exc
-            except (SyncError, NotFoundError) as exc:
-                errors.append(f"{address}: {exc}")
-        if refusal is not None:
-            raise refusal
-        raise UnreachableError("no address in the ticket answered: " + "; ".join(errors))
+        await join_any(parsed, lambda address: self.sync_with_peer(address, parsed.db, access=access))
+        return self.instance.open_database(parsed.db)
+
+    def access_requests(self, status: str | None = None) -> list[AccessRequest]:
+        return self.access.requests(status)
+
+    def approve_request(self, request_id: str) -> AccessRequest:
+        return self.access.approve(request_id)
+
+    def reject_request(self, request_id: str) -> AccessRequest:
+        return self.access.reject(request_id)
 
     # ---- outbound --------------------------------------------------------------------
 
@@ -251,7 +258,7 @@ class Sync:
             hello = await handshake(
                 transport, address.address, self.instance.device_key, self.display_name, self.listen_addresses()
             )
-        self._peers_by_address[address] = hello.pubkey
+        self.reach.peers_by_address[address] = hello.pubkey
         self.state.upsert_peer(
             hello.pubkey, display_name=hello.display_name, addresses=[address, *hello.addresses], seen_ms=self._now_ms()
         )
@@ -271,12 +278,12 @@ class Sync:
             targets = [cid_to_text(db) for db in hello.databases if db in ours]
         for target in targets:
             self.state.ensure_related(target, hello.pubkey, interval_s=self.config.default_interval_s, access=access)
-            await self._sync_now(hello.pubkey, target, raise_errors=True)
+            await self.exchanges.run(hello.pubkey, target, raise_errors=True)
         return hello.pubkey
 
     async def sync_now(self, peer: str, db_id: str) -> None:
         """One exchange for ``db_id`` with a known peer, now; raises what went wrong."""
-        await self._sync_now(peer, db_id, raise_errors=True)
+        await self.exchanges.run(peer, db_id, raise_errors=True)
 
     def register_sync_peer(self, info: SyncPeerInfo) -> SyncHandle:
         """Declare that ``info.db_id`` syncs with ``info.pubkey``; syncing starts in the background."""
@@ -294,50 +301,22 @@ class Sync:
     def peers(self) -> list[PeerRecord]:
         return self.state.peers()
 
-    # ---- access requests (serving side) ------------------------------------------------
+    def schedule(self, peer: str, db_id: str, delay_s: float = 0.0, *, pull: bool = True) -> None:
+        """Sync ``db_id`` with ``peer`` after ``delay_s`` (sooner if already due; see ``sync.scheduler``).
 
-    def access_requests(self, status: str | None = None) -> list[AccessRequest]:
-        return self.state.access_requests(status)
-
-    def approve_request(self, request_id: str) -> AccessRequest:
-        """Grant the request with this node's key (it must be an admin of that database)."""
-        from dag import Permission
-
-        request = next((r for r in self.state.access_requests() if r.request_id == request_id), None)
-        if request is None:
-            raise NotFoundError(f"no access request {request_id}")
-        db = self.instance.open_database(request.db)
-        with db.transaction() as txn:
-            txn.settings().add_key(request.key, Permission.parse(request.permission))
-        return self.state.decide_request(request_id, "approved", self._now_ms())
-
-    def reject_request(self, request_id: str) -> AccessRequest:
-        return self.state.decide_request(request_id, "rejected", self._now_ms())
+        ``pull=False`` (sync on commit) skips the exchange when the peer lacks nothing.
+        """
+        self.scheduler.schedule(peer, db_id, delay_s, pull=pull)
 
     # ---- the engine ------------------------------------------------------------------
 
-    def _require_nursery(self) -> trio.Nursery:
-        if self._nursery is None or self._closed:
-            raise SyncError("sync is not running (use it inside `async with enable_sync(...)`)")
-        return self._nursery
-
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The engine: serves commands until cancelled."""
+        """The engine: the scheduler and the housekeeping timer, until cancelled or closed."""
+        self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._token = trio.lowlevel.current_trio_token()
-            nursery.start_soon(self._periodic)
+            await nursery.start(self.scheduler.run)
             nursery.start_soon(self._housekeeping)
             task_status.started()
-            async for command, argument in self._commands_out:
-                if self._closed:
-                    continue  # shutting down: the flush already ran
-                if command == "write":
-                    self._writes_queued.discard(argument)
-                    for relation in self.state.relationships(argument):
-                        reachable = self._dialled(relation) or bool(self._live_addresses(relation.peer))
-                        if relation.on_commit and reachable:
-                            self.schedule(relation.peer, argument, pull=False)
 
     def _on_write(self, db: Database, _before: list[str], _after: list[str], _local: bool) -> None:
         """Write callback (any thread): queue a push to the peers of that database."""
@@ -354,14 +333,17 @@ class Sync:
             self._token.run_sync_soon(self._queue_write, db.id)
 
     def _queue_write(self, db_id: str) -> None:
-        if db_id in self._writes_queued:
+        if db_id in self._writes_queued or self._closed or not self.scheduler.running:
             return  # a burst of commits is one push: the command is already waiting
-        try:
-            self._commands_in.send_nowait(("write", db_id))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            log.warning("sync command queue full; %s will sync at its next period", db_id)
-            return
+        self.scheduler.submit(lambda _nursery: self._written(db_id))
         self._writes_queued.add(db_id)
+
+    def _written(self, db_id: str) -> None:
+        """Schedule a push of ``db_id`` to every peer it syncs with on commit that we may reach."""
+        self._writes_queued.discard(db_id)
+        for relation in self.state.relationships(db_id):
+            if relation.on_commit and self.reach.reachable(relation):
+                self.schedule(relation.peer, db_id, pull=False)
 
     def _on_exchange(self, db: Database, peer: str, common: list[bytes]) -> None:
         """The handler served ``peer`` a read it may make: it now holds ``common``.
@@ -383,187 +365,8 @@ class Sync:
         self.state.ensure_related(db.id, peer, interval_s=self.config.default_interval_s, served=True)
         self.state.record_sync(db.id, peer, now_ms=self._now_ms(), common=common, sent=0, received=0, error=None)
 
-    def _live_addresses(self, peer: str) -> list[Address]:
-        """Addresses that reach ``peer`` over a connection it holds open to us (no dial)."""
-        found = []
-        for name, transport in self._transports.items():
-            if isinstance(transport, LiveConnections):
-                address = transport.live_address(peer)
-                if address is not None:
-                    found.append(Address(name, address))
-        return found
-
-    def _dialled(self, relation: Relationship) -> bool:
-        """Whether the engine initiates exchanges for this relationship.
-
-        Yes for one the local side made (connect, join, register, relate). A served one (the
-        peer read from us) only once an admin named the peer's key in that database's
-        settings (say, by approving its access request): that is the local side's choice too.
-        """
-        if not relation.served:
-            return True
-        try:
-            grant = self.instance.open_database(relation.db).settings().auth().keys.get(relation.peer)
-            return grant is not None and grant.active  # named by an admin; a global grant names no one
-        except Exception:  # unreadable settings: no reason to dial, so do not
-            return False
-
-    def schedule(self, peer: str, db_id: str, delay_s: float = 0.0, *, pull: bool = True) -> None:
-        """Sync ``db_id`` with ``peer`` after ``delay_s`` (sooner if already due).
-
-        ``pull=False`` (sync on commit) skips the exchange when the peer lacks nothing.
-        """
-        nursery = self._require_nursery()
-        work = self._work.setdefault(peer, _PeerWork())
-        due = trio.current_time() + delay_s
-        work.due[db_id] = min(work.due.get(db_id, math.inf), due)
-        if pull:
-            work.pull.add(db_id)
-        if not work.running:
-            work.running = True
-            nursery.start_soon(self._peer_worker, peer, work)
-        else:
-            work.wake.set()
-
-    async def _peer_worker(self, peer: str, work: _PeerWork) -> None:
-        try:
-            while work.due:
-                now = trio.current_time()
-                ready = sorted(db for db, due in work.due.items() if due <= now)
-                if not ready:
-                    with trio.move_on_at(min(work.due.values())):
-                        await work.wake.wait()
-                    work.wake = trio.Event()
-                    continue
-                for db_id in ready:
-                    del work.due[db_id]
-                    pull = db_id in work.pull
-                    work.pull.discard(db_id)
-                    work.busy = True
-                    try:
-                        ok = await self._sync_now(peer, db_id, raise_errors=False, push_only=not pull)
-                    finally:
-                        work.busy = False
-                    if ok:
-                        work.attempts.pop(db_id, None)
-                        continue
-                    attempt = work.attempts.get(db_id, 0) + 1
-                    if attempt > self.config.retry_attempts:
-                        work.attempts.pop(db_id, None)
-                        log.warning("giving up on %s with %s until its next trigger", db_id, peer)
-                        continue
-                    work.attempts[db_id] = attempt
-                    work.pull.add(db_id)
-                    retry_at = trio.current_time() + min(2**attempt, MAX_BACKOFF_S)
-                    work.due[db_id] = min(work.due.get(db_id, math.inf), retry_at)
-        finally:
-            work.running = False
-            self._signal()
-
-    def _signal(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def _sync_now(self, peer: str, db_id: str, *, raise_errors: bool, push_only: bool = False) -> bool:
-        """One exchange with ``peer`` for ``db_id`` over any of its addresses.
-
-        Exchanges with one peer never overlap (a push queued by a bootstrap's own writes
-        waits for the bootstrap's cursor, and then finds nothing to send).
-        """
-        async with self._peer_locks.setdefault(peer, trio.Lock()):
-            return await self._exchange(peer, db_id, raise_errors=raise_errors, push_only=push_only)
-
-    async def _exchange(self, peer: str, db_id: str, *, raise_errors: bool, push_only: bool) -> bool:
-        relation = next((r for r in self.state.relationships(db_id) if r.peer == peer), None)
-        if relation is not None and not self._dialled(relation):
-            # A peer that only read from us: its addresses are its own claims, so they are
-            # never dialled (that would let anyone aim this node at any host). Only a
-            # connection it holds open to us carries the exchange; else it syncs itself.
-            addresses = self._live_addresses(peer)
-            if not addresses:
-                refused = SyncError(
-                    f"peer {peer} only reads {db_id} from this node and holds no connection to it;"
-                    " it is not dialled (it syncs itself)"
-                )
-                if raise_errors:
-                    raise refused
-                log.info("%s", refused)
-                return True
-        else:
-            record = self.state.peer(peer)
-            addresses = list(record.addresses) if record else []
-            addresses += [a for a, key in self._peers_by_address.items() if key == peer and a not in addresses]
-        access = relation.access if relation else None
-        cursor = self.state.cursor(db_id, peer)
-        error: Exception | None = None
-        for address in addresses:
-            if address.transport not in self._transports:
-                continue
-            try:
-                with trio.fail_after(self.config.request_timeout_s):
-                    result = await sync_database(
-                        instance=self.instance,
-                        transport=self._transport_for(address),
-                        address=address.address,
-                        peer_key=peer,
-                        db_id=db_id,
-                        common=cursor.common,
-                        access=access,
-                        now_ms=self._now_ms,
-                        offload=self._offload,
-                        push_only=push_only,
-                        budget=self.budget,
-                    )
-            except trio.TooSlowError as exc:
-                error = TransportError(f"{address}: no answer in {self.config.request_timeout_s:g} s")
-                error.__cause__ = exc
-                continue
-            except (SyncError, NotFoundError) as exc:
-                error = exc
-                if isinstance(exc, TransportError):
-                    continue
-                break
-            if not result.skipped:
-                self._record(db_id, peer, result, None)
-            return True
-        if error is None:
-            error = UnreachableError(f"no known address reaches peer {peer}")
-        self._record(db_id, peer, None, str(error))
-        if raise_errors:
-            raise error
-        log.info("sync of %s with %s failed: %s", db_id, peer, error)
-        return False
-
-    def _record(self, db_id: str, peer: str, result: ExchangeResult | None, error: str | None) -> None:
-        self.state.record_sync(
-            db_id,
-            peer,
-            now_ms=self._now_ms(),
-            common=result.common if result else None,
-            sent=result.sent if result else 0,
-            received=result.received if result else 0,
-            error=error,
-        )
-        if result is not None:
-            self.state.upsert_peer(peer, seen_ms=self._now_ms())
-
-    async def _periodic(self) -> None:
-        """Sync every related (database, peer) pair at its interval."""
-        last: dict[tuple[str, str], float] = {}
-        while True:
-            now = trio.current_time()
-            next_due = now + self.config.default_interval_s
-            for relation in self.state.relationships():
-                if not self._dialled(relation):
-                    continue
-                key = (relation.db, relation.peer)
-                due = last.setdefault(key, now) + relation.interval_s
-                if due <= now:
-                    last[key] = now
-                    self.schedule(relation.peer, relation.db)
-                    due = now + relation.interval_s
-                next_due = min(next_due, due)
-            await trio.sleep(max(0.0, next_due - now))
+    async def _scheduled_exchange(self, peer: str, db_id: str, push_only: bool) -> bool:
+        return await self.exchanges.run(peer, db_id, raise_errors=False, push_only=push_only)
 
     async def _housekeeping(self) -> None:
         """Let go of what strangers left behind (expired pending handshakes), on a timer."""
@@ -573,39 +376,27 @@ class Sync:
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Wait until nothing is due now and no sync is running (retries later are not waited for)."""
-        with trio.move_on_after(timeout_s if timeout_s is not None else self.config.flush_timeout_s):
+        timeout = timeout_s if timeout_s is not None else self.config.flush_timeout_s
+        with trio.move_on_after(timeout):
             if self._token is not None:
                 # Write callbacks from other threads are queued on the token: let them land.
                 landed = trio.Event()
                 self._token.run_sync_soon(landed.set)
                 await landed.wait()
-            await trio.sleep(0)
-            while True:
-                now = trio.current_time()
-                pending = any(
-                    w.busy or any(due <= now for due in w.due.values()) for w in self._work.values() if w.running
-                )
-                if not pending and not self._commands_out.statistics().current_buffer_used:
-                    return
-                changed = self._changed
-                with trio.move_on_after(0.05):
-                    await changed.wait()
+            await self.scheduler.flush(timeout)
 
     async def aclose(self) -> None:
-        """Flush, then stop: no new work is accepted."""
+        """Flush, then stop: no new work is accepted, and the transports are closed."""
         if self._closed:
             return
         await self.flush()
         self._closed = True
         self._callback.remove()
-        self._commands_in.close()
         for transport in self._transports.values():
-            close = getattr(transport, "aclose", None)
-            if close is not None:
+            if isinstance(transport, ClosingTransport):
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await close()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+                    await transport.aclose()
+        self.scheduler.close()
 
 
 def wall_clock_ms() -> int:

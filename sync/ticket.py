@@ -8,13 +8,14 @@ without a valid ``db`` is refused.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
 
-from dag import cid_from_text
+from dag import NotFoundError, cid_from_text
 from dag.errors import BadCidError
 
-from .errors import TicketError
+from .errors import AccessError, SyncError, TicketError, UnreachableError
 from .transport import Address
 
 SCHEME = "eidetica:"
@@ -55,3 +56,27 @@ class Ticket:
         except BadCidError:
             raise TicketError(f"ticket's db is not a database ID: {db!r}") from None
         return cls(db, tuple(addresses))
+
+
+async def join_any(ticket: Ticket, bootstrap: Callable[[Address], Awaitable[object]]) -> None:
+    """Bootstrap the ticket's database from whichever of its addresses answers first.
+
+    A refusal (no access, a pending request) is an answer, so it is what the caller hears
+    if no address succeeds; otherwise every address's failure is named, so a join that
+    fails says where it tried, not only the last error.
+    """
+    if not ticket.addresses:
+        raise TicketError("ticket has no usable address")
+    errors: list[str] = []
+    refusal: AccessError | None = None
+    for address in ticket.addresses:
+        try:
+            await bootstrap(address)
+            return
+        except AccessError as exc:
+            refusal = refusal or exc
+        except (SyncError, NotFoundError) as exc:
+            errors.append(f"{address}: {exc}")
+    if refusal is not None:
+        raise refusal
+    raise UnreachableError("no address in the ticket answered: " + "; ".join(errors))

@@ -323,8 +323,10 @@ class Libp2pTransport:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the host's network service up (needed to dial, even without listening), and
         hole punching, which both ends of a relayed connection take part in."""
+        entered = False
         try:
             async with self._host.run([]), trio.open_nursery() as nursery:
+                entered = True
                 if self._puncher is not None:
                     await nursery.start(self._puncher.run)
                 self._ready.set()
@@ -332,8 +334,9 @@ class Libp2pTransport:
                 await trio.sleep_forever()
         finally:
             self._stopped = True
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await self._host.close()
+            if entered:  # a host whose service never started refuses close() (LifecycleError)
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await self._host.close()
 
     async def _wait_ready(self) -> None:
         if self._stopped:
