@@ -41,7 +41,7 @@ from sync import Address
 from sync.messages import Handshake, Message, SyncTree
 from sync.peer import handshake
 from sync.proofs import make_proof
-from tests.cli_node import NodeProcess, cli
+from scripts.cli_node import NodeProcess, cli
 from transports.http import HttpTransport
 
 SAMPLE_S = 0.2  # how often RSS is sampled during a flood

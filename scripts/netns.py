@@ -15,7 +15,7 @@ NAT mapping.
 
 Usage (needs root, ``ip`` and ``nft``; :func:`skip_reason` says why it can't run)::
 
-    from tests.netns import NatTopology, cleanup_stale
+    from scripts.netns import NatTopology, cleanup_stale
 
     cleanup_stale()                                   # namespaces left by crashed runs
     with NatTopology(nat="masquerade", drop_unsolicited=True) as topo:
@@ -366,7 +366,7 @@ class NatTopology:
             if exc is None:
                 raise
             print(
-                f"tests.netns: cleanup after {exc_type.__name__ if exc_type else 'error'} failed: {cleanup_error}",
+                f"scripts.netns: cleanup after {exc_type.__name__ if exc_type else 'error'} failed: {cleanup_error}",
                 file=sys.stderr,
             )
 
