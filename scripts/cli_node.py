@@ -118,4 +118,3 @@ class NodeProcess:
                 self.process.wait(timeout=10)
                 return None
         return self.process.returncode
-

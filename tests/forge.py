@@ -17,7 +17,7 @@ def forge(db: Any, signer: SigningKey, stores: dict[str, dict[str, Any]], **over
     parents = overrides.get("parents") or sorted(replica.tips(tree))
     height = overrides.get("height") or 1 + max(m.height for m in replica.meta(parents).values())
     pin = overrides.get("pin", list(replica.expected_pin(parents)))
-    encoded = [
+    encoded: list[tuple[str, list[bytes], bytes | None]] = [
         (
             name,
             sorted(replica.tips(tree, name)),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from dag import Instance, InvalidValueError, Permission, PermissionDeniedError, SigningKey, Status
+from dag import Database, Instance, InvalidValueError, Permission, PermissionDeniedError, SigningKey, Status
 from dag.auth import AuthSettings
 from tests.forge import forge
 
@@ -102,7 +104,7 @@ def test_revoked_key_cannot_commit_and_its_forged_entries_fail(make_instance) ->
     assert db.doc("d").to_dict() == {}
 
 
-def _forge_commit(db, stores):  # type: ignore[no-untyped-def]
+def _forge_commit(db: Database, stores: dict[str, dict[str, Any]]) -> bytes:
     """Commit bypassing the local permission check: what a hostile peer can send."""
     return forge(db, db.signer, stores).raw
 

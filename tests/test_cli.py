@@ -52,7 +52,7 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
     for command in ("init", "run", "status", "info", "health", "stop", "db", "table", "share", "join", "peers", "sync"):
         assert f"    {command}" in out, command
     assert "access" in out and "EIDETICA_" in out and "Exit status" in out
-    for command in (
+    for argv in (
         ["run"],
         ["db", "create"],
         ["db", "list"],
@@ -68,8 +68,8 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
         ["access", "approve"],
         ["status"],
     ):
-        code, out, _ = run_main([*command, "--help"], capsys)
-        assert code == 0 and out.startswith("usage: eidetica-node " + " ".join(command)), (command, out)
+        code, out, _ = run_main([*argv, "--help"], capsys)
+        assert code == 0 and out.startswith("usage: eidetica-node " + " ".join(argv)), (argv, out)
     assert "--p2p-listen" in run_main(["run", "--help"], capsys)[1]
 
 

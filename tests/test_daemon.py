@@ -25,6 +25,7 @@ from node.errors import ControlError
 from node.metrics import Metrics, wire_size
 from node.service import NodeService
 from sync.messages import Bootstrap, Handshake, SyncTree, encode_message
+from sync.transport import TaskStatus
 from tests.waiting import until_awaited
 
 WAIT_S = 30.0
@@ -54,7 +55,7 @@ async def start(nursery: trio.Nursery, data_dir: Path, *, port: int = 0, **setti
     config = NodeConfig(data_dir=data_dir, p2p=False, http_bind=f"127.0.0.1:{port}", log_level="warning", **settings)
     scope = trio.CancelScope()
 
-    async def run(*, task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(*, task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
             await run_node(config, handle_signals=False, task_status=task_status)
 
@@ -133,7 +134,7 @@ async def test_peer_state_bytes_and_flush_on_shutdown(tmp_path: Path) -> None:
 
         async def arrived() -> bool:
             try:
-                return (await two.call("db.get", db=db, key="k"))["value"] == "v1"
+                return bool((await two.call("db.get", db=db, key="k"))["value"] == "v1")
             except ControlError:
                 return False
 
