@@ -164,14 +164,14 @@ class Mesh:
 
     def stop(self) -> None:
         """SIGTERM to every mesh-node.sh (it stops its node as `eidetica-node stop` does), bounded."""
-        running = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
-        for node in running:
+        running = [n.process for n in self.nodes if n.process is not None and n.process.poll() is None]
+        for process in running:
             with contextlib.suppress(ProcessLookupError):
-                node.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for node in running:
+        for process in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
         # whatever is left is killed by NatTopology.close()
 
     def exited(self) -> list[MeshNode]:
@@ -407,7 +407,8 @@ def _serve(mesh: Mesh, duration_s: float | None, say: Any) -> int:
         gone = mesh.exited()
         if gone:
             for node in gone:
-                say(f"{node.name} exited ({node.process.returncode}); log {node.log}:\n{node.log_tail()}")  # type: ignore[union-attr]
+                code = node.process.returncode if node.process is not None else None  # exited(): never None
+                say(f"{node.name} exited ({code}); log {node.log}:\n{node.log_tail()}")
             return 1
         time.sleep(1.0)
     return 0

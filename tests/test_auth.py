@@ -8,6 +8,7 @@ import pytest
 
 from dag import Database, Instance, InvalidValueError, Permission, PermissionDeniedError, SigningKey, Status
 from dag.auth import AuthSettings
+from tests.conftest import InstanceFactory
 from tests.forge import forge
 
 
@@ -81,7 +82,7 @@ def test_global_write_lets_anyone_write(instance: Instance) -> None:
     assert db.doc("d").get("x") == 1
 
 
-def test_revoked_key_cannot_commit_and_its_forged_entries_fail(make_instance) -> None:  # type: ignore[no-untyped-def]
+def test_revoked_key_cannot_commit_and_its_forged_entries_fail(make_instance: InstanceFactory) -> None:
     owner = make_instance()
     db = owner.create_database()
     writer = SigningKey.generate()
@@ -109,7 +110,7 @@ def _forge_commit(db: Database, stores: dict[str, dict[str, Any]]) -> bytes:
     return forge(db, db.signer, stores).raw
 
 
-def test_write_key_settings_change_fails_verification(make_instance) -> None:  # type: ignore[no-untyped-def]
+def test_write_key_settings_change_fails_verification(make_instance: InstanceFactory) -> None:
     owner = make_instance()
     db = owner.create_database()
     writer = SigningKey.generate()
@@ -145,7 +146,7 @@ def test_auth_parsing_ignores_malformed_grants() -> None:
     assert auth.permission_of("k2") is None
 
 
-def test_remote_entries_are_verified(make_instance) -> None:  # type: ignore[no-untyped-def]
+def test_remote_entries_are_verified(make_instance: InstanceFactory) -> None:
     owner, replica = make_instance(), make_instance()
     db = owner.create_database(name="shared")
     with db.transaction() as txn:
