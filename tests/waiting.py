@@ -33,7 +33,7 @@ MARGIN_S = 0.25
 
 
 def _failure(what: str, timeout_s: float, last: object, detail: Callable[[], str] | None) -> AssertionError:
-    message = f"{what} not reached in {timeout_s:g} s; last seen: {last!r}"
+    message = f"{what} not reached in {timeout_s:.3g} s; last seen: {last!r}"
     if detail is not None:
         message += "\n" + detail()
     return AssertionError(message)
