@@ -2,7 +2,7 @@
 
     .venv/bin/python -m scripts.flood_disk [--quick] [--json]
 
-The victim is a node in a process of its own (``python -m tests.proc_node --transport
+The victim is a node in a process of its own (``python -m scripts.proc_node --transport
 http``: SQLite in a temporary data directory, the real HTTP transport on 127.0.0.1) holding
 one public database (global Write, as ``create`` makes it). The attacker, in this process,
 joins it with the ticket (a real bootstrap over HTTP) and then, with a key nobody granted
@@ -86,11 +86,11 @@ class Report:
 
 
 class NodeProcess:
-    """``tests.proc_node`` driven over its stdin/stdout JSON lines."""
+    """``scripts.proc_node`` driven over its stdin/stdout JSON lines."""
 
     def __init__(self, data_dir: Path) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.proc_node", "--transport", "http", "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "scripts.proc_node", "--transport", "http", "--data-dir", str(data_dir)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -37,11 +37,11 @@ from typing import Any
 import trio
 
 from dag import SigningKey, cid_from_text
+from scripts.cli_node import NodeProcess, cli
 from sync import Address
 from sync.messages import Handshake, Message, SyncTree
 from sync.peer import handshake
 from sync.proofs import make_proof
-from tests.cli_node import NodeProcess, cli
 from transports.http import HttpTransport
 
 SAMPLE_S = 0.2  # how often RSS is sampled during a flood

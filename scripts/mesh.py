@@ -6,7 +6,7 @@
     scripts/mesh --check          # write on every node, wait until all converge, print a table; exit 0/1
     scripts/mesh --check --json   # the same, one JSON object on stdout (the table goes to stderr)
 
-Needs root, ``ip`` and ``nft`` (as the NAT tests do). The topology is ``tests/netns.py``'s
+Needs root, ``ip`` and ``nft`` (as the NAT tests do). The topology is ``scripts/netns.py``'s
 (masquerading NATs that drop unsolicited inbound traffic); every node is the real
 ``eidetica-node run``, started by ``scripts/mesh-node.sh``, the entrypoint the containers of
 ``docker-compose.yml`` use, with a shared directory standing in for the compose file's ``mesh``
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python scripts/mesh.py` as well as `python -m scripts.mesh`
     sys.path.insert(0, str(REPO))
 
-from tests.netns import NatTopology, NetnsError, cleanup_stale, skip_reason  # noqa: E402
+from scripts.netns import NatTopology, NetnsError, cleanup_stale, skip_reason  # noqa: E402
 
 MESH_NODE = REPO / "scripts" / "mesh-node.sh"
 BIN = Path(sys.executable).parent / "eidetica-node"
@@ -63,7 +63,7 @@ class MeshNode:
 
     name: str  # "R", "A", "B", "C"
     role: str  # relay, seed, peer
-    netns_node: str  # the tests.netns node whose namespace it runs in
+    netns_node: str  # the scripts.netns node whose namespace it runs in
     p2p_port: int
     http_port: int
     data_dir: Path
@@ -164,14 +164,14 @@ class Mesh:
 
     def stop(self) -> None:
         """SIGTERM to every mesh-node.sh (it stops its node as `eidetica-node stop` does), bounded."""
-        running = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
-        for node in running:
+        running = [n.process for n in self.nodes if n.process is not None and n.process.poll() is None]
+        for process in running:
             with contextlib.suppress(ProcessLookupError):
-                node.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for node in running:
+        for process in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
         # whatever is left is killed by NatTopology.close()
 
     def exited(self) -> list[MeshNode]:
@@ -407,7 +407,8 @@ def _serve(mesh: Mesh, duration_s: float | None, say: Any) -> int:
         gone = mesh.exited()
         if gone:
             for node in gone:
-                say(f"{node.name} exited ({node.process.returncode}); log {node.log}:\n{node.log_tail()}")  # type: ignore[union-attr]
+                code = node.process.returncode if node.process is not None else None  # exited(): never None
+                say(f"{node.name} exited ({code}); log {node.log}:\n{node.log_tail()}")
             return 1
         time.sleep(1.0)
     return 0

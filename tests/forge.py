@@ -18,7 +18,7 @@ def forge(db: Any, signer: SigningKey, stores: dict[str, dict[str, Any]], **over
     parents = overrides.get("parents") or db.tip_cids()
     height = overrides.get("height") or 1 + max(db.entry(cid_to_text(p)).height for p in parents)
     pin = overrides.get("pin", db.expected_pin(parents))
-    encoded = [
+    encoded: list[tuple[str, list[bytes], bytes | None]] = [
         (
             name,
             [cid_from_text(tip) for tip in db.store_tips(name)],

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from dag import Instance, InvalidValueError, Permission, PermissionDeniedError, SigningKey, Status
+from dag import Database, Instance, InvalidValueError, Permission, PermissionDeniedError, SigningKey, Status
 from dag.auth import AuthSettings
+from tests.conftest import InstanceFactory
 from tests.forge import forge
 
 
@@ -79,7 +82,7 @@ def test_global_write_lets_anyone_write(instance: Instance) -> None:
     assert db.doc("d").get("x") == 1
 
 
-def test_revoked_key_cannot_commit_and_its_forged_entries_fail(make_instance) -> None:  # type: ignore[no-untyped-def]
+def test_revoked_key_cannot_commit_and_its_forged_entries_fail(make_instance: InstanceFactory) -> None:
     owner = make_instance()
     db = owner.create_database()
     writer = SigningKey.generate()
@@ -102,12 +105,12 @@ def test_revoked_key_cannot_commit_and_its_forged_entries_fail(make_instance) ->
     assert db.doc("d").to_dict() == {}
 
 
-def _forge_commit(db, stores):  # type: ignore[no-untyped-def]
+def _forge_commit(db: Database, stores: dict[str, dict[str, Any]]) -> bytes:
     """Commit bypassing the local permission check: what a hostile peer can send."""
     return forge(db, db.signer, stores).raw
 
 
-def test_write_key_settings_change_fails_verification(make_instance) -> None:  # type: ignore[no-untyped-def]
+def test_write_key_settings_change_fails_verification(make_instance: InstanceFactory) -> None:
     owner = make_instance()
     db = owner.create_database()
     writer = SigningKey.generate()
@@ -143,7 +146,7 @@ def test_auth_parsing_ignores_malformed_grants() -> None:
     assert auth.permission_of("k2") is None
 
 
-def test_remote_entries_are_verified(make_instance) -> None:  # type: ignore[no-untyped-def]
+def test_remote_entries_are_verified(make_instance: InstanceFactory) -> None:
     owner, replica = make_instance(), make_instance()
     db = owner.create_database(name="shared")
     with db.transaction() as txn:

@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from node.cli import build_parser, main
-from tests.cli_node import REPO, NodeProcess, clean_env, cli, wait_for
+from scripts.cli_node import REPO, NodeProcess, clean_env, cli
+from tests.waiting import wait_until
 
 ONE_LINE = "eidetica-node: error: "
 
@@ -51,7 +52,7 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
     for command in ("init", "run", "status", "info", "health", "stop", "db", "table", "share", "join", "peers", "sync"):
         assert f"    {command}" in out, command
     assert "access" in out and "EIDETICA_" in out and "Exit status" in out
-    for command in (
+    for argv in (
         ["run"],
         ["db", "create"],
         ["db", "list"],
@@ -67,8 +68,8 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
         ["access", "approve"],
         ["status"],
     ):
-        code, out, _ = run_main([*command, "--help"], capsys)
-        assert code == 0 and out.startswith("usage: eidetica-node " + " ".join(command)), (command, out)
+        code, out, _ = run_main([*argv, "--help"], capsys)
+        assert code == 0 and out.startswith("usage: eidetica-node " + " ".join(argv)), (argv, out)
     assert "--p2p-listen" in run_main(["run", "--help"], capsys)[1]
 
 
@@ -216,18 +217,23 @@ def test_two_nodes_share_join_write_and_read_each_other(tmp_path: Path) -> None:
         two.ok("db", "set", "notes", "count", "3", "--json-value")
         row = two.ok("table", "insert", "notes", "todos", '{"title": "milk"}')
 
-        wait_for(lambda: one.cli("db", "get", "notes", "reply").stdout.strip() == "two", message="two's write on one")
-        wait_for(lambda: two.cli("db", "get", "notes", "from").stdout.strip() == "one", message="one's write on two")
-        wait_for(lambda: row in one.ok("table", "list", "notes", "todos"), message="two's row on one")
+        wait_until(
+            lambda: one.cli("db", "get", "notes", "reply").stdout.strip() == "two", "two's write on one", timeout_s=30
+        )
+        wait_until(
+            lambda: two.cli("db", "get", "notes", "from").stdout.strip() == "one", "one's write on two", timeout_s=30
+        )
+        wait_until(lambda: row in one.ok("table", "list", "notes", "todos"), "two's row on one", timeout_s=30)
         assert one.json("db", "get", "notes") == {"value": {"from": "one", "reply": "two", "count": 3}}
         assert one.ok("db", "get", "notes", "count") == "3"
 
         [peer] = one.json("peers")["peers"]
         assert peer["pubkey"] == two.ready["device_id"] and peer["display_name"] == "two"
         assert peer["databases"] == [db]
-        wait_for(
+        wait_until(
             lambda: all(p["state"] == "up to date" for p in one.json("db", "show", "notes")["peers"]),
-            message="one sees two up to date",
+            "one sees two up to date",
+            timeout_s=30,
         )
         shown = two.json("db", "show", "notes")
         assert shown["entries"] == shown["verified"] == 6 and shown["failed"] == 0
@@ -249,7 +255,7 @@ def test_two_nodes_share_join_write_and_read_each_other(tmp_path: Path) -> None:
         )
 
         two.ok("db", "delete", "notes", "count")
-        wait_for(lambda: one.cli("db", "get", "notes", "count").returncode == 1, message="delete reaches one")
+        wait_until(lambda: one.cli("db", "get", "notes", "count").returncode == 1, "delete reaches one", timeout_s=30)
 
         assert one.ok("stop").startswith("stopped the node (pid ")  # returns once the node has let go
         assert one.process.wait(timeout=10) == 0
@@ -344,8 +350,10 @@ def test_access_requests_join_approve_sync(tmp_path: Path) -> None:
 
         guest.ok("sync", db)  # the database is not here yet: an ID syncs what the join started
         guest.ok("db", "set", db, "hello", "from guest")
-        wait_for(
-            lambda: admin.cli("db", "get", "private", "hello").stdout.strip() == "from guest", message="guest write"
+        wait_until(
+            lambda: admin.cli("db", "get", "private", "hello").stdout.strip() == "from guest",
+            "guest write",
+            timeout_s=30,
         )
     finally:
         for node in nodes:
@@ -371,7 +379,9 @@ def test_scripts_run_starts_a_node_on_its_defaults(tmp_path: Path) -> None:
         [str(REPO / "scripts" / "run")], stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=tmp_path
     )
     try:
-        wait_for(lambda: (data / "control.sock").exists() or process.poll() is not None, 120, "control socket")
+        wait_until(
+            lambda: (data / "control.sock").exists() or process.poll() is not None, "control socket", timeout_s=120
+        )
         assert process.poll() is None, (tmp_path / "run.stderr").read_text()
         info = json.loads(cli("info", "--json", env=env).stdout)
         assert info["running"] and info["data_dir"] == str(data)
@@ -431,9 +441,10 @@ def test_relay_options_reach_the_transport(tmp_path: Path) -> None:
         relay_address = relay.ready["addresses"][0].split(":", 1)[1]
         behind = NodeProcess.start(tmp_path / "behind", "--no-http", "--relay", relay_address)
         nodes.append(behind)
-        wait_for(
+        wait_until(
             lambda: any("/p2p-circuit/" in a for a in behind.json("info")["addresses"]),
-            message="a relayed address",
+            "a relayed address",
+            timeout_s=30,
         )
         [transport] = relay.json("info")["transports"]
         assert transport["status"]["relay_service"] is not None

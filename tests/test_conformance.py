@@ -13,6 +13,7 @@ from dag import Instance, Permission
 from sync import AccessPendingError, UnauthorizedError
 from sync.messages import SyncTree
 from tests.transport_kits import Kit, MemoryKit, Node
+from tests.waiting import until
 
 KITS: dict[str, Callable[[], Kit]] = {"memory": MemoryKit}
 for _module, _name in (("tests.kit_http", "HttpKit"), ("tests.kit_libp2p", "Libp2pKit")):
@@ -45,11 +46,6 @@ def _shared(node: Node, *, public: bool = True) -> str:
     return db.id
 
 
-async def _until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
-        await trio.sleep(0.01)
-
-
 async def test_handshake(kit: Kit) -> None:
     with trio.fail_after(TIMEOUT_S):
         async with nodes(kit, 2) as (a, b):
@@ -57,7 +53,7 @@ async def test_handshake(kit: Kit) -> None:
             assert hello.pubkey == a.instance.device_id
             assert a.address in hello.addresses
             # a remembers b's hello, but writes nothing for a peer that only handshook.
-            await _until(lambda: a.sync.handler.hello_of(b.instance.device_id) is not None)
+            await until(lambda: a.sync.handler.hello_of(b.instance.device_id) is not None, "b's hello on a")
             assert a.sync.state.peer(b.instance.device_id) is None
 
 
@@ -93,10 +89,10 @@ async def test_sync_on_commit(kit: Kit) -> None:
             a.sync.state.relate(db_id, b.instance.device_id)
             with a.instance.open_database(db_id).transaction() as txn:
                 txn.doc("notes").set("live", True)
-            await _until(lambda: b.instance.open_database(db_id).doc("notes").get("live") is True)
+            await until(lambda: b.instance.open_database(db_id).doc("notes").get("live") is True, "a's push on b")
             with b.instance.open_database(db_id).transaction() as txn:
                 txn.doc("notes").set("back", True)
-            await _until(lambda: a.instance.open_database(db_id).doc("notes").get("back") is True)
+            await until(lambda: a.instance.open_database(db_id).doc("notes").get("back") is True, "b's write on a")
 
 
 async def test_access_request_pending_approved_served(kit: Kit) -> None:

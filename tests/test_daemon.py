@@ -25,6 +25,8 @@ from node.errors import ControlError
 from node.metrics import Metrics, wire_size
 from node.service import NodeService
 from sync.messages import Bootstrap, Handshake, SyncTree, encode_message
+from sync.transport import TaskStatus
+from tests.waiting import until_awaited
 
 WAIT_S = 30.0
 
@@ -53,20 +55,12 @@ async def start(nursery: trio.Nursery, data_dir: Path, *, port: int = 0, **setti
     config = NodeConfig(data_dir=data_dir, p2p=False, http_bind=f"127.0.0.1:{port}", log_level="warning", **settings)
     scope = trio.CancelScope()
 
-    async def run(*, task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(*, task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
             await run_node(config, handle_signals=False, task_status=task_status)
 
     service: NodeService = await nursery.start(run)
     return Node(service, scope, AsyncControlClient(data_dir))
-
-
-async def eventually(check: Any, what: str) -> None:
-    with trio.move_on_after(WAIT_S):
-        while not await check():
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"{what} never happened")
 
 
 def test_wire_size_is_the_encoded_size() -> None:
@@ -140,11 +134,11 @@ async def test_peer_state_bytes_and_flush_on_shutdown(tmp_path: Path) -> None:
 
         async def arrived() -> bool:
             try:
-                return (await two.call("db.get", db=db, key="k"))["value"] == "v1"
+                return bool((await two.call("db.get", db=db, key="k"))["value"] == "v1")
             except ControlError:
                 return False
 
-        await eventually(arrived, "v1 on two")
+        await until_awaited(arrived, "v1 on two", timeout_s=WAIT_S)
 
         async def states() -> list[str]:
             shown = await one.call("db.show", db=db)
@@ -153,7 +147,7 @@ async def test_peer_state_bytes_and_flush_on_shutdown(tmp_path: Path) -> None:
         async def up_to_date() -> bool:
             return await states() == ["up to date"]
 
-        await eventually(up_to_date, "one seeing two up to date")
+        await until_awaited(up_to_date, "one seeing two up to date", timeout_s=WAIT_S)
         await one.service.sync.flush()
         await two.service.sync.flush()
         # Every byte one sent, two received, and the other way round: both count the same messages.
@@ -203,7 +197,7 @@ async def test_peer_state_bytes_and_flush_on_shutdown(tmp_path: Path) -> None:
             value = (await one.call("db.get", db=db)).get("value", {})
             return bool(value.get("last") == "before stop" and value.get("k") == "v3")
 
-        await eventually(landed, "the write made just before stopping")
+        await until_awaited(landed, "the write made just before stopping", timeout_s=WAIT_S)
         one.scope.cancel()
 
 

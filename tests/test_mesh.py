@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.netns import cleanup_stale, skip_reason
+from scripts.netns import cleanup_stale
+from tests.conftest import require_netns
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +30,6 @@ CONVERGE_S = 60  # the writes reaching every node (about a second in practice)
 SETUP_S = 120  # four fresh interpreters, reservations, a share and two joins through the relay
 RUN_TIMEOUT_S = SETUP_S + CONVERGE_S + 60  # the whole script, teardown included
 STOP_TIMEOUT_S = 30  # after SIGTERM the script stops every node and deletes the namespaces
-
-
-def _skip_or_fail() -> None:
-    reason = skip_reason()
-    if reason is None:
-        return
-    if os.environ.get("EIDETICA_REQUIRE_NETNS"):
-        pytest.fail(f"EIDETICA_REQUIRE_NETNS is set but: {reason}")
-    pytest.skip(reason)
 
 
 def _run_mesh_check(data_root: Path) -> tuple[int, str, str]:
@@ -68,7 +60,7 @@ def _logs(data_root: Path) -> str:
 
 
 def test_mesh_check_every_node_converges(tmp_path: Path) -> None:
-    _skip_or_fail()
+    require_netns()
     cleanup_stale()
     data_root = tmp_path / "mesh"
     code, stdout, stderr = _run_mesh_check(data_root)

@@ -1,7 +1,7 @@
-"""Sync between two nodes behind NATs, through a relay, in network namespaces (tests/netns.py).
+"""Sync between two nodes behind NATs, through a relay, in network namespaces (scripts/netns.py).
 
 R is public and offers circuit relay v2; A sits behind NAT G1 and B behind NAT G2 (masquerade,
-unsolicited inbound dropped), each node in its own process (``tests.proc_node``). A and B
+unsolicited inbound dropped), each node in its own process (``scripts.proc_node``). A and B
 cannot dial each other, so B joins A's database through R; hole punching (DCUtR) may then
 make the connection direct, and its outcome is printed (with NATs that answer unsolicited
 SYNs with a reset it fails, and sync stays on the relay). R is restarted and sync resumes.
@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.netns import NatTopology, cleanup_stale, skip_reason
+from scripts.netns import NatTopology, cleanup_stale
+from tests.conftest import require_netns
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -34,22 +36,13 @@ SYNC_TIMEOUT_S = 60.0  # a commit reaching the other side, retries after a relay
 PROBE_TIMEOUT_S = 3.0  # a direct TCP connect that the NAT must swallow
 
 
-def _skip_or_fail() -> None:
-    reason = skip_reason()
-    if reason is None:
-        return
-    if os.environ.get("EIDETICA_REQUIRE_NETNS"):
-        pytest.fail(f"EIDETICA_REQUIRE_NETNS is set but: {reason}")
-    pytest.skip(reason)
-
-
 class NsNode:
-    """One ``tests.proc_node`` process inside a namespace, driven over stdin/stdout."""
+    """One ``scripts.proc_node`` process inside a namespace, driven over stdin/stdout."""
 
     def __init__(self, topo: NatTopology, node: str, data_dir: Path, *extra: str) -> None:
         self.name = node
         self.stderr_path = data_dir.parent / f"{node}.stderr"
-        argv = [sys.executable, "-m", "tests.proc_node", "--transport", "p2p", "--data-dir", str(data_dir)]
+        argv = [sys.executable, "-m", "scripts.proc_node", "--transport", "p2p", "--data-dir", str(data_dir)]
         argv += ["--bind", f"/ip4/0.0.0.0/tcp/{PORT}", "--name", node, *extra]
         with self.stderr_path.open("ab") as stderr:
             self.process = topo.run(node, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, cwd=REPO)
@@ -89,22 +82,18 @@ class NsNode:
         return status
 
     def wait_status(self, what: str, predicate: Any, timeout_s: float = STATE_TIMEOUT_S) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status = self.status()
-            if predicate(status):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: {what} not reached in {timeout_s:g} s; status: {status}")
-            time.sleep(0.2)
+        return wait_until(self.status, f"{self.name}: {what}", timeout_s=timeout_s, poll_s=0.2, done=predicate)
 
     def wait_value(self, db: str, key: str, value: str, timeout_s: float = SYNC_TIMEOUT_S) -> float:
         """Seconds until ``key`` reads ``value``."""
         started = time.monotonic()
-        while self.command(f"get {db} {key}")["value"] != value:
-            if time.monotonic() - started > timeout_s:
-                raise AssertionError(f"{self.name}: {key}={value!r} never arrived; stderr:\n{self.stderr()}")
-            time.sleep(0.1)
+        wait_until(
+            lambda: self.command(f"get {db} {key}")["value"],
+            f"{self.name}: {key}={value!r} arriving",
+            timeout_s=timeout_s,
+            done=lambda seen: seen == value,
+            detail=lambda: f"stderr:\n{self.stderr()}",
+        )
         return time.monotonic() - started
 
     def stop(self) -> None:
@@ -144,7 +133,7 @@ def _private_and_reserved(status: dict[str, Any]) -> bool:
 )
 def test_sync_through_relay_between_two_nats(hole_punching: bool, rst_unsolicited: bool, tmp_path: Path) -> None:
     """``rst_unsolicited``: the NATs answer unsolicited SYNs with a reset, which defeats the punch."""
-    _skip_or_fail()
+    require_netns()
     cleanup_stale()
     nodes: list[NsNode] = []
     with NatTopology(rst_unsolicited=rst_unsolicited) as topo:

@@ -1,4 +1,4 @@
-"""The NAT test harness (tests/netns.py) behaves like two home NATs and a public relay.
+"""The NAT test harness (scripts/netns.py) behaves like two home NATs and a public relay.
 
 Everything is proved with real sockets: small Python clients and servers (``_agent`` below,
 run with ``python -c``) inside the namespaces, each bounded by socket timeouts and a deadline.
@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.netns import NatTopology, NetnsError, cleanup_stale, skip_reason
+from scripts.netns import NatTopology, NetnsError, cleanup_stale
+from tests.conftest import require_netns
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVE_PORTS = (7000, 7001, 7002)  # R's observed-address servers (TCP and UDP on each)
 LISTEN_PORT = 7100  # a listener in A
 PUNCH_PORT = {"a": 40001, "b": 40002}
-
-
-def _skip_or_fail() -> None:
-    reason = skip_reason()
-    if reason is None:
-        return
-    if os.environ.get("EIDETICA_REQUIRE_NETNS"):  # CI can insist that these tests really run
-        pytest.fail(f"EIDETICA_REQUIRE_NETNS is set but: {reason}")
-    pytest.skip(reason)
 
 
 def _agent(argv: list[str]) -> None:
@@ -219,7 +211,7 @@ def netns_list() -> list[str]:
 
 @pytest.fixture(scope="module")
 def topo() -> Iterator[NatTopology]:
-    _skip_or_fail()
+    require_netns()
     cleanup_stale()
     with NatTopology() as topology:  # masquerade, unsolicited inbound dropped
         server = start_agent(topology, "r", "serve", 60, *SERVE_PORTS)
@@ -303,7 +295,7 @@ def test_tcp_hole_punch_succeeds_through_dropping_nats(topo: NatTopology) -> Non
 
 
 def test_tcp_hole_punch_fails_when_the_nat_answers_with_rst() -> None:
-    _skip_or_fail()
+    require_netns()
     with NatTopology(rst_unsolicited=True) as topo:
         server = start_agent(topo, "r", "serve", 30, *SERVE_PORTS)
         unsolicited = agent(topo, "r", "tcp", topo.addr["g1"], LISTEN_PORT, 2)
@@ -315,7 +307,7 @@ def test_tcp_hole_punch_fails_when_the_nat_answers_with_rst() -> None:
 
 
 def test_without_a_filter_the_gateway_resets_and_routes_unsolicited_traffic() -> None:
-    _skip_or_fail()
+    require_netns()
     with NatTopology(drop_unsolicited=False) as topo:
         start_agent(topo, "a", "listen", LISTEN_PORT, 30)  # killed by close()
         to_gateway = agent(topo, "r", "tcp", topo.addr["g1"], LISTEN_PORT, 2)
@@ -326,7 +318,7 @@ def test_without_a_filter_the_gateway_resets_and_routes_unsolicited_traffic() ->
 
 
 def test_symmetric_nat_maps_each_destination_to_its_own_port() -> None:
-    _skip_or_fail()
+    require_netns()
     with NatTopology(nat={"g1": "symmetric", "g2": "masquerade"}) as topo:
         start_agent(topo, "r", "serve", 30, *SERVE_PORTS)  # killed by close()
         targets = [f"{topo.addr['r']}:{port}" for port in SERVE_PORTS]
@@ -338,7 +330,7 @@ def test_symmetric_nat_maps_each_destination_to_its_own_port() -> None:
 
 
 def test_cleanup_removes_everything_even_after_an_exception() -> None:
-    _skip_or_fail()
+    require_netns()
     topo = NatTopology()
     with pytest.raises(RuntimeError, match="boom"), topo:
         sleeper = topo.run("b", ["sleep", "30"])
@@ -353,10 +345,10 @@ def test_cleanup_removes_everything_even_after_an_exception() -> None:
 
 
 def test_cleanup_stale_removes_the_namespaces_of_a_crashed_run() -> None:
-    _skip_or_fail()
+    require_netns()
     crash = (
         "import os, subprocess\n"
-        "from tests.netns import NatTopology\n"
+        "from scripts.netns import NatTopology\n"
         "topo = NatTopology(); topo.build()\n"
         "topo.run('a', ['sleep', '30'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "print(' '.join(topo.ns.values()), flush=True)\n"

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import trio
 
+from tests.waiting import until_awaited
+
 REPO = Path(__file__).resolve().parent.parent
 
 # ---- two nodes, two processes -------------------------------------------------------------
@@ -21,7 +23,7 @@ SYNC_WAIT_S = 30  # sync on commit reaches the other process in well under a sec
 
 
 class ProcNode:
-    """One ``tests.proc_node`` process, driven over its stdin and stdout."""
+    """One ``scripts.proc_node`` process, driven over its stdin and stdout."""
 
     def __init__(self, process: trio.Process, stderr: Path) -> None:
         self.process = process
@@ -30,7 +32,7 @@ class ProcNode:
 
     @classmethod
     async def start(cls, transport: str, data_dir: Path, stderr: Path) -> ProcNode:
-        args = [sys.executable, "-m", "tests.proc_node", "--transport", transport, "--data-dir", str(data_dir)]
+        args = [sys.executable, "-m", "scripts.proc_node", "--transport", transport, "--data-dir", str(data_dir)]
         args += ["--bind", "127.0.0.1:0" if transport == "http" else "/ip4/127.0.0.1/tcp/0"]
         with stderr.open("wb") as log:
             process = await trio.lowlevel.open_process(
@@ -59,11 +61,14 @@ class ProcNode:
         return answer
 
     async def until(self, db: str, key: str, value: str) -> None:
-        with trio.move_on_after(SYNC_WAIT_S):
-            while (await self.command(f"get {db} {key}"))["value"] != value:
-                await trio.sleep(0.05)
-            return
-        raise AssertionError(f"{key}={value!r} never arrived; stderr:\n{self.stderr.read_text()}")
+        await until_awaited(
+            lambda: self.command(f"get {db} {key}"),
+            f"{key}={value!r} arriving",
+            timeout_s=SYNC_WAIT_S,
+            poll_s=0.05,
+            done=lambda answer: answer["value"] == value,
+            detail=lambda: f"stderr:\n{self.stderr.read_text()}",
+        )
 
     async def kill(self) -> None:
         if self.process.returncode is None:

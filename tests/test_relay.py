@@ -7,7 +7,7 @@ hole punching is off where a test needs the connection to stay relayed.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ from sync import Address, Sync, SyncConfig, UnreachableError, enable_sync
 from sync.messages import Message
 from sync.ticket import Ticket
 from sync.transport import RequestContext, TaskStatus
+from tests.waiting import until
 from transports.libp2p import Libp2pTransport
 from transports.reachability import ask_dialback
 from transports.relay import DEFAULT_RELAY_LIMITS, RelayLimits
@@ -84,11 +85,6 @@ def _shared_db(node: Node, entries: int = 1) -> str:
     return db.id
 
 
-async def _until(predicate: Callable[[], bool], poll_s: float = 0.02) -> None:
-    while not predicate():
-        await trio.sleep(poll_s)
-
-
 def _port(address: str) -> int:
     return int(multiaddr.Multiaddr(address).value_for_protocol("tcp"))
 
@@ -133,10 +129,10 @@ async def test_sync_over_a_relayed_connection() -> None:
             a.sync.state.relate(db_id, b.instance.device_id, on_commit=True)
             with a.instance.open_database(db_id).transaction() as txn:
                 txn.doc("notes").set("live", "a")
-            await _until(lambda: joined.doc("notes").get("live") == "a")
+            await until(lambda: joined.doc("notes").get("live") == "a", "a's write on b")
             with joined.transaction() as txn:
                 txn.doc("notes").set("live", "b")
-            await _until(lambda: a.instance.open_database(db_id).doc("notes").get("live") == "b")
+            await until(lambda: a.instance.open_database(db_id).doc("notes").get("live") == "b", "b's write on a")
             assert b.transport.connection_kind(a.transport.peer_id) == "relayed"
             assert relay.status().relay_service.circuits_opened == 1  # type: ignore[union-attr]
 
@@ -178,7 +174,7 @@ async def test_reservations_are_renewed_before_they_expire() -> None:
             a = await sync_node(stack, "a", relays=relay.listen_addresses())
             [first] = a.transport.status().reservations
             assert first.state == "reserved" and first.expires_at is not None
-            await _until(lambda: a.transport.status().reservations[0].renewals >= 3, poll_s=0.1)
+            await until(lambda: a.transport.status().reservations[0].renewals >= 3, "three renewals", poll_s=0.1)
             [renewed] = a.transport.status().reservations
             assert renewed.state == "reserved"
             assert renewed.expires_at is not None and renewed.expires_at > first.expires_at
@@ -231,18 +227,23 @@ async def test_reserves_again_after_the_relay_restarts() -> None:
             assert b.transport.connection_kind(a.transport.peer_id) == "relayed"
 
             await relay.stop()  # A notices, and the circuit is gone
-            await _until(lambda: a.transport.status().reservations[0].state != "reserved")
-            await _until(lambda: b.transport.connection_kind(a.transport.peer_id) is None)
+            await until(lambda: a.transport.status().reservations[0].state != "reserved", "a losing its reservation")
+            await until(
+                lambda: b.transport.connection_kind(a.transport.peer_id) is None, "b's relayed connection closing"
+            )
 
             restarted = await relay.start(relays)  # same key, same port
             assert restarted.listen_addresses()[0] == relay_address
-            await _until(lambda: a.transport.status().reservations[0].state == "reserved")
+            await until(lambda: a.transport.status().reservations[0].state == "reserved", "a reserving again")
             [reservation] = a.transport.status().reservations
             assert reservation.renewals >= 1
             assert a.transport.peer_id in restarted.status().relay_service.reservations  # type: ignore[union-attr]
             with joined.transaction() as txn:  # sync on commit reaches A through a new circuit
                 txn.doc("notes").set("after_restart", True)
-            await _until(lambda: a.instance.open_database(db_id).doc("notes").get("after_restart") is True)
+            await until(
+                lambda: a.instance.open_database(db_id).doc("notes").get("after_restart") is True,
+                "the write after the relay's restart",
+            )
             assert b.transport.connection_kind(a.transport.peer_id) == "relayed"
             relays.cancel_scope.cancel()
 
@@ -260,18 +261,21 @@ async def test_hole_punching_upgrades_a_relayed_connection_and_reports_it() -> N
             await b.sync.join(Ticket(db_id, (a.circuit,)))
             # A accepted the relayed connection, so A starts DCUtR; B answers.
             b_peer = b.transport.peer_id
-            await _until(lambda: any(h.peer == b_peer for h in a.transport.status().hole_punches))
+            await until(lambda: any(h.peer == b_peer for h in a.transport.status().hole_punches), "a hole punch with b")
             [punch] = [h for h in a.transport.status().hole_punches if h.peer == b_peer]
             assert punch.role == "initiator" and punch.error is None
             assert punch.succeeded and 0 < punch.duration_s < 10  # loopback: nothing stops a direct dial
             assert a.transport.connection_kind(b_peer) == "direct"
-            await _until(lambda: b.transport.connection_kind(a.transport.peer_id) == "direct")
+            await until(lambda: b.transport.connection_kind(a.transport.peer_id) == "direct", "a direct connection")
             a.sync.state.relate(db_id, b.instance.device_id)  # a pushes to b: its choice (b only read)
             with a.instance.open_database(db_id).transaction() as txn:
                 txn.doc("notes").set("direct", True)
-            await _until(lambda: b.instance.open_database(db_id).doc("notes").get("direct") is True)
+            await until(
+                lambda: b.instance.open_database(db_id).doc("notes").get("direct") is True,
+                "a write over the direct connection",
+            )
             # The relayed connection is closed after the grace period, and the relay's circuit with it.
-            await _until(lambda: relay.status().relay_service.active_circuits == 0)  # type: ignore[union-attr]
+            await until(lambda: relay.status().relay_service.active_circuits == 0, "no circuit left on the relay")  # type: ignore[union-attr]
             peer = next(p for p in b.transport.status().peers if p.peer_id == a.transport.peer_id)
             assert peer.kind == "direct" and peer.connections == 1
 
@@ -281,7 +285,7 @@ async def test_reachability_comes_from_a_dial_back_on_a_fresh_connection() -> No
         async with AsyncExitStack() as stack:
             relay = await stack.enter_async_context(relay_node(SigningKey.generate()))
             a = await sync_node(stack, "a", relays=relay.listen_addresses())
-            await _until(lambda: a.transport.status().reachability != "unknown")
+            await until(lambda: a.transport.status().reachability != "unknown", "a's reachability")
             status = a.transport.status()
             assert status.reachability == "public" and status.reachability_checked_by == relay.peer_id
             [seen] = [d for d in relay.status().dialbacks if d.peer == a.transport.peer_id]

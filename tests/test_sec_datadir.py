@@ -22,7 +22,7 @@ import pytest
 from dag import Instance, KeyFormatError, StorageError
 from dag.files import open_private, private_directory, read_private, write_new_private
 from dag.keys import SigningKey, load_or_create_key_file
-from tests.cli_node import NodeProcess, cli
+from scripts.cli_node import NodeProcess, cli
 
 NOBODY = 65534
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")

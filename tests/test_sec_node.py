@@ -26,8 +26,8 @@ from textual.widgets import DataTable, Static
 from node.metrics import Metrics
 from node.render import json_safe, terminal_safe
 from node.tui import DetailScreen, StatusApp
+from scripts.cli_node import REPO, NodeProcess, clean_env
 from sync.messages import PROTOCOL_VERSION, Error, Handshake
-from tests.cli_node import REPO, NodeProcess, clean_env
 from tests.test_tui import APP_SIZE, FakeClient, cells, text_of, until
 from transports.http_codec import JsonInputError, decode_json, encode_json, parse_json
 
@@ -147,7 +147,7 @@ def test_parse_json_messages() -> None:
 
 def _start_peer(data_dir: Path, name: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.proc_node", "--transport", "http", "--data-dir", str(data_dir), "--name", name],
+        [sys.executable, "-m", "scripts.proc_node", "--transport", "http", "--data-dir", str(data_dir), "--name", name],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -48,6 +48,7 @@ from sync.peer import handshake
 from sync.proofs import make_proof
 from sync.state import MAX_PEER_ADDRESSES, MAX_PENDING_REQUESTS_PER_KEY, PENDING_REQUEST_TTL_MS
 from tests.forge import forge
+from tests.waiting import until
 from transports.http import HttpTransport
 
 TIMEOUT_S = 60
@@ -413,8 +414,7 @@ async def test_a_reader_an_admin_approved_is_pushed_to() -> None:
             assert relation.served and relation.peer == b.instance.device_id
             with db.transaction() as txn:
                 txn.doc("notes").set("live", True)
-            while b.instance.open_database(db.id).doc("notes").get("live") is not True:
-                await trio.sleep(0.02)
+            await until(lambda: b.instance.open_database(db.id).doc("notes").get("live") is True, "the push to b")
 
 
 async def test_readers_recorded_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -468,8 +468,7 @@ async def test_a_libp2p_reader_gets_live_pushes_over_its_own_connection_only() -
             assert relation.served  # b only read: never dialled at its announced addresses
             with db.transaction() as txn:
                 txn.doc("notes").set("live", True)
-            while b.instance.open_database(db.id).doc("notes").get("live") is not True:
-                await trio.sleep(0.01)
+            await until(lambda: b.instance.open_database(db.id).doc("notes").get("live") is True, "the push to b")
             transport = a.sync._transports["p2p"]
             assert transport.live_address(b.instance.device_id) is not None  # type: ignore[attr-defined]
             assert transport.live_address(SigningKey.generate().pubkey) is None  # type: ignore[attr-defined]

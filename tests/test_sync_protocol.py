@@ -43,7 +43,8 @@ def test_round_trip_of_every_field_kind() -> None:
 
 
 def _packed(body: object) -> bytes:
-    return msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
 
 
 @pytest.mark.parametrize(

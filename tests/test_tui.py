@@ -18,7 +18,8 @@ from textual.widgets import DataTable, Static
 from node.client import AsyncControlClient
 from node.errors import ControlError, NotRunningError
 from node.tui import DetailScreen, StatusApp
-from tests.cli_node import NodeProcess, wait_for
+from scripts.cli_node import NodeProcess
+from tests import waiting
 
 APP_SIZE = (160, 48)
 UI_WAIT_S = 20.0
@@ -121,13 +122,8 @@ def text_of(widget: Static) -> str:
 
 
 async def until(check: Callable[[], bool], pause: Callable[[], Awaitable[None]], what: str) -> None:
-    """Let the app run until ``check()`` holds (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + UI_WAIT_S
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"the app never showed {what}")
-        await pause()
+    """Let the app run (``pause`` is the pilot's) until ``check()`` holds, within ``UI_WAIT_S``."""
+    await waiting.until(check, f"the app showing {what}", timeout_s=UI_WAIT_S, pause=pause)
 
 
 def test_tui_shows_the_node_and_reacts_to_keys() -> None:
@@ -213,7 +209,9 @@ def test_tui_against_a_running_node(tmp_path: Path) -> None:
         db = one.ok("db", "create", "notes", "--public", "write:10")
         two.ok("join", one.ok("share", "notes"))
         two.ok("db", "set", "notes", "hello", "world")
-        wait_for(lambda: one.cli("db", "get", "notes", "hello").stdout.strip() == "world", message="two's write")
+        waiting.wait_until(
+            lambda: one.cli("db", "get", "notes", "hello").stdout.strip() == "world", "two's write", timeout_s=30
+        )
 
         async def scenario() -> None:
             # The screen of the node that joined: it chose its peer, so its `s` runs an exchange

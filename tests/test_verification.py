@@ -253,9 +253,9 @@ def test_write_callbacks(make_instance: InstanceFactory) -> None:
     assert [c[3] for c in calls] == [True, True]
     assert calls[1][1] == [cid_to_text(db.root_cid)] and calls[1][2] == db.tips()
     target = make_instance()
-    remote: list[bool] = []
+    remote: list[bool | None] = []
     target.on_write(lambda _db, _b, _a, local: remote.append(local), database_id=db.id)
-    target.on_write(lambda *_: remote.append(None), database_id=cid_to_text(db.root_cid[:-1] + b"\x00"))  # type: ignore[func-returns-value]
+    target.on_write(lambda *_: remote.append(None), database_id=cid_to_text(db.root_cid[:-1] + b"\x00"))
     target.put_remote_entries(_raws(db))
     assert remote == [False]
     handle.remove()

@@ -89,7 +89,7 @@ class MemoryKit:
         stream = self.network.request("test", node.address.address, request)
         async for _answer in stream:
             break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
 
 
 def roundtrip(message: Message) -> Any:

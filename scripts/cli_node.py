@@ -1,4 +1,5 @@
-"""Driving the real ``eidetica-node`` binary from tests: a node process and CLI calls.
+"""Driving the real ``eidetica-node`` binary: a node process and CLI calls, for the tests
+and for ``scripts/flood_sync.py`` (which is why it lives here and not under ``tests/``).
 
 Every wait is bounded; ``NodeProcess.stop`` sends SIGTERM and kills after a bound, and
 tests call it in ``finally``. Nodes listen on loopback with OS-chosen ports.
@@ -117,13 +118,3 @@ class NodeProcess:
                 self.process.wait(timeout=10)
                 return None
         return self.process.returncode
-
-
-def wait_for(predicate: Any, timeout_s: float = 30.0, message: str = "condition") -> None:
-    """Poll ``predicate()`` until true, at most ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{message} not met in {timeout_s:g} s")

@@ -1,9 +1,9 @@
 """A sync node in a process of its own, driven line by line (for multi-process tests).
 
-    python -m tests.proc_node --transport http --data-dir DIR --bind 127.0.0.1:0
-    python -m tests.proc_node --transport p2p --data-dir DIR --bind /ip4/127.0.0.1/tcp/0
-    python -m tests.proc_node --transport p2p --data-dir DIR --bind /ip4/0.0.0.0/tcp/4001 --relay-service
-    python -m tests.proc_node --transport p2p --data-dir DIR --relay /ip4/R/tcp/4001/p2p/ID [--no-hole-punching]
+    python -m scripts.proc_node --transport http --data-dir DIR --bind 127.0.0.1:0
+    python -m scripts.proc_node --transport p2p --data-dir DIR --bind /ip4/127.0.0.1/tcp/0
+    python -m scripts.proc_node --transport p2p --data-dir DIR --bind /ip4/0.0.0.0/tcp/4001 --relay-service
+    python -m scripts.proc_node --transport p2p --data-dir DIR --relay /ip4/R/tcp/4001/p2p/ID [--no-hole-punching]
 
 Once serving it prints one JSON line, ``{"ready": true, "device_id": ..., "addresses":
 ["http:127.0.0.1:PORT"]}``, then reads commands from stdin, one per line, and answers

@@ -15,7 +15,7 @@ NAT mapping.
 
 Usage (needs root, ``ip`` and ``nft``; :func:`skip_reason` says why it can't run)::
 
-    from tests.netns import NatTopology, cleanup_stale
+    from scripts.netns import NatTopology, cleanup_stale
 
     cleanup_stale()                                   # namespaces left by crashed runs
     with NatTopology(nat="masquerade", drop_unsolicited=True) as topo:
@@ -349,6 +349,7 @@ class NatTopology:
         self._lock = _RunLock(self.suffix)
         self._created: list[str] = []  # namespaces that exist and are ours
         self._procs: list[subprocess.Popen[Any]] = []
+        self._group_leaders: set[int] = set()  # pids started in a session of their own: signal the group
         self._built = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -366,7 +367,7 @@ class NatTopology:
             if exc is None:
                 raise
             print(
-                f"tests.netns: cleanup after {exc_type.__name__ if exc_type else 'error'} failed: {cleanup_error}",
+                f"scripts.netns: cleanup after {exc_type.__name__ if exc_type else 'error'} failed: {cleanup_error}",
                 file=sys.stderr,
             )
 
@@ -440,6 +441,7 @@ class NatTopology:
                 self._signal(proc, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=2.0)
+        self._group_leaders.clear()
         # anything else in our namespaces (grandchildren in other sessions, exec leftovers)
         failed = _delete_netns(self._created)
         self._created = failed
@@ -449,10 +451,9 @@ class NatTopology:
         else:
             raise NetnsError(f"could not delete network namespaces {failed}")
 
-    @staticmethod
-    def _signal(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
+    def _signal(self, proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if getattr(proc, "_eid_own_group", False):
+            if proc.pid in self._group_leaders:
                 os.killpg(proc.pid, sig)
             else:
                 proc.send_signal(sig)
@@ -474,7 +475,8 @@ class NatTopology:
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
         popen_kwargs.setdefault("start_new_session", True)
         proc: subprocess.Popen[Any] = subprocess.Popen(self._argv(node, argv), **popen_kwargs)
-        proc._eid_own_group = bool(popen_kwargs["start_new_session"])  # type: ignore[attr-defined]
+        if popen_kwargs["start_new_session"]:
+            self._group_leaders.add(proc.pid)
         self._procs.append(proc)
         return proc
 
