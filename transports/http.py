@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from sync.client import raise_for
 from sync.errors import (
     OversizeMessageError,
     ProtocolError,
@@ -50,7 +51,6 @@ from sync.errors import (
     UnreachableError,
 )
 from sync.messages import Bootstrap, Error, Incremental, Message, encode_message
-from sync.client import raise_for
 from sync.transport import Handler, RequestContext, TaskStatus
 
 from .errors import PortInUseError
