@@ -151,6 +151,11 @@ class _Node:
             raise AssertionError(f"joined with {counts}, expected {expect} verified")
         return {"db": db.id, "seconds": seconds, "counts": counts}
 
+    async def relate(self, db: str, peer: str) -> dict[str, Any]:
+        """The sharer's choice to push to a reader (a peer that only read is never dialled)."""
+        self.sync.state.relate(db, peer)
+        return {}
+
     async def watch(self, db: str) -> dict[str, Any]:
         def on_write(_db: Any, _before: list[str], after: list[str], local: bool) -> None:
             if not local:  # may run on a worker thread: list.append is atomic
@@ -221,6 +226,7 @@ class _Node:
             "ticket": self.ticket,
             "join": self.join,
             "watch": self.watch,
+            "relate": self.relate,
             "live": self.live,
             "arrivals": self.arrivals_until,
             "connect": self.connect,
@@ -501,6 +507,7 @@ def _measure(name: str, db_id: str, built: dict[int, dict[str, Any]], quick: boo
 
 def _live(client: _Child, server: _Child, db_id: str, count: int) -> dict[str, Any]:
     client.call("watch", db=db_id)
+    server.call("relate", db=db_id, peer=client.ready["device_id"])
     time.sleep(0.5)  # let the bootstrap's own follow-ups (state writes, an empty push) settle
     live_timeout = count * LIVE_INTERVAL_S * 4 + 30
     commits = server.call("live", timeout_s=live_timeout, db=db_id, count=count, interval_s=LIVE_INTERVAL_S)
