@@ -187,7 +187,7 @@ class _Node:
 
     async def connect(self, address: str, count: int) -> dict[str, Any]:
         from sync.peer import handshake
-        from sync.transport import BackgroundTransport
+        from sync.transport import BackgroundTransport, ClosingTransport
 
         name, _, where = address.partition(":")
         fresh = []
@@ -204,10 +204,9 @@ class _Node:
                     started = time.monotonic()
                     await handshake(transport, where, key, "probe", [])
                     fresh.append((time.monotonic() - started) * 1000)
-                close = getattr(transport, "aclose", None)
-                if close is not None:
+                if isinstance(transport, ClosingTransport):
                     with trio.move_on_after(5):
-                        await close()
+                        await transport.aclose()
                 nursery.cancel_scope.cancel()
         warm, call = [], []
         for _ in range(count):

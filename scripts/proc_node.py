@@ -27,7 +27,6 @@ Logs go to stderr; stdout carries only the JSON lines.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -38,7 +37,9 @@ from typing import Any
 import trio
 
 from dag import Instance, Permission
+from node.netstatus import plain
 from sync import Sync, SyncConfig, Transport, enable_sync
+from sync.transport import ReportingTransport
 from transports.http import HttpTransport
 from transports.libp2p import Libp2pTransport
 from transports.relay import RelayLimits
@@ -113,8 +114,9 @@ class Commands:
         return {}
 
     async def status(self) -> dict[str, Any]:
-        status = getattr(self.transport, "status", None)
-        return {"status": dataclasses.asdict(status()) if callable(status) else {}}
+        if not isinstance(self.transport, ReportingTransport):
+            return {"status": {}}
+        return {"status": plain(self.transport.status())}
 
     def lookup(self, line: str) -> Callable[[], Awaitable[dict[str, Any]]] | None:
         """The call a command line stands for, or None if it is not one."""
