@@ -195,7 +195,9 @@ class DatabaseExchange:
                 cids = db.missing_from(held_common)
                 if len(cids) <= MAX_ENTRIES_PER_MESSAGE:
                     push = db.raws(cids)
-                    self._pushed_inline = True
+                # With nothing inline, the cursor is taken afresh from our tips after the
+                # answer is stored (one ID on a fast-forward, not our old tip beside it).
+                self._pushed_inline = bool(push)
                 if self._push_only and not cids:
                     # Sync on commit with nothing the peer lacks (say, an echo of what it sent).
                     self.result.skipped = True

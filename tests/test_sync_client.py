@@ -142,6 +142,14 @@ async def test_bootstrap_over_several_frames_then_up_to_date_then_a_push() -> No
     assert sorted(joined.tip_cids()) == sorted(served.tip_cids()) == result.common
     assert joined.doc("notes").get("k11999") == "x" * 400
 
+    # A fast-forward (the server wrote, we did not): the new cursor is the server's tip alone.
+    with served.transaction() as txn:
+        txn.doc("notes").set("from_server", 1)
+    _, forward = await _run(_exchange(client, server, db_id, common=tuple(result.common)), handler, client)
+    assert forward.received == 1 and forward.sent == 0
+    assert forward.common == sorted(served.tip_cids()) and len(forward.common) == 1
+    result = forward
+
     # Sync on commit with nothing the peer lacks: no request at all.
     idle = _exchange(client, server, db_id, common=tuple(result.common), push_only=True)
     assert idle.request() is None
