@@ -94,6 +94,7 @@ MARGIN_FRACTION = 0.02
 # Before bulk goes over a limited circuit, a hole punch already running towards that peer gets
 # this long to bring a direct connection (a punch through NATs that allow it takes ~0.3 s).
 DIRECT_WAIT_S = 3.0
+CLOSING_BUFFER = 64  # spent circuits waiting for the background closer; past it they close inline
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -230,6 +231,19 @@ class CircuitMeters:
 
     def __init__(self) -> None:
         self._meters: weakref.WeakKeyDictionary[Any, CircuitMeter] = weakref.WeakKeyDictionary()
+        self._closing_in, self._closing_out = trio.open_memory_channel[Any](CLOSING_BUFFER)
+
+    async def run(self) -> None:
+        """Close spent circuits in the background: py-libp2p's close of a connection takes
+        ~0.2 s (Yamux sleeps 0.1 s in it), and the next request need not wait for that."""
+        async with trio.open_nursery() as nursery:
+            async for connection in self._closing_out:
+                nursery.start_soon(self._close, connection)
+
+    @staticmethod
+    async def _close(connection: Any) -> None:
+        with closing_quietly("closing a spent circuit", CLOSE_TIMEOUT_S):
+            await connection.close()
 
     def add(self, muxed: Any, meter: CircuitMeter) -> None:
         self._meters[muxed] = meter
@@ -280,11 +294,23 @@ class CircuitMeters:
         return max(0, left - MARGIN_BYTES - int(meter.limit.data * MARGIN_FRACTION))
 
     async def close_circuits(self, host: IHost, peer: PeerID) -> None:
-        """Close every metered circuit to ``peer`` (spent: the next request opens a new one)."""
+        """Close every metered circuit to ``peer`` (spent: the next request opens a new one).
+
+        Returns once each counts as closed (the first thing a close does), so a dial that
+        follows opens a new circuit; the rest of the close goes on in ``run`` if it runs.
+        """
         for connection in list(host.get_network().get_connections(peer)):
-            if self.of(connection) is not None:
-                with closing_quietly(f"closing a spent circuit to {peer}", CLOSE_TIMEOUT_S):
-                    await connection.close()
+            if self.of(connection) is None or connection.is_closed:
+                continue
+            try:
+                self._closing_in.send_nowait(connection)
+            except trio.WouldBlock:  # a backlog of closes (or run() is not running): close it here
+                await self._close(connection)
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                while not connection.is_closed:
+                    await trio.sleep(0)
+            if not connection.is_closed:  # the background closer did not get to it: do it here
+                await self._close(connection)
 
 
 def _limit(limits: RelayLimits) -> Limit:
@@ -433,9 +459,14 @@ class RelayService(CircuitV2Protocol):
                 del self._circuits[target]
             await _close(target_stream, reset=True)
 
+    def enforced_circuit_bytes(self) -> int | None:
+        """The bytes after which a circuit is reset (None: never): what is advertised. Kept
+        apart so that a relay enforcing less than it advertises can be staged (tests)."""
+        return self.relay_limits.circuit_bytes or None
+
     async def _splice(self, left: INetStream, right: INetStream) -> None:
         """Copy both ways until both sides have closed, a leg breaks, or a limit is reached."""
-        budget = self.relay_limits.circuit_bytes or None
+        budget = self.enforced_circuit_bytes()
         remaining = [budget]  # shared by both directions: the data limit is per circuit
         broken: list[str] = []
         cut = False
