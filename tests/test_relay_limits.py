@@ -8,15 +8,21 @@ than one circuit. Hole punching is off: on loopback it would always succeed.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, StopMessage
 
-from dag import Permission, SigningKey
-from sync import SyncError
+from dag import Instance, Permission, SigningKey
+from sync import SyncError, TransportError
+from sync.handler import SyncHandler, run_inline
+from sync.messages import Message
+from sync.peer import AnswerCut, sync_database
+from sync.state import SyncState
 from sync.ticket import Ticket
+from sync.transport import Handler, RequestContext, TaskStatus
 from tests.test_relay import Node, _no_requests, sync_node
 from transports.libp2p import Libp2pTransport
 from transports.relay import CircuitLimit, RelayLimits, RelayService
@@ -120,3 +126,93 @@ async def test_an_entry_larger_than_a_circuit_gets_a_clear_error() -> None:
             with pytest.raises(SyncError, match="needs a direct connection") as raised:
                 await b.sync.join(Ticket(db_id, (a.circuit,)))
             assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (Limit(duration=120, data=131072), CircuitLimit(131072, 120.0)),  # go-libp2p: seconds, as the spec says
+        (Limit(duration=120_000, data=131072), CircuitLimit(131072, 120.0)),  # js-libp2p: milliseconds
+        (Limit(duration=86_400, data=64 * 1024**3), CircuitLimit(64 * 1024**3, 86_400.0)),  # our relay: a day
+        (Limit(duration=0, data=0), None),  # py-libp2p's explicit zeros: no limit
+        (Limit(data=4096), CircuitLimit(4096, None)),
+        (None, None),  # no Limit at all: an unlimited circuit
+    ],
+)
+def test_the_limit_a_relay_grants_is_read_from_hop_and_stop_messages(
+    limit: Limit | None, expected: CircuitLimit | None
+) -> None:
+    hop = HopMessage(type=HopMessage.STATUS)
+    stop = StopMessage(type=StopMessage.CONNECT)
+    if limit is not None:
+        hop.limit.CopyFrom(limit)
+        stop.limit.CopyFrom(limit)
+    assert CircuitLimit.read(hop) == CircuitLimit.read(stop) == expected
+
+
+async def test_both_ends_of_a_circuit_know_what_it_has_left() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with AsyncExitStack() as stack:
+            relay = await stack.enter_async_context(limited_relay(STANDARD))
+            a = await sync_node(stack, "a", relays=relay.listen_addresses())
+            b = await sync_node(stack, "b")
+            db_id = _big_db(a, entries=3, value_bytes=100)
+            await b.sync.join(Ticket(db_id, (a.circuit,)))
+            # B read the limit from the relay's CONNECT answer, A from the STOP message; both
+            # counted what the handshake and the bootstrap took.
+            from_b = await b.transport.request_budget(a.circuit.address)
+            from_a = await a.transport.request_budget(f"/p2p/{b.transport.peer_id}")
+            for left in (from_b, from_a):
+                assert left is not None and 64 * 1024 < left < STANDARD.circuit_bytes - 4096
+            assert await b.transport.request_budget(relay.listen_addresses()[0]) is None  # a direct connection
+
+
+class CutAfter:
+    """A transport that hands a real handler's answers over and breaks after ``frames`` of them."""
+
+    def __init__(self, handler: Handler, frames: int) -> None:
+        self._handler = handler
+        self._frames = frames
+
+    async def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
+        sent = 0
+        async for answer in self._handler(message, RequestContext("cut", remote=address)):
+            if sent == self._frames:
+                raise TransportError(f"{address}: connection reset")
+            yield answer
+            sent += 1
+
+    async def serve(self, handler: Handler, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError("this transport only asks")
+
+    def listen_addresses(self) -> list[str]:
+        return []
+
+
+async def test_every_frame_that_arrived_before_a_cut_is_stored() -> None:
+    server, client = Instance.in_memory(), Instance.in_memory()
+    db = server.create_database(name="big")
+    with db.transaction() as txn:
+        txn.settings().set_global(Permission.write(10))
+    for i in range(3_000):
+        with db.transaction() as txn:
+            txn.doc("notes").set(f"k{i}", "x" * 100)
+    handler = SyncHandler(
+        server, SyncState.open(server), display_name="s", now_ms=lambda: 0, addresses=list, offload=run_inline
+    )
+    with pytest.raises(AnswerCut, match="connection reset") as raised:
+        await sync_database(
+            instance=client,
+            transport=CutAfter(handler.handle, frames=3),
+            address="server",
+            peer_key=server.device_key.pubkey,
+            db_id=db.id,
+            common=(),
+            access=None,
+            now_ms=lambda: 0,
+            offload=run_inline,
+        )
+    # Bootstrap frames of 250, 500 and 1,000 entries came before the cut; all are stored
+    # (the last two were still queued for verification when the transport broke).
+    assert raised.value.result.received == 1_750
+    assert len(client.open_database(db.id)) == 1_750
