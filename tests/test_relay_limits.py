@@ -216,3 +216,20 @@ async def test_every_frame_that_arrived_before_a_cut_is_stored() -> None:
     # (the last two were still queued for verification when the transport broke).
     assert raised.value.result.received == 1_750
     assert len(client.open_database(db.id)) == 1_750
+
+
+async def test_the_rounds_move_to_a_direct_connection_once_hole_punching_makes_one() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with AsyncExitStack() as stack:
+            relay = await stack.enter_async_context(limited_relay(STANDARD))
+            a = await sync_node(stack, "a", relays=relay.listen_addresses(), hole_punching=True)
+            b = await sync_node(stack, "b", hole_punching=True)
+            db_id = _big_db(a, entries=500, value_bytes=4_000)  # 2 MB: 17 circuits' worth
+            joined = await b.sync.join(Ticket(db_id, (a.circuit,)))
+            assert len(joined) == len(a.instance.open_database(db_id))
+            # A started DCUtR when it accepted the circuit; on loopback it succeeds at once,
+            # and the next round's stream took the direct connection: the rest needed no circuit.
+            assert any(h.succeeded for h in a.transport.status().hole_punches)
+            assert b.transport.connection_kind(a.transport.peer_id) == "direct"
+            opened, cut = _circuits(relay)
+            assert opened < 5 and cut == 0
