@@ -18,7 +18,7 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, StopMessag
 from dag import Instance, Permission, SigningKey
 from sync import SyncError, TransportError
 from sync.handler import SyncHandler, run_inline
-from sync.messages import Message
+from sync.messages import Error, Message, SyncTree
 from sync.peer import AnswerCut, sync_database
 from sync.state import SyncState
 from sync.ticket import Ticket
@@ -233,3 +233,54 @@ async def test_the_rounds_move_to_a_direct_connection_once_hole_punching_makes_o
             assert b.transport.connection_kind(a.transport.peer_id) == "direct"
             opened, cut = _circuits(relay)
             assert opened < 5 and cut == 0
+
+
+class OlderPeer:
+    """A limited connection to a peer from before ``SyncTree.budget``: it refuses the field
+    the way its decoder does (``unknown fields``), and answers everything else."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self.refused = 0
+
+    async def request_budget(self, address: str, *, fresh: bool = False) -> int | None:
+        return 100_000
+
+    async def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
+        if isinstance(message, SyncTree) and message.budget:
+            self.refused += 1
+            yield Error("malformed", "SyncTree has unknown fields ['budget']")
+            return
+        async for answer in self._handler(message, RequestContext("old", remote=address)):
+            yield answer
+
+    async def serve(self, handler: Handler, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError("this transport only asks")
+
+    def listen_addresses(self) -> list[str]:
+        return []
+
+
+async def test_a_peer_that_predates_the_budget_field_is_asked_without_it() -> None:
+    server, client = Instance.in_memory(), Instance.in_memory()
+    db = server.create_database(name="small")
+    with db.transaction() as txn:
+        txn.settings().set_global(Permission.write(10))
+        txn.doc("notes").set("k", "v")
+    handler = SyncHandler(
+        server, SyncState.open(server), display_name="s", now_ms=lambda: 0, addresses=list, offload=run_inline
+    )
+    older = OlderPeer(handler.handle)
+    result = await sync_database(
+        instance=client,
+        transport=older,
+        address="older",
+        peer_key=server.device_key.pubkey,
+        db_id=db.id,
+        common=(),
+        access=None,
+        now_ms=lambda: 0,
+        offload=run_inline,
+    )
+    assert older.refused == 1 and not result.stopped
+    assert len(client.open_database(db.id)) == len(db)
