@@ -79,6 +79,7 @@ from .libp2p_status import (
     peer_connections,
     peer_pubkey,
 )
+from .observed import ObservedAddresses, attach
 from .reachability import RECHECK_S, DialbackServer, ReachabilityMonitor
 from .relay import (
     DEFAULT_RELAY_LIMITS,
@@ -284,6 +285,8 @@ class Libp2pTransport:
             RelayClient(self._host, relays, on_inbound_circuit=self._on_inbound_circuit) if relays else None
         )
         self._puncher = HolePuncher(self._host) if hole_punching else None
+        self._observed = ObservedAddresses()
+        attach(self._host, self._observed)  # identify's observed_addr of every direct connection
         self._dialback = DialbackServer(self._host, self._fresh_host)
         self._reachability = ReachabilityMonitor(
             self._host,
@@ -313,6 +316,11 @@ class Libp2pTransport:
     @property
     def reachability(self) -> ReachabilityMonitor:
         return self._reachability
+
+    @property
+    def observed_addresses(self) -> ObservedAddresses:
+        """Where peers (identify) say they see this node; see :mod:`transports.observed`."""
+        return self._observed
 
     @property
     def hole_puncher(self) -> HolePuncher | None:
