@@ -4,19 +4,28 @@ combiner of all three, and the back-off between checks. Real hosts on loopback."
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import multiaddr
+import pytest
 import trio
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.host.autonat.autonat import AutoNATService
+from libp2p.host.basic_host import BasicHost
+from libp2p.peer.id import ID as PeerID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from dag import SigningKey
 from sync.messages import Message
 from sync.transport import RequestContext
 from tests.waiting import until
-from transports.libp2p import Libp2pTransport
+from transports.autonat import InboundWatch, ask_autonat
+from transports.libp2p import Libp2pTransport, new_noise_host
 from transports.observed import ObservedAddresses, observer_group, thin_waist
 from transports.relay import dial_exactly
 
@@ -104,3 +113,105 @@ async def test_identify_feeds_the_observed_table_of_both_ends() -> None:
                 [seen] = end.observed_addresses.snapshot()
                 assert seen.address.startswith("/ip4/127.0.0.1/tcp/") and seen.observers == 1
                 assert end.observed_addresses.seen_at(end.listen_addresses()) == []
+
+
+def _reachability_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "transports.reachability" and r.levelno >= logging.INFO]
+
+
+def _assert_no_blocks(caplog: pytest.LogCaptureFixture) -> None:
+    """No record spans lines or carries a traceback (py-libp2p's stream-failure block did both)."""
+    blocks = [r for r in caplog.records if r.levelno >= logging.INFO and ("\n" in r.getMessage() or r.exc_info)]
+    assert not blocks, [f"{r.name}: {r.getMessage()}" for r in blocks]
+
+
+async def _settle(transport: Libp2pTransport) -> float:
+    """Seconds until ``transport`` has a reachability verdict."""
+    started = trio.current_time()
+    await until(lambda: transport.status().reachability != "unknown", "a reachability verdict")
+    return trio.current_time() - started
+
+
+@pytest.mark.slow
+async def test_a_relay_without_our_dial_back_leaves_the_node_private_by_inference(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="transports.reachability")
+    with trio.fail_after(TIMEOUT_S):
+        async with AsyncExitStack() as stack:
+            # A relay that answers neither our dial-back nor AutoNAT, as js and go relays by default.
+            relay = await stack.enter_async_context(
+                serving(SigningKey.generate(), relay_service=True, reachability_services=())
+            )
+            relay_address = relay.listen_addresses()[0]
+            started = trio.current_time()
+            a = await stack.enter_async_context(serving(SigningKey.generate(), relays=[relay_address]))
+            waited = await _settle(a)
+            settled = trio.current_time() - started
+            status = a.status()
+            a_peer = a.peer_id
+            assert status.reachability == "private" and status.reachability_source == "inference"
+            assert status.reachability_checked_by == relay_address
+            assert "/p2p-circuit" in a.listen_addresses()[0] and "/p2p-circuit" not in a.listen_addresses()[-1]
+            assert settled < 5.0, settled
+            print(f"settled private by inference {settled:.2f} s after start ({waited:.2f} s after serving)")
+            # Settled: the next check is a recheck interval away, not 2 s.
+            checks = a.status().reachability_checks
+            await trio.sleep(3)
+            assert a.status().reachability_checks == checks
+    # One state change, one line: A's, and the relay's (A's dial-back server tells it it is public).
+    [line] = [x for x in _reachability_lines(caplog) if a_peer not in x]
+    [relay_line] = [x for x in _reachability_lines(caplog) if a_peer in x]
+    assert relay_line.startswith(f"reachability: public (our dial-back by {a_peer} reached "), relay_line
+    assert line.startswith(f"reachability: private (inferred: a reservation on {relay_address} works"), line
+    skipped = [r for r in caplog.records if r.name == "transports.reachability" and "skipping" in r.getMessage()]
+    assert skipped and all(r.levelno == logging.DEBUG for r in skipped)  # asked, quietly refused
+    _assert_no_blocks(caplog)
+
+
+async def _connect(host: IHost, to: Libp2pTransport) -> None:
+    await dial_exactly(host, info_from_p2p_addr(multiaddr.Multiaddr(to.listen_addresses()[0])))
+
+
+@pytest.mark.slow
+async def test_autonat_counts_a_dial_back_on_a_fresh_connection_and_not_a_reused_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(TIMEOUT_S):
+        async with AsyncExitStack() as stack:
+            a = await stack.enter_async_context(serving(SigningKey.generate()))
+            watch = InboundWatch()
+            watch.attach(a.host)
+
+            # py-libp2p's own AutoNAT server "dials back" over the connection A already holds:
+            # it answers OK for a port nothing listens on. Not trusted, so A stays unknown.
+            reuser = new_noise_host(create_new_key_pair(os.urandom(32)), dial_timeout_s=5)
+            await stack.enter_async_context(reuser.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+            stack.push_async_callback(reuser.close)
+            AutoNATService(cast(BasicHost, reuser))
+            await dial_exactly(a.host, PeerInfo(reuser.get_id(), reuser.get_addrs()))
+            fooled = await ask_autonat(a.host, reuser.get_id(), ["/ip4/127.0.0.1/tcp/1"], watch)
+            assert fooled.reachability == "unknown" and fooled.error and "not trusted" in fooled.error, fooled
+            a.reachability.recheck_now()
+            await until(lambda: a.status().reachability_checks >= 2, "a check with only the reusing server")
+            assert a.status().reachability == "unknown" and a.status().reachability_sources == ()
+
+            # Our AutoNAT server (no dial-back protocol) dials from a fresh host: a true "public".
+            b = await stack.enter_async_context(serving(SigningKey.generate(), reachability_services=("autonat",)))
+            await _connect(a.host, b)
+            a.reachability.recheck_now()
+            await until(lambda: a.status().reachability == "public", "a public by AutoNAT")
+            status = a.status()
+            assert status.reachability_source == "autonat" and status.reachability_checked_by == b.peer_id
+            [seen] = [d for d in b.status().dialbacks if d.peer == a.peer_id]
+            assert seen.reachability == "public" and seen.source == "autonat"
+
+            # Its negative is a real dial too: nothing listens at the port named.
+            await trio.sleep(2.1)  # the server's per-peer rate limit
+            closed = await ask_autonat(a.host, PeerID.from_base58(b.peer_id), ["/ip4/127.0.0.1/tcp/1"], watch)
+            assert closed.reachability == "private" and closed.error and "127.0.0.1/tcp/1" in closed.error, closed
+            refused = await ask_autonat(a.host, PeerID.from_base58(b.peer_id), ["/ip4/127.0.0.1/tcp/1"], watch)
+            assert refused.reachability == "unknown" and refused.error == "E_DIAL_REFUSED: asked too often"
+    _assert_no_blocks(caplog)

@@ -43,7 +43,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from typing import Any
 
 import multiaddr
@@ -68,6 +68,7 @@ from sync.errors import ProtocolError, TransportError, UnreachableError
 from sync.messages import Error, Message, decode_message, encode_message
 from sync.transport import ConnectionKind, Handler, RequestContext, TaskStatus
 
+from .autonat import AutoNATServer, InboundWatch, ask_autonat
 from .errors import FrameTooLarge, closing_quietly, libp2p_errors
 from .holepunch import HolePuncher
 from .libp2p_status import (
@@ -80,7 +81,7 @@ from .libp2p_status import (
     peer_pubkey,
 )
 from .observed import ObservedAddresses, attach
-from .reachability import RECHECK_S, DialbackServer, ReachabilityMonitor
+from .reachability import RECHECK_S, DialbackServer, ReachabilityMonitor, dialback_outcome
 from .relay import (
     DEFAULT_RELAY_LIMITS,
     RelayClient,
@@ -253,7 +254,9 @@ class Libp2pTransport:
         relays: multiaddrs (with ``/p2p/<id>``) of relays to reserve a slot on; their
             ``/p2p-circuit`` addresses are advertised (first, once the node knows it is private).
         hole_punching: answer and start DCUtR to turn relayed connections into direct ones.
-        reachability_recheck_s: how often the node asks a peer to dial it back again.
+        reachability_recheck_s: how often the node checks its reachability again once known.
+        reachability_services: the reachability protocols this node answers for others
+            (``"dialback"``: ours; ``"autonat"``: AutoNAT v1); both dial back from a fresh host.
     """
 
     def __init__(
@@ -269,6 +272,7 @@ class Libp2pTransport:
         relays: Sequence[str] = (),
         hole_punching: bool = True,
         reachability_recheck_s: float = RECHECK_S,
+        reachability_services: Collection[str] = ("dialback", "autonat"),
     ) -> None:
         self._key_pair = create_new_key_pair(key.seed)
         self._listen = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/4001"])]
@@ -288,10 +292,19 @@ class Libp2pTransport:
         self._observed = ObservedAddresses()
         attach(self._host, self._observed)  # identify's observed_addr of every direct connection
         self._dialback = DialbackServer(self._host, self._fresh_host)
+        self._autonat = AutoNATServer(self._host, self._dialback)
+        self._services = frozenset(reachability_services)
+        self._inbound = InboundWatch()  # AutoNAT's "OK" counts only with a fresh inbound connection
+        self._inbound.attach(self._host)
         self._reachability = ReachabilityMonitor(
-            self._host,
             candidates=self._dialback_candidates,
             own_addresses=self._direct_addresses,
+            askers=(
+                ("dialback", lambda peer, addrs: dialback_outcome(self._host, peer, addrs)),
+                ("autonat", lambda peer, addrs: ask_autonat(self._host, peer, addrs, self._inbound)),
+            ),
+            observed=self._observed,
+            reserved=self._reserved_relays,
             recheck_s=reachability_recheck_s,
         )
         self._dial_locks: dict[PeerID, trio.Lock] = {}
@@ -366,7 +379,10 @@ class Libp2pTransport:
         self._serving = True
         try:
             async with trio.open_nursery() as nursery:
-                self._dialback.start()
+                if "dialback" in self._services:
+                    self._dialback.start()
+                if "autonat" in self._services:
+                    self._autonat.start()
                 if self._relay_service is not None:
                     self._relay_service.start()
                 if self._relay_client is not None:
@@ -378,6 +394,7 @@ class Libp2pTransport:
         finally:
             self._serving = False
             self._dialback.stop()
+            self._autonat.stop()
             if self._relay_service is not None:
                 self._relay_service.stop()
             for listener in list(getattr(network, "listeners", {}).values()):
@@ -390,8 +407,9 @@ class Libp2pTransport:
         return [str(a) for a in self._host.get_addrs() if not is_circuit_address(a)]
 
     def listen_addresses(self) -> list[str]:
-        """Direct addresses, then ``/p2p-circuit`` ones; the circuits come first once a
-        dial-back has shown that peers cannot dial us directly."""
+        """Direct addresses, then ``/p2p-circuit`` ones; the circuits come first once the node
+        knows it is private (a dial-back, AutoNAT, or a working reservation with no peer seeing
+        us at our own address)."""
         if not self._serving:
             return []
         direct = self._direct_addresses()
@@ -431,6 +449,10 @@ class Libp2pTransport:
             serving=self._serving,
             reachability=self._reachability.reachability,
             reachability_checked_by=last.peer if last else None,
+            reachability_source=last.source if last else None,
+            reachability_sources=tuple(self._reachability.verdicts.values()),
+            reachability_checks=self._reachability.attempts,
+            observed_addresses=self._observed.snapshot(),
             listen_addresses=tuple(self.listen_addresses()),
             reservations=self._relay_client.status() if self._relay_client is not None else (),
             peers=peer_connections(self._host),
@@ -445,6 +467,11 @@ class Libp2pTransport:
         ordered = [p for p in relays if directly_connected(self._host, p)]
         ordered += [p for p in connected_peers(self._host) if p not in relays and directly_connected(self._host, p)]
         return ordered
+
+    def _reserved_relays(self) -> list[str]:
+        """The relays we hold a working reservation on (for the reachability inference)."""
+        states = self._relay_client.status() if self._relay_client is not None else ()
+        return [r.relay for r in states if r.state == "reserved"]
 
     def _on_inbound_circuit(self, peer: PeerID) -> None:
         """We accepted a relayed connection: the accepting end starts DCUtR (the spec's choice)."""
