@@ -4,10 +4,12 @@ combiner of all three, and the back-off between checks. Real hosts on loopback."
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from typing import Any, cast
 
 import multiaddr
@@ -27,6 +29,7 @@ from tests.waiting import until
 from transports.autonat import InboundWatch, ask_autonat
 from transports.libp2p import Libp2pTransport, new_noise_host
 from transports.observed import ObservedAddresses, observer_group, thin_waist
+from transports.reachability import DialbackOutcome, ReachabilityMonitor, combine, dialback_outcome
 from transports.relay import dial_exactly
 
 TIMEOUT_S = 30
@@ -215,3 +218,58 @@ async def test_autonat_counts_a_dial_back_on_a_fresh_connection_and_not_a_reused
             refused = await ask_autonat(a.host, PeerID.from_base58(b.peer_id), ["/ip4/127.0.0.1/tcp/1"], watch)
             assert refused.reachability == "unknown" and refused.error == "E_DIAL_REFUSED: asked too often"
     _assert_no_blocks(caplog)
+
+
+@pytest.mark.slow
+async def test_checks_back_off_while_nobody_can_answer(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(TIMEOUT_S):
+        async with AsyncExitStack() as stack:
+            a = await stack.enter_async_context(serving(SigningKey.generate()))
+            # Its only peer is a plain libp2p host: no dial-back, no AutoNAT, no relay.
+            stranger = new_noise_host(create_new_key_pair(os.urandom(32)), dial_timeout_s=5)
+            await stack.enter_async_context(stranger.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+            stack.push_async_callback(stranger.close)
+            await dial_exactly(a.host, PeerInfo(stranger.get_id(), stranger.get_addrs()))
+            watch = InboundWatch()
+            watch.attach(a.host)
+            asked: list[float] = []
+
+            def candidates() -> list[PeerID]:
+                asked.append(trio.current_time())
+                return [stranger.get_id()]
+
+            monitor = ReachabilityMonitor(
+                candidates=candidates,
+                own_addresses=a.listen_addresses,
+                askers=(
+                    ("dialback", lambda peer, addrs: dialback_outcome(a.host, peer, addrs)),
+                    ("autonat", lambda peer, addrs: ask_autonat(a.host, peer, addrs, watch)),
+                ),
+                observed=a.observed_addresses,
+                recheck_s=0.4,
+                retry_min_s=0.05,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(monitor.run)
+                await trio.sleep(2.5)
+                nursery.cancel_scope.cancel()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
+    # 0.05, 0.1, 0.2, then the recheck interval: 8-9 checks in 2.5 s (at a fixed 0.05 s: 50).
+    assert 6 <= monitor.attempts <= 10 and monitor.reachability == "unknown", (monitor.attempts, gaps)
+    # Each gap is the wait plus the check itself (a few ms; the first also negotiates).
+    for gap, wait in zip(gaps, [0.05, 0.1, 0.2] + [0.4] * len(gaps), strict=False):
+        assert wait <= gap <= wait + 0.15, gaps
+    assert monitor.verdicts == {} and _reachability_lines(caplog) == []  # no change, no line
+    _assert_no_blocks(caplog)
+
+
+def test_the_newest_dial_back_test_wins_and_the_inference_only_stands_alone() -> None:
+    inferred = DialbackOutcome("relay", "private", at=10.0, source="inference")
+    ours = DialbackOutcome("r", "public", at=5.0, source="dialback")
+    autonat = DialbackOutcome("js", "private", at=7.0, source="autonat")
+    assert combine({}) is None
+    assert combine({"inference": inferred}) == inferred
+    assert combine({"inference": inferred, "dialback": ours}) == ours  # a test beats a guess, however old
+    assert combine({"inference": inferred, "dialback": ours, "autonat": autonat}) == autonat
+    assert combine({"dialback": replace(ours, reachability="unknown")}) is None

@@ -305,6 +305,7 @@ class Libp2pTransport:
             ),
             observed=self._observed,
             reserved=self._reserved_relays,
+            local_addresses=self._local_addresses,
             recheck_s=reachability_recheck_s,
         )
         self._dial_locks: dict[PeerID, trio.Lock] = {}
@@ -467,6 +468,11 @@ class Libp2pTransport:
         ordered = [p for p in relays if directly_connected(self._host, p)]
         ordered += [p for p in connected_peers(self._host) if p not in relays and directly_connected(self._host, p)]
         return ordered
+
+    def _local_addresses(self) -> list[str]:
+        """What our listeners hold (not what we advertise, which may include observed addresses)."""
+        host: Any = self._host
+        return [str(a) for a in advertised_addresses(list(host.get_transport_addrs()))] if self._serving else []
 
     def _reserved_relays(self) -> list[str]:
         """The relays we hold a working reservation on (for the reachability inference)."""

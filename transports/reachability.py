@@ -329,6 +329,9 @@ class ReachabilityMonitor:
         askers: the dial-back sources, in the order each peer is asked (ours first: it
             says "refused" when it cannot help, AutoNAT peers often just refuse private IPs).
         observed: where peers see us (for the inference; None: no inference).
+        local_addresses: the addresses our listeners hold (wildcards expanded), for the
+            inference: the advertised ones may include what peers observed, which says
+            nothing about a NAT. Default: ``own_addresses``.
         reserved: the relays we hold a working reservation on.
         recheck_s: how often to check again once a verdict stands.
         retry_min_s: the first wait while nothing stands; it doubles up to ``recheck_s``.
@@ -342,6 +345,7 @@ class ReachabilityMonitor:
         askers: Sequence[tuple[Source, Asker]],
         observed: ObservedAddresses | None = None,
         reserved: Callable[[], list[str]] = list,
+        local_addresses: Callable[[], list[str]] | None = None,
         recheck_s: float = RECHECK_S,
         retry_min_s: float = RETRY_MIN_S,
     ) -> None:
@@ -350,6 +354,7 @@ class ReachabilityMonitor:
         self._askers = tuple(askers)
         self._observed = observed
         self._reserved = reserved
+        self._local_addresses = local_addresses or own_addresses
         self._recheck_s = recheck_s
         self._retry_min_s = min(retry_min_s, recheck_s)
         self.reachability: Reachability = "unknown"
@@ -385,7 +390,7 @@ class ReachabilityMonitor:
             outcome = await self._ask(addresses)
             if outcome is not None:
                 self.verdicts[outcome.source] = outcome
-        self._infer(addresses)
+        self._infer()
         standing = combine(self.verdicts)
         reachability: Reachability = standing.reachability if standing is not None else "unknown"
         if reachability != self.reachability:  # the one INFO line per change
@@ -412,12 +417,12 @@ class ReachabilityMonitor:
                 log.debug("%s by %s: no verdict: %s", source, peer, outcome.error)
         return None
 
-    def _infer(self, addresses: list[str]) -> None:
+    def _infer(self) -> None:
         """ "private" while a reservation works and no peer sees us at our own address; a peer
         that does withdraws it (a relay going down for a moment does not)."""
         if self._observed is None:
             return
-        if self._observed.seen_at(addresses):
+        if self._observed.seen_at(self._local_addresses()):
             self.verdicts.pop("inference", None)
             return
         reserved = self._reserved()
