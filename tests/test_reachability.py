@@ -256,10 +256,10 @@ async def test_checks_back_off_while_nobody_can_answer(caplog: pytest.LogCapture
                 nursery.cancel_scope.cancel()
     gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
     # 0.05, 0.1, 0.2, then the recheck interval: 8-9 checks in 2.5 s (at a fixed 0.05 s: 50).
-    assert 6 <= monitor.attempts <= 10 and monitor.reachability == "unknown", (monitor.attempts, gaps)
+    assert 5 <= monitor.attempts <= 10 and monitor.reachability == "unknown", (monitor.attempts, gaps)
     # Each gap is the wait plus the check itself (a few ms; the first also negotiates).
     for gap, wait in zip(gaps, [0.05, 0.1, 0.2] + [0.4] * len(gaps), strict=False):
-        assert wait <= gap <= wait + 0.15, gaps
+        assert wait <= gap <= wait + 0.3, gaps  # slack for a loaded machine
     assert monitor.verdicts == {} and _reachability_lines(caplog) == []  # no change, no line
     _assert_no_blocks(caplog)
 

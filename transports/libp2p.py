@@ -95,6 +95,14 @@ from .relay import (
 
 log = logging.getLogger(__name__)
 
+# Importing py-libp2p turns propagation off on its "libp2p" logger and gives it no handler
+# (``libp2p.utils.logging.setup_logging``): its warnings then bypass the application's logging
+# and reach stderr bare, multi-line blocks included, through ``logging.lastResort``. Route them
+# through the application's handlers (levels stay the application's to set), unless
+# ``LIBP2P_DEBUG`` gave it handlers of its own.
+if not logging.getLogger("libp2p").handlers:
+    logging.getLogger("libp2p").propagate = True
+
 PROTOCOL_ID = TProtocol("/eidetica/sync/1.0.0")
 MULTISTREAM_ID = "/multistream/1.0.0"
 MAX_NEGOTIATION_BYTES = 1024

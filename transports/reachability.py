@@ -44,6 +44,8 @@ import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID as PeerID
 from libp2p.peer.peerstore import PeerStoreError
 from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
@@ -77,6 +79,7 @@ MIN_INTERVAL_PER_PEER_S = 2.0  # a peer asking again sooner than this is refused
 RATE_TABLE_SIZE = 1024  # peers remembered for the rate limit before old entries are dropped
 OUTCOMES_KEPT = 256  # askers whose dial-back result a server keeps for its status
 CONCURRENT_DIALBACKS = 2  # each one starts a host of its own (~2 MiB, a few ms)
+WAITING_DIALBACKS = 16  # requests queued for those two; more are refused ("busy"), not held
 # After a successful dial the fresh host stays up this long: the dialled node identifies every
 # inbound connection, and a host gone mid-identify makes py-libp2p log an error there.
 LINGER_S = 0.5
@@ -236,6 +239,8 @@ class DialbackServer:
         targets = dialback_targets(addresses, observed)
         if not targets:
             return "refused", None, "no TCP address to dial"
+        if self._limiter.statistics().tasks_waiting >= WAITING_DIALBACKS:  # keys are free: bound the queue
+            return "refused", None, "busy"
         async with self._limiter:
             address, error = await self._dial_back(peer, targets)
         outcome = DialbackOutcome(str(peer), "public" if address else "private", address, error, time.time(), source)
@@ -256,7 +261,7 @@ class DialbackServer:
                 for target in targets:
                     try:
                         with trio.fail_after(DIAL_TIMEOUT_S):
-                            await network.dial_addr(target, peer)
+                            await _dial_quietly(network, target, peer)
                         await trio.sleep(LINGER_S)
                         return str(target), None
                     except trio.TooSlowError:
@@ -267,6 +272,20 @@ class DialbackServer:
             with closing_quietly("closing a dial-back host", HOST_CLOSE_TIMEOUT_S):
                 await host.close()
         return None, "; ".join(errors)
+
+
+async def _dial_quietly(network: Any, target: multiaddr.Multiaddr, peer: PeerID) -> None:
+    """``network.dial_addr`` without py-libp2p's ERROR line for a refused port (a NAT that
+    answers with a reset, or a port nothing listens on, is the normal "private" answer)."""
+    family = "ip6" if "/ip6/" in str(target) else "ip4"
+    tcp = await trio.open_tcp_stream(str(target.value_for_protocol(family)), int(target.value_for_protocol("tcp")))
+    raw = RawConnection(TrioTCPStream(tcp), True)
+    try:
+        await network.upgrade_outbound_raw_conn(raw, peer)
+    except BaseException:
+        with closing_quietly("closing a failed dial-back connection", CLOSE_TIMEOUT_S):
+            await raw.close()
+        raise
 
 
 async def ask_dialback(host: IHost, peer: PeerID, addresses: list[str]) -> dict[str, Any]:
