@@ -416,9 +416,8 @@ class Libp2pTransport:
         return [str(a) for a in self._host.get_addrs() if not is_circuit_address(a)]
 
     def listen_addresses(self) -> list[str]:
-        """Direct addresses, then ``/p2p-circuit`` ones; the circuits come first once the node
-        knows it is private (a dial-back, AutoNAT, or a working reservation with no peer seeing
-        us at our own address)."""
+        """Direct addresses, then ``/p2p-circuit`` ones; the circuits come first once a
+        dial-back has shown that peers cannot dial us directly."""
         if not self._serving:
             return []
         direct = self._direct_addresses()
