@@ -257,8 +257,9 @@ async def test_checks_back_off_while_nobody_can_answer(caplog: pytest.LogCapture
     gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
     # 0.05, 0.1, 0.2, then the recheck interval: 8-9 checks in 2.5 s (at a fixed 0.05 s: 50).
     assert 5 <= monitor.attempts <= 10 and monitor.reachability == "unknown", (monitor.attempts, gaps)
-    # Each gap is the wait plus the check itself (a few ms; the first also negotiates).
-    for gap, wait in zip(gaps, [0.05, 0.1, 0.2] + [0.4] * len(gaps), strict=False):
+    # Each gap is the wait plus the check itself: a few ms, but the first check negotiates
+    # with a peer not yet identified, so its gap says little.
+    for gap, wait in zip(gaps[1:], [0.1, 0.2] + [0.4] * len(gaps), strict=False):
         assert wait <= gap <= wait + 0.3, gaps  # slack for a loaded machine
     assert monitor.verdicts == {} and _reachability_lines(caplog) == []  # no change, no line
     _assert_no_blocks(caplog)

@@ -68,20 +68,19 @@ from sync.errors import ProtocolError, TransportError, UnreachableError
 from sync.messages import Error, Message, decode_message, encode_message
 from sync.transport import ConnectionKind, Handler, RequestContext, TaskStatus
 
-from .autonat import AutoNATServer, InboundWatch, ask_autonat
 from .errors import FrameTooLarge, closing_quietly, libp2p_errors
 from .holepunch import HolePuncher
 from .libp2p_status import (
     Libp2pStatus,
     RelayServiceStatus,
     connected_peers,
-    directly_connected,
     peer_connection,
     peer_connections,
     peer_pubkey,
 )
-from .observed import ObservedAddresses, attach
-from .reachability import RECHECK_S, DialbackServer, ReachabilityMonitor, dialback_outcome
+from .observed import ObservedAddresses
+from .reachability import RECHECK_S, ReachabilityMonitor
+from .reachability_service import SERVICES, ReachabilityService
 from .relay import (
     DEFAULT_RELAY_LIMITS,
     RelayClient,
@@ -262,7 +261,7 @@ class Libp2pTransport:
         relays: multiaddrs (with ``/p2p/<id>``) of relays to reserve a slot on; their
             ``/p2p-circuit`` addresses are advertised (first, once the node knows it is private).
         hole_punching: answer and start DCUtR to turn relayed connections into direct ones.
-        reachability_recheck_s: how often the node checks its reachability again once known.
+        reachability_recheck_s: how often the node asks a peer to dial it back again.
         reachability_services: the reachability protocols this node answers for others
             (``"dialback"``: ours; ``"autonat"``: AutoNAT v1); both dial back from a fresh host.
     """
@@ -280,7 +279,7 @@ class Libp2pTransport:
         relays: Sequence[str] = (),
         hole_punching: bool = True,
         reachability_recheck_s: float = RECHECK_S,
-        reachability_services: Collection[str] = ("dialback", "autonat"),
+        reachability_services: Collection[str] = SERVICES,
     ) -> None:
         self._key_pair = create_new_key_pair(key.seed)
         self._listen = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/4001"])]
@@ -297,25 +296,11 @@ class Libp2pTransport:
             RelayClient(self._host, relays, on_inbound_circuit=self._on_inbound_circuit) if relays else None
         )
         self._puncher = HolePuncher(self._host) if hole_punching else None
-        self._observed = ObservedAddresses()
-        attach(self._host, self._observed)  # identify's observed_addr of every direct connection
-        self._dialback = DialbackServer(self._host, self._fresh_host)
-        self._autonat = AutoNATServer(self._host, self._dialback)
-        self._services = frozenset(reachability_services)
-        self._inbound = InboundWatch()  # AutoNAT's "OK" counts only with a fresh inbound connection
-        self._inbound.attach(self._host)
-        self._reachability = ReachabilityMonitor(
-            candidates=self._dialback_candidates,
-            own_addresses=self._direct_addresses,
-            askers=(
-                ("dialback", lambda peer, addrs: dialback_outcome(self._host, peer, addrs)),
-                ("autonat", lambda peer, addrs: ask_autonat(self._host, peer, addrs, self._inbound)),
-            ),
-            observed=self._observed,
-            reserved=self._reserved_relays,
-            local_addresses=self._local_addresses,
-            recheck_s=reachability_recheck_s,
-        )
+        self._reach = ReachabilityService(
+            self._host, self._fresh_host, self._relay_client, own_addresses=self._direct_addresses,
+            serving=lambda: self._serving, recheck_s=reachability_recheck_s, services=reachability_services,
+        )  # fmt: skip
+        self._dialback, self._reachability = self._reach.dialback, self._reach.monitor
         self._dial_locks: dict[PeerID, trio.Lock] = {}
 
     def _fresh_host(self) -> IHost:
@@ -342,7 +327,7 @@ class Libp2pTransport:
     @property
     def observed_addresses(self) -> ObservedAddresses:
         """Where peers (identify) say they see this node; see :mod:`transports.observed`."""
-        return self._observed
+        return self._reach.observed
 
     @property
     def hole_puncher(self) -> HolePuncher | None:
@@ -388,10 +373,7 @@ class Libp2pTransport:
         self._serving = True
         try:
             async with trio.open_nursery() as nursery:
-                if "dialback" in self._services:
-                    self._dialback.start()
-                if "autonat" in self._services:
-                    self._autonat.start()
+                self._reach.start()
                 if self._relay_service is not None:
                     self._relay_service.start()
                 if self._relay_client is not None:
@@ -402,8 +384,7 @@ class Libp2pTransport:
                 task_status.started()
         finally:
             self._serving = False
-            self._dialback.stop()
-            self._autonat.stop()
+            self._reach.stop()
             if self._relay_service is not None:
                 self._relay_service.stop()
             for listener in list(getattr(network, "listeners", {}).values()):
@@ -458,9 +439,9 @@ class Libp2pTransport:
             reachability=self._reachability.reachability,
             reachability_checked_by=last.peer if last else None,
             reachability_source=last.source if last else None,
-            reachability_sources=tuple(self._reachability.verdicts.values()),
+            reachability_sources=self._reach.verdict_sources(),
             reachability_checks=self._reachability.attempts,
-            observed_addresses=self._observed.snapshot(),
+            observed_addresses=self._reach.observed.snapshot(),
             listen_addresses=tuple(self.listen_addresses()),
             reservations=self._relay_client.status() if self._relay_client is not None else (),
             peers=peer_connections(self._host),
@@ -468,23 +449,6 @@ class Libp2pTransport:
             relay_service=service,
             dialbacks=tuple(self._dialback.outcomes.values()),
         )
-
-    def _dialback_candidates(self) -> list[PeerID]:
-        """Peers to ask for a dial-back: our relays, then anyone we hold a direct connection to."""
-        relays = self._relay_client.relay_peers if self._relay_client is not None else set()
-        ordered = [p for p in relays if directly_connected(self._host, p)]
-        ordered += [p for p in connected_peers(self._host) if p not in relays and directly_connected(self._host, p)]
-        return ordered
-
-    def _local_addresses(self) -> list[str]:
-        """What our listeners hold (not what we advertise, which may include observed addresses)."""
-        host: Any = self._host
-        return [str(a) for a in advertised_addresses(list(host.get_transport_addrs()))] if self._serving else []
-
-    def _reserved_relays(self) -> list[str]:
-        """The relays we hold a working reservation on (for the reachability inference)."""
-        states = self._relay_client.status() if self._relay_client is not None else ()
-        return [r.relay for r in states if r.state == "reserved"]
 
     def _on_inbound_circuit(self, peer: PeerID) -> None:
         """We accepted a relayed connection: the accepting end starts DCUtR (the spec's choice)."""
