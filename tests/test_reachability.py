@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 import multiaddr
@@ -23,8 +25,11 @@ from libp2p.peer.id import ID as PeerID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from dag import SigningKey
+from scripts.netns import NatTopology, cleanup_stale
 from sync.messages import Message
 from sync.transport import RequestContext
+from tests.conftest import require_netns
+from tests.test_nat import PORT, NsNode
 from tests.waiting import until
 from transports.autonat import InboundWatch, ask_autonat
 from transports.libp2p import Libp2pTransport, new_noise_host
@@ -33,6 +38,7 @@ from transports.reachability import DialbackOutcome, ReachabilityMonitor, combin
 from transports.relay import dial_exactly
 
 TIMEOUT_S = 30
+PREFIX = "eidd-"  # this file's namespaces (parallel runs of other files use their own)
 
 
 async def _no_requests(_message: Message, _context: RequestContext) -> AsyncIterator[Message]:
@@ -274,3 +280,36 @@ def test_the_newest_dial_back_test_wins_and_the_inference_only_stands_alone() ->
     assert combine({"inference": inferred, "dialback": ours}) == ours  # a test beats a guess, however old
     assert combine({"inference": inferred, "dialback": ours, "autonat": autonat}) == autonat
     assert combine({"dialback": replace(ours, reachability="unknown")}) is None
+
+
+def _settle_behind_nat(topo: NatTopology, tmp_path: Path, relay_services: str) -> tuple[float, dict[str, Any], str]:
+    """A behind G1 with R (answering ``relay_services``) as its only relay: seconds from A's
+    ready line to its verdict, its status, and its stderr."""
+    relay = NsNode(topo, "r", tmp_path / f"r-{relay_services or 'none'}", "--relay-service",
+                   "--reachability-services", relay_services)  # fmt: skip
+    try:
+        relay_address = f"/ip4/{topo.addr['r']}/tcp/{PORT}/p2p/{relay.status()['peer_id']}"
+        a = NsNode(topo, "a", tmp_path / f"a-{relay_services or 'none'}", "--relay", relay_address)
+        try:
+            started = time.monotonic()
+            status = a.wait_status("a verdict", lambda s: s["reachability"] != "unknown", timeout_s=30)
+            return time.monotonic() - started, status, a.stderr()
+        finally:
+            a.stop()
+    finally:
+        relay.stop()
+
+
+@pytest.mark.slow
+def test_behind_nat_a_relay_without_our_dial_back_still_makes_the_node_private(tmp_path: Path) -> None:
+    require_netns()
+    cleanup_stale(PREFIX)
+    with NatTopology(prefix=PREFIX) as topo:
+        inferred, status, stderr = _settle_behind_nat(topo, tmp_path, "")
+        assert status["reachability"] == "private" and status["reachability_source"] == "inference", status
+        assert "/p2p-circuit/" in status["listen_addresses"][0]
+        assert "Traceback" not in stderr and "Failed to open stream" not in stderr, stderr
+        tested, status, _ = _settle_behind_nat(topo, tmp_path, "dialback,autonat")
+        assert status["reachability"] == "private" and status["reachability_source"] == "dialback", status
+    print(f"\nbehind NAT: private by inference in {inferred:.2f} s; by our dial-back in {tested:.2f} s")
+    assert inferred < 5.0
