@@ -5,8 +5,11 @@ combiner of all three, and the back-off between checks. Real hosts on loopback."
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -313,3 +316,42 @@ def test_behind_nat_a_relay_without_our_dial_back_still_makes_the_node_private(t
         assert status["reachability"] == "private" and status["reachability_source"] == "dialback", status
     print(f"\nbehind NAT: private by inference in {inferred:.2f} s; by our dial-back in {tested:.2f} s")
     assert inferred < 5.0
+
+
+JS_RELAY = Path(__file__).resolve().parent / "js" / "relay.mjs"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("node") is None or not (JS_RELAY.parent / "node_modules" / "libp2p").is_dir(),
+    reason="needs node and tests/js/node_modules (the js interop harness)",
+)
+async def test_a_js_relay_with_default_settings_makes_the_node_private(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="transports.reachability")
+    node = shutil.which("node")
+    assert node is not None
+    command = [node, str(JS_RELAY), "--listen", "/ip4/127.0.0.1/tcp/0"]
+    relay = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(60):
+            assert relay.stdout is not None
+            line = await trio.to_thread.run_sync(relay.stdout.readline)  # its addresses, once listening
+            relay_address = json.loads(line)["addrs"][0]
+            started = trio.current_time()
+            async with serving(SigningKey.generate(), relays=[relay_address]) as a:
+                await _settle(a)
+                settled = trio.current_time() - started
+                status = a.status()
+                assert status.reachability == "private" and status.reachability_source == "inference", status
+                assert "/p2p-circuit" in a.listen_addresses()[0]
+    finally:
+        relay.kill()
+        relay.wait(timeout=10)
+    print(f"\njs relay: private by inference {settled:.2f} s after start")
+    assert settled < 10.0
+    [line_logged] = _reachability_lines(caplog)
+    assert line_logged.startswith(f"reachability: private (inferred: a reservation on {relay_address}"), line_logged
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert any("/eidetica/dialback/1.0.0" in m for m in skipped) and any("/libp2p/autonat/1.0.0" in m for m in skipped)
+    _assert_no_blocks(caplog)
