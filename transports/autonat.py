@@ -148,8 +148,8 @@ class AutoNATServer:
                 data = await read_varint_prefixed_bytes_limited(stream, MAX_MESSAGE_BYTES)
             answer = await self._answer(stream, peer, data)
             await stream.write(encode_varint_prefixed(answer.SerializeToString()))
-        except Exception as exc:  # a stream handler must never raise
-            log.info("AutoNAT request from %s ended: %s: %s", peer, type(exc).__name__, exc)
+        except Exception as exc:  # a stream handler must never raise; debug: strangers ask, keys are free
+            log.debug("AutoNAT request from %s ended: %s: %s", peer, type(exc).__name__, exc)
         finally:
             with closing_quietly("closing an AutoNAT stream", CLOSE_TIMEOUT_S):
                 await stream.close()
