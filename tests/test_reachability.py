@@ -23,9 +23,11 @@ import trio
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.host.autonat.autonat import AutoNATService
+from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
 from libp2p.host.basic_host import BasicHost
 from libp2p.peer.id import ID as PeerID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
 from dag import SigningKey
 from scripts.netns import NatTopology, cleanup_stale
@@ -34,10 +36,17 @@ from sync.transport import RequestContext
 from tests.conftest import require_netns
 from tests.test_nat import PORT, NsNode
 from tests.waiting import until
-from transports.autonat import InboundWatch, ask_autonat
+from transports.autonat import AUTONAT_PROTOCOL, InboundWatch, ask_autonat
 from transports.libp2p import Libp2pTransport, new_noise_host
 from transports.observed import ObservedAddresses, observer_group, thin_waist
-from transports.reachability import DialbackOutcome, ReachabilityMonitor, combine, dialback_outcome
+from transports.reachability import (
+    DialbackOutcome,
+    ProtocolMissing,
+    ReachabilityMonitor,
+    combine,
+    dialback_outcome,
+    open_quietly,
+)
 from transports.relay import dial_exactly
 
 TIMEOUT_S = 30
@@ -355,3 +364,37 @@ async def test_a_js_relay_with_default_settings_makes_the_node_private(caplog: p
     skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert any("/eidetica/dialback/1.0.0" in m for m in skipped) and any("/libp2p/autonat/1.0.0" in m for m in skipped)
     _assert_no_blocks(caplog)
+
+
+async def _autonat_exchange(host: IHost, peer: PeerID, payload: bytes) -> AutoNATMessage:
+    stream = await open_quietly(host, peer, AUTONAT_PROTOCOL)
+    try:
+        await stream.write(encode_varint_prefixed(payload))
+        answer = AutoNATMessage()
+        answer.ParseFromString(await read_varint_prefixed_bytes_limited(stream, 8192))
+        return answer
+    finally:
+        await stream.close()
+
+
+async def test_the_autonat_server_answers_malformed_requests_and_keeps_serving() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with AsyncExitStack() as stack:
+            a = await stack.enter_async_context(serving(SigningKey.generate(), reachability_services=()))
+            b = await stack.enter_async_context(serving(SigningKey.generate()))
+            await _connect(a.host, b)
+            server = PeerID.from_base58(b.peer_id)
+            garbage = await _autonat_exchange(a.host, server, b"\xff\x01 not protobuf")
+            assert garbage.dialResponse.status == AutoNATMessage.E_BAD_REQUEST
+            wrong = AutoNATMessage(type=AutoNATMessage.DIAL)
+            wrong.dial.peer.id = server.to_bytes()  # someone else's ID: we would dial a third party
+            wrong.dial.peer.addrs.append(multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/1").to_bytes())
+            answer = await _autonat_exchange(a.host, server, wrong.SerializeToString())
+            assert answer.dialResponse.status == AutoNATMessage.E_BAD_REQUEST
+            empty = AutoNATMessage(type=AutoNATMessage.DIAL)
+            empty.dial.peer.id = a.host.get_id().to_bytes()
+            answer = await _autonat_exchange(a.host, server, empty.SerializeToString())
+            assert answer.dialResponse.status == AutoNATMessage.E_DIAL_REFUSED  # no address to dial
+            assert answer.dialResponse.statusText == "no TCP address to dial"
+            with pytest.raises(ProtocolMissing):  # A answers neither protocol
+                await open_quietly(b.host, PeerID.from_base58(a.peer_id), AUTONAT_PROTOCOL)
