@@ -64,6 +64,7 @@ def _p2p(args: argparse.Namespace, instance: Instance) -> Transport:
         relay_limits=limits,
         relays=args.relay,
         hole_punching=not args.no_hole_punching,
+        reachability_services=[n for n in args.reachability_services.split(",") if n],
     )
 
 
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--relay-service", action="store_true", help="p2p: offer circuit relay v2")
     parser.add_argument("--relay-ttl", type=int, help="p2p: reservation lifetime this relay grants (seconds)")
     parser.add_argument("--no-hole-punching", action="store_true", help="p2p: keep relayed connections relayed")
+    parser.add_argument(
+        "--reachability-services", default="dialback,autonat", help="p2p: what to answer for others ('' for none)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     trio.run(_run, args)

@@ -43,7 +43,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from typing import Any
 
 import multiaddr
@@ -74,12 +74,13 @@ from .libp2p_status import (
     Libp2pStatus,
     RelayServiceStatus,
     connected_peers,
-    directly_connected,
     peer_connection,
     peer_connections,
     peer_pubkey,
 )
-from .reachability import RECHECK_S, DialbackServer, ReachabilityMonitor
+from .observed import ObservedAddresses
+from .reachability import RECHECK_S, ReachabilityMonitor
+from .reachability_service import SERVICES, ReachabilityService
 from .relay import (
     DEFAULT_RELAY_LIMITS,
     CircuitMeters,
@@ -93,6 +94,14 @@ from .relay import (
 )
 
 log = logging.getLogger(__name__)
+
+# Importing py-libp2p turns propagation off on its "libp2p" logger and gives it no handler
+# (``libp2p.utils.logging.setup_logging``): its warnings then bypass the application's logging
+# and reach stderr bare, multi-line blocks included, through ``logging.lastResort``. Route them
+# through the application's handlers (levels stay the application's to set), unless
+# ``LIBP2P_DEBUG`` gave it handlers of its own.
+if not logging.getLogger("libp2p").handlers:
+    logging.getLogger("libp2p").propagate = True
 
 PROTOCOL_ID = TProtocol("/eidetica/sync/1.0.0")
 MULTISTREAM_ID = "/multistream/1.0.0"
@@ -254,6 +263,8 @@ class Libp2pTransport:
             ``/p2p-circuit`` addresses are advertised (first, once the node knows it is private).
         hole_punching: answer and start DCUtR to turn relayed connections into direct ones.
         reachability_recheck_s: how often the node asks a peer to dial it back again.
+        reachability_services: the reachability protocols this node answers for others
+            (``"dialback"``: ours; ``"autonat"``: AutoNAT v1); both dial back from a fresh host.
     """
 
     def __init__(
@@ -269,6 +280,7 @@ class Libp2pTransport:
         relays: Sequence[str] = (),
         hole_punching: bool = True,
         reachability_recheck_s: float = RECHECK_S,
+        reachability_services: Collection[str] = SERVICES,
     ) -> None:
         self._key_pair = create_new_key_pair(key.seed)
         self._listen = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/4001"])]
@@ -287,13 +299,11 @@ class Libp2pTransport:
             RelayClient(self._host, relays, on_inbound_circuit=on_circuit, meters=meters) if relays else None
         )
         self._puncher = HolePuncher(self._host) if hole_punching else None
-        self._dialback = DialbackServer(self._host, self._fresh_host)
-        self._reachability = ReachabilityMonitor(
-            self._host,
-            candidates=self._dialback_candidates,
-            own_addresses=self._direct_addresses,
-            recheck_s=reachability_recheck_s,
-        )
+        self._reach = ReachabilityService(
+            self._host, self._fresh_host, self._relay_client, own_addresses=self._direct_addresses,
+            serving=lambda: self._serving, recheck_s=reachability_recheck_s, services=reachability_services,
+        )  # fmt: skip
+        self._dialback, self._reachability = self._reach.dialback, self._reach.monitor
         self._dial_locks: dict[PeerID, trio.Lock] = {}
 
     def _fresh_host(self) -> IHost:
@@ -316,6 +326,11 @@ class Libp2pTransport:
     @property
     def reachability(self) -> ReachabilityMonitor:
         return self._reachability
+
+    @property
+    def observed_addresses(self) -> ObservedAddresses:
+        """Where peers (identify) say they see this node; see :mod:`transports.observed`."""
+        return self._reach.observed
 
     @property
     def hole_puncher(self) -> HolePuncher | None:
@@ -362,7 +377,7 @@ class Libp2pTransport:
         self._serving = True
         try:
             async with trio.open_nursery() as nursery:
-                self._dialback.start()
+                self._reach.start()
                 if self._relay_service is not None:
                     self._relay_service.start()
                 if self._relay_client is not None:
@@ -373,7 +388,7 @@ class Libp2pTransport:
                 task_status.started()
         finally:
             self._serving = False
-            self._dialback.stop()
+            self._reach.stop()
             if self._relay_service is not None:
                 self._relay_service.stop()
             for listener in list(getattr(network, "listeners", {}).values()):
@@ -427,6 +442,10 @@ class Libp2pTransport:
             serving=self._serving,
             reachability=self._reachability.reachability,
             reachability_checked_by=last.peer if last else None,
+            reachability_source=last.source if last else None,
+            reachability_sources=self._reach.verdict_sources(),
+            reachability_checks=self._reachability.attempts,
+            observed_addresses=self._reach.observed.snapshot(),
             listen_addresses=tuple(self.listen_addresses()),
             reservations=self._relay_client.status() if self._relay_client is not None else (),
             peers=peer_connections(self._host),
@@ -434,13 +453,6 @@ class Libp2pTransport:
             relay_service=service,
             dialbacks=tuple(self._dialback.outcomes.values()),
         )
-
-    def _dialback_candidates(self) -> list[PeerID]:
-        """Peers to ask for a dial-back: our relays, then anyone we hold a direct connection to."""
-        relays = self._relay_client.relay_peers if self._relay_client is not None else set()
-        ordered = [p for p in relays if directly_connected(self._host, p)]
-        ordered += [p for p in connected_peers(self._host) if p not in relays and directly_connected(self._host, p)]
-        return ordered
 
     def _on_inbound_circuit(self, peer: PeerID) -> None:
         """We accepted a relayed connection: the accepting end starts DCUtR (the spec's choice)."""
