@@ -110,6 +110,14 @@ def _daemon_options() -> Parser:
         help="a circuit relay to reserve a slot on, repeatable (env EIDETICA_RELAYS)",
     )
     group.add_argument(
+        "--announce",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="MULTIADDR",
+        help="an address peers can dial this node at (a forwarded port, a DNS name), advertised first"
+        " exactly as given; repeatable (env EIDETICA_ANNOUNCE, comma-separated)",
+    )
+    group.add_argument(
         "--relay-service",
         action="store_const",
         const=True,
@@ -279,7 +287,7 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 FLAG_SETTINGS = (
     *("data_dir", "config", "name", "log_level", "p2p", "p2p_listen", "relays", "relay_service", "hole_punching"),
-    *("http", "http_bind", "http_advertise", "metrics_bind", "signature_processes"),
+    *("http", "http_bind", "http_advertise", "metrics_bind", "signature_processes", "announce"),
 )
 
 

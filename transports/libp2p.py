@@ -39,7 +39,7 @@ Every failure of py-libp2p on the asking side becomes a sync error in one place,
 
 from __future__ import annotations
 
-import ipaddress
+import functools
 import logging
 import os
 import socket
@@ -59,7 +59,6 @@ from libp2p.peer.id import ID as PeerID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.utils.address_validation import expand_wildcard_address
 from libp2p.utils.varint import decode_uvarint_from_stream, encode_delim
 from multiaddr.exceptions import Error as MultiaddrError
 
@@ -68,6 +67,7 @@ from sync.errors import ProtocolError, TransportError, UnreachableError
 from sync.messages import Error, Message, decode_message, encode_message
 from sync.transport import ConnectionKind, Handler, RequestContext, TaskStatus
 
+from .addresses import AnnounceError, advertise, interfaces
 from .errors import FrameTooLarge, closing_quietly, libp2p_errors
 from .holepunch import HolePuncher
 from .libp2p_status import (
@@ -169,32 +169,25 @@ def _ip4(address: multiaddr.Multiaddr) -> str | None:
         return None
 
 
-def _is_loopback(address: multiaddr.Multiaddr) -> bool:
-    host = _ip4(address)
-    return host is not None and ipaddress.ip_address(host).is_loopback
-
-
-def advertised_addresses(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-    """What a host tells peers (identify, reservations, ``get_addrs``): wildcards expanded.
+def advertised_addresses(
+    candidates: list[multiaddr.Multiaddr], announce: Sequence[multiaddr.Multiaddr] = ()
+) -> list[multiaddr.Multiaddr]:
+    """What a host tells peers (identify, reservations, ``get_addrs``): announced addresses
+    first, then listen addresses expanded and filtered by scope (:mod:`transports.addresses`).
 
     py-libp2p advertises a ``0.0.0.0`` listen address as it is; a peer that dials it reaches
     *itself* (connecting to 0.0.0.0 means this machine), fails the Noise handshake with "peer
-    ID mismatch", and the swarm then clears every address it had for the peer. Loopback
-    addresses are dropped when there are others, for the same reason.
+    ID mismatch", and the swarm then clears every address it had for the peer. Loopback,
+    link-local and container-bridge addresses mislead peers elsewhere the same way.
     """
-    expanded: list[multiaddr.Multiaddr] = []
-    for address in candidates:
-        wildcard = _ip4(address) == "0.0.0.0"
-        for concrete in expand_wildcard_address(address) if wildcard else [address]:
-            if concrete not in expanded:
-                expanded.append(concrete)
-    others = [a for a in expanded if not _is_loopback(a)]
-    return others or expanded
+    return advertise(candidates, interfaces(), announce)
 
 
-def new_noise_host(key_pair: Any, *, dial_timeout_s: float, retries: bool = True) -> IHost:
+def new_noise_host(
+    key_pair: Any, *, dial_timeout_s: float, retries: bool = True, announce: Sequence[multiaddr.Multiaddr] = ()
+) -> IHost:
     """A host that offers Noise only (a default host also accepts plaintext), with Yamux,
-    one connection per peer and no auto-connector."""
+    one connection per peer and no auto-connector; it advertises ``announce`` first."""
     security = {NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)}
     config = ConnectionConfig(
         max_connections_per_peer=1,
@@ -207,7 +200,7 @@ def new_noise_host(key_pair: Any, *, dial_timeout_s: float, retries: bool = True
         sec_opt=security,
         muxer_opt=create_yamux_muxer_option(),
         connection_config=config,
-        addrs_factory=advertised_addresses,
+        addrs_factory=functools.partial(advertised_addresses, announce=announce),
     )
     network: Any = host.get_network()
     # The auto-connector aims at (low + high watermark) / 2 connections and redials
@@ -253,6 +246,9 @@ class Libp2pTransport:
             ``/p2p-circuit`` addresses are advertised (first, once the node knows it is private).
         hole_punching: answer and start DCUtR to turn relayed connections into direct ones.
         reachability_recheck_s: how often the node asks a peer to dial it back again.
+        announce: multiaddrs advertised first, exactly as given (``/p2p/<our ID>`` added when
+            missing; a ``/p2p/`` naming another peer is an ``AnnounceError``), whatever scope
+            they are in: a forwarded port, a DNS name, another relay's circuit.
     """
 
     def __init__(
@@ -268,13 +264,18 @@ class Libp2pTransport:
         relays: Sequence[str] = (),
         hole_punching: bool = True,
         reachability_recheck_s: float = RECHECK_S,
+        announce: Sequence[str] = (),
     ) -> None:
         self._key_pair = create_new_key_pair(key.seed)
         self._listen = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/4001"])]
+        own_id = PeerID.from_pubkey(self._key_pair.public_key)
+        self._announced = [own_address(multiaddr.Multiaddr(a), own_id) for a in announce]
         self.max_frame_bytes = max_frame_bytes
         self._connect_timeout_s = connect_timeout_s
         self._answer_timeout_s = answer_timeout_s
-        self._host: IHost = new_noise_host(self._key_pair, dial_timeout_s=connect_timeout_s)
+        # Circuits go to identify through listen_addresses only: get_addrs would cut them at their first /p2p/.
+        identified = [a for a in self._announced if not is_circuit_address(a)]
+        self._host: IHost = new_noise_host(self._key_pair, dial_timeout_s=connect_timeout_s, announce=identified)
         self._ready = trio.Event()
         self._stopped = False
         self._serving = False
@@ -382,15 +383,17 @@ class Libp2pTransport:
         return [str(a) for a in self._host.get_addrs() if not is_circuit_address(a)]
 
     def listen_addresses(self) -> list[str]:
-        """Direct addresses, then ``/p2p-circuit`` ones; the circuits come first once a
-        dial-back has shown that peers cannot dial us directly."""
+        """Announced addresses, then direct ones, then ``/p2p-circuit`` ones; the circuits
+        come before the direct ones once a dial-back has shown that peers cannot dial us."""
         if not self._serving:
             return []
-        direct = self._direct_addresses()
+        announced = [str(a) for a in self._announced]
+        direct = [a for a in self._direct_addresses() if a not in announced]
         circuits = self._relay_client.circuit_addresses() if self._relay_client is not None else []
+        circuits = [a for a in circuits if a not in announced]
         if self._reachability.reachability == "private":
-            return circuits + direct
-        return direct + circuits
+            return announced + circuits + direct
+        return announced + direct + circuits
 
     # ---- status -------------------------------------------------------------------------
 
@@ -527,6 +530,18 @@ class Libp2pTransport:
         finally:
             with closing_quietly("resetting a p2p stream", 2):
                 await stream.reset()  # the stream is gone either way
+
+
+def own_address(address: multiaddr.Multiaddr, own_id: PeerID) -> multiaddr.Multiaddr:
+    """``address`` ending in ``/p2p/<own_id>`` (added if it names no peer at its end);
+    ``AnnounceError`` if it ends naming another peer, which would send dialers elsewhere."""
+    names = [p.name for p in address.protocols()]
+    if names and names[-1] == "p2p":
+        named = str(address).rsplit("/p2p/", 1)[1]
+        if named != str(own_id):
+            raise AnnounceError(f"announce address {address} names peer {named}, not this node ({own_id})")
+        return address
+    return address.encapsulate(multiaddr.Multiaddr(f"/p2p/{own_id}"))
 
 
 def _parse_target(address: str) -> tuple[multiaddr.Multiaddr, PeerInfo | None, PeerID, bool]:

@@ -1,0 +1,181 @@
+"""Which of a node's addresses a peer can dial, so which ones it advertises.
+
+A node listening on ``0.0.0.0`` is reachable, in principle, at every address of every
+interface. In practice some of them reach nobody else: loopback and link-local addresses
+mean "this machine" and "this link" to whoever dials them (a peer that dials our
+``127.0.0.1`` reaches *itself*), and the addresses of container and VM bridges
+(``docker0``'s ``172.17.0.1``, a compose network's ``br-1a2b3c4d5e6f``, libvirt's
+``virbr0``) are private to this host, exist only while their bridge does, and on another
+machine name some other host of that machine's own bridge. Peers store what we advertise
+and dial it for as long as they keep it, so an address that only works here costs them a
+failed dial (or a Noise handshake with a stranger) every time.
+
+The rule (:func:`advertise`), in order:
+
+1. Announced addresses (``--announce``) first, exactly as given: the operator knows what
+   the machine cannot see (a forwarded port, a DNS name, an address on a bridge that
+   really is the way in).
+2. Listen addresses, wildcards expanded over the machine's interfaces (``0.0.0.0`` to
+   each IPv4 address, ``::`` to each IPv6 one), each kept only if it is in scope:
+   not loopback, not link-local, not unspecified, and not on a bridge interface.
+3. If neither gave anything: the loopback addresses (a node that listens on ``127.0.0.1``
+   only, as in tests, is reachable there and nowhere else); failing that, the listen
+   addresses as they are, since the operator chose them.
+
+A peer on this same machine loses nothing by 2: it reaches the machine's other addresses
+as well as loopback.
+
+A bridge interface is recognised by its name (:data:`BRIDGE_PATTERNS`), the only mark a
+bridge leaves that works without privileges: Docker's ``docker0`` and ``br-`` followed by
+12 hex digits (a user-defined network; a hand-made ``br-lan`` or ``br0`` is a real LAN
+and stays), the container ends ``veth*``, CNI's ``cni*``, Podman's ``podman*``,
+libvirt's ``virbr*``, LXC/LXD/Incus ``lxcbr*``/``lxdbr*``/``incusbr*``, Kubernetes
+overlays (``cali*``, ``flannel*``, ``cilium_*``, ``kube-bridge``, ``weave``) and VirtualBox
+and VMware host-only nets (``vboxnet*``, ``vmnet*``). Inside a container the container's own
+interface is ``eth0``, so a node in a container still advertises its address on the
+container network.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import re
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import multiaddr
+from multiaddr.exceptions import Error as MultiaddrError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Scope = Literal["global", "loopback", "link-local", "unspecified", "bridge"]
+
+BRIDGE_PATTERNS = re.compile(
+    r"^(docker\d*|br-[0-9a-f]{12}|veth.*|cni.*|podman.*|virbr.*|lxcbr.*|lxdbr.*|incusbr.*"
+    r"|cali.*|flannel.*|cilium_.*|kube-bridge|weave|vboxnet.*|vmnet.*)$"
+)
+SIOCGIFADDR = 0x8915  # Linux: an interface's (primary) IPv4 address
+IF_INET6 = Path("/proc/net/if_inet6")  # Linux: every IPv6 address with its interface
+MAX_INTERFACE_ADDRESSES = 256  # a machine with more is not advertised past it (identify, tickets)
+
+
+class AnnounceError(ValueError):
+    """An announce address that names another peer (dialers would reach someone else)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """One address of one interface."""
+
+    name: str
+    address: IPAddress
+
+
+def is_bridge_interface(name: str) -> bool:
+    return BRIDGE_PATTERNS.match(name) is not None
+
+
+def interfaces() -> list[Interface]:
+    """This machine's interface addresses (Linux; elsewhere none, so nothing counts as a bridge).
+
+    Read afresh on every call (~100 µs): a bridge that goes away must leave what is
+    advertised at once, not when a cache expires.
+    """
+    found: list[Interface] = []
+    try:
+        names = [name for _index, name in socket.if_nameindex()]
+    except OSError:
+        names = []
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for name in names:
+            try:
+                answer = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address on this interface
+            found.append(Interface(name, ipaddress.IPv4Address(answer[20:24])))
+    finally:
+        probe.close()
+    try:
+        lines = IF_INET6.read_text().splitlines()
+    except OSError:  # no IPv6 (or not Linux)
+        lines = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6:
+            found.append(Interface(fields[5], ipaddress.IPv6Address(int(fields[0], 16))))
+    return found[:MAX_INTERFACE_ADDRESSES]
+
+
+def scope_of(address: IPAddress, bridges: set[IPAddress]) -> Scope:
+    """Where ``address`` means what it means here (only ``global``, which includes private LAN
+    ranges, means the same to a peer elsewhere)."""
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local"
+    if address in bridges:
+        return "bridge"
+    return "global"
+
+
+def ip_of(address: multiaddr.Multiaddr) -> IPAddress | None:
+    """The ``/ip4`` or ``/ip6`` host of a multiaddr; None for ``/dns...`` and the like."""
+    for protocol in ("ip4", "ip6"):
+        try:
+            return ipaddress.ip_address(address.value_for_protocol(protocol))
+        except (MultiaddrError, ValueError):  # no such part
+            continue
+    return None
+
+
+def _expand(address: multiaddr.Multiaddr, found: Sequence[Interface]) -> list[multiaddr.Multiaddr]:
+    """A wildcard listen address as one address per interface address of its family."""
+    host = ip_of(address)
+    if host is None or not host.is_unspecified:
+        return [address]
+    family = f"ip{host.version}"
+    prefix = f"/{family}/{address.value_for_protocol(family)}"
+    text = str(address)
+    if not text.startswith(prefix):  # the wildcard is not the first part: nothing to expand
+        return [address]
+    tail = text[len(prefix) :]
+    return [multiaddr.Multiaddr(f"/{family}/{i.address}{tail}") for i in found if i.address.version == host.version]
+
+
+def advertise(
+    listen: Iterable[multiaddr.Multiaddr],
+    found: Sequence[Interface],
+    announce: Sequence[multiaddr.Multiaddr] = (),
+) -> list[multiaddr.Multiaddr]:
+    """What to tell peers, by the rule in the module docstring: a pure function of the
+    listen addresses, the machine's interface addresses and the announced addresses."""
+    bridges = {i.address for i in found if is_bridge_interface(i.name)}
+    concrete: list[multiaddr.Multiaddr] = []
+    for address in listen:
+        concrete += [a for a in _expand(address, found) if a not in concrete]
+    out = list(dict.fromkeys(announce))
+    scopes = [(a, scope_of(host, bridges) if (host := ip_of(a)) is not None else "global") for a in concrete]
+    out += [a for a, scope in scopes if scope == "global" and a not in out]
+    if out:
+        return out
+    loopback = [a for a, scope in scopes if scope == "loopback"]
+    return loopback or concrete
+
+
+__all__ = [
+    "BRIDGE_PATTERNS",
+    "AnnounceError",
+    "Interface",
+    "advertise",
+    "interfaces",
+    "ip_of",
+    "is_bridge_interface",
+    "scope_of",
+]
