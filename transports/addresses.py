@@ -149,6 +149,41 @@ def _expand(address: multiaddr.Multiaddr, found: Sequence[Interface]) -> list[mu
     return [multiaddr.Multiaddr(f"/{family}/{i.address}{tail}") for i in found if i.address.version == host.version]
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and contexts, and the members of exception groups (bounded)."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 32:
+        current = todo.pop(0)
+        if current in seen:
+            continue
+        seen.append(current)
+        todo += list(getattr(current, "exceptions", ())) + [e for e in (current.__cause__, current.__context__) if e]
+    return seen
+
+
+def dial_failure(exc: BaseException) -> str:
+    """What went wrong dialling an address, in the words a user needs: py-libp2p wraps the
+    cause in three or four layers ("SwarmException: fail to open connection"), and which
+    one it was (refused, nobody there, a stranger answering) is what says whether the
+    address is stale."""
+    chain = _chain(exc)
+    for error in chain:
+        name = type(error).__name__
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if "Mismatch" in name:  # PeerIDMismatchesPubkey: a node lives there, not that one
+            return "another node answers at this address (peer ID mismatch)"
+        if isinstance(error, TimeoutError) or name == "TooSlowError":
+            return "no answer (timed out)"
+        if "msg_bytes" in str(error):  # multistream-select read something else (an HTTP server, a proxy)
+            return "something that is not a libp2p node answers at this address"
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.strerror or str(error)
+    innermost = chain[-1]
+    return f"{type(exc).__name__}: {' '.join(str(innermost).split())[:300]}"
+
+
 def advertise(
     listen: Iterable[multiaddr.Multiaddr],
     found: Sequence[Interface],
@@ -172,6 +207,7 @@ def advertise(
 __all__ = [
     "BRIDGE_PATTERNS",
     "AnnounceError",
+    "dial_failure",
     "Interface",
     "advertise",
     "interfaces",
