@@ -70,6 +70,7 @@ class ExchangeRunner:
             return True
         access = relation.access if relation else None
         attempts: list[tuple[Address, Exception]] = []
+        connected = self._reach.connected_over(peer)
         for address in addresses:
             try:
                 result = await self._over(address, peer, db_id, access=access, push_only=push_only)
@@ -79,7 +80,7 @@ class ExchangeRunner:
                     self._reach.failed(peer, address)
                     continue
                 break  # an answer (a refusal, an unknown database): other addresses reach the same peer
-            self._reach.worked(peer, address)
+            self._reach.worked(peer, address, dialled=address.transport not in connected)
             if not result.skipped:
                 self._record(db_id, peer, result, None)
             return True

@@ -8,7 +8,8 @@ admin named their key in a database's settings); a peer that only read from us i
 Addresses go stale: a peer's Docker bridge goes away, its DHCP lease changes, a relay
 moves. So the stored list is refreshed from every handshake this node makes (the address
 that answered, then what the peer announces now, then the known ones it no longer
-announces), addresses that are failing are tried after the others, and an address is
+announces); an address that failed within ``RETRY_FAILING_MS`` is tried after the others
+(so a stale one costs a dial every few minutes, not every exchange); and an address is
 dropped from the record once it has failed ``DROP_AFTER_FAILURES`` times in a row over at
 least ``DROP_AFTER_MS`` *and* there is a reason to think it is the address, not the peer:
 another address of that peer worked since, or the peer's latest handshake left it out.
@@ -32,10 +33,12 @@ from .transport import Address, LiveConnections, Transport
 
 log = logging.getLogger(__name__)
 
-# Three failed dials in a row over ten minutes: a peer that restarts, or a network that
-# blinks for a minute, loses no address; one that moved, or a bridge that is gone, does.
+# Three failed dials in a row over eight minutes (tried again at most every four): a peer
+# that restarts, or a network that blinks for a minute, loses no address; an address that
+# moved, or a bridge that is gone, goes.
 DROP_AFTER_FAILURES = 3
-DROP_AFTER_MS = 10 * 60 * 1000
+DROP_AFTER_MS = 8 * 60 * 1000
+RETRY_FAILING_MS = 4 * 60 * 1000
 # (peer, address) failure streaks held in memory, least recently failed out first: each
 # is ~200 bytes, and only addresses of peers this node dials (its own choice) get one.
 MAX_TRACKED_FAILURES = 4_096
@@ -47,6 +50,7 @@ class _Streak:
 
     count: int
     since_ms: int
+    last_ms: int
 
 
 def _wall_ms() -> int:
@@ -118,14 +122,14 @@ class Reach:
         addresses = list(record.addresses) if record else []
         addresses += [a for a, key in self.peers_by_address.items() if key == peer and a not in addresses]
         usable = [a for a in addresses if a.transport in self._transports]
-        # Failing addresses last (fewest failures first): a live address is dialled before a stale one.
-        return sorted(usable, key=lambda a: self._streak_length(peer, a))
+        return sorted(usable, key=lambda a: self._failed_lately(peer, a))  # stable: stored order otherwise
 
     # ---- keeping the stored list current --------------------------------------------
 
-    def _streak_length(self, peer: str, address: Address) -> int:
+    def _failed_lately(self, peer: str, address: Address) -> bool:
+        """Whether ``address`` failed within ``RETRY_FAILING_MS``: then it is tried last."""
         streak = self._failures.get((peer, address))
-        return streak.count if streak is not None else 0
+        return streak is not None and self._now_ms() - streak.last_ms < RETRY_FAILING_MS
 
     def _due(self, peer: str, address: Address) -> bool:
         """Whether ``address`` has failed often and long enough to be dropped, given a reason."""
@@ -138,17 +142,26 @@ class Reach:
 
     def failed(self, peer: str, address: Address) -> None:
         """An exchange could not use ``address`` (a transport failure): one more in its streak."""
-        key = (peer, address)
-        streak = self._failures.pop(key, None) or _Streak(0, self._now_ms())
+        key, now = (peer, address), self._now_ms()
+        streak = self._failures.pop(key, None) or _Streak(0, now, now)
         streak.count += 1
+        streak.last_ms = now
         self._failures[key] = streak
         while len(self._failures) > MAX_TRACKED_FAILURES:
             self._failures.popitem(last=False)
 
-    def worked(self, peer: str, address: Address) -> None:
-        """``address`` carried an exchange: its streak ends, and the peer's addresses that are
-        due are dropped (this one working is the reason to think they, not the peer, are gone)."""
-        self._failures.pop((peer, address), None)
+    def connected_over(self, peer: str) -> set[str]:
+        """The transports holding a connection to ``peer`` now: over those, any address of the
+        peer "works" (the connection is reused whatever the address names), so an exchange
+        there says nothing about the address it was asked for."""
+        return {a.transport for a in self.live_addresses(peer)}
+
+    def worked(self, peer: str, address: Address, *, dialled: bool = True) -> None:
+        """``address`` carried an exchange: if it was really ``dialled``, its streak ends; and
+        the peer's addresses that are due are dropped (the peer answering is the reason to
+        think that they, not the peer, are gone)."""
+        if dialled:
+            self._failures.pop((peer, address), None)
         record = self._state.peer(peer)
         if record is None:
             return
