@@ -89,6 +89,15 @@ def test_explicit_listen_addresses_are_filtered_too_and_link_local_never_passes(
     assert _s(advertise(_m("/ip4/172.17.0.1/tcp/1"), DOCKER_HOST)) == ["/ip4/172.17.0.1/tcp/1"]
 
 
+def test_observed_addresses_follow_the_listen_addresses_in_scope() -> None:
+    observed = _m("/ip4/203.0.113.50/tcp/4001", "/ip4/127.0.0.1/tcp/4001", "/ip4/172.17.0.1/tcp/9")
+    out = advertise(_m("/ip4/0.0.0.0/tcp/4001"), DOCKER_HOST, _m("/dns4/a.example/tcp/1"), observed)
+    assert _s(out) == ["/dns4/a.example/tcp/1", "/ip4/192.168.1.20/tcp/4001", "/ip4/203.0.113.50/tcp/4001"]
+    # Observed counts as something else: a loopback-only listener seen from outside (a port forward).
+    only_lo = _ifs(("lo", "127.0.0.1"))
+    assert _s(advertise(_m("/ip4/127.0.0.1/tcp/1"), only_lo, (), observed[:1])) == ["/ip4/203.0.113.50/tcp/4001"]
+
+
 def test_which_interfaces_count_as_bridges() -> None:
     for name in ("docker0", "br-0123456789ab", "veth9f", "cni0", "podman0", "virbr1", "lxdbr0", "cali12", "vmnet8"):
         assert is_bridge_interface(name), name

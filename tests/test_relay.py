@@ -288,6 +288,7 @@ async def test_reachability_comes_from_a_dial_back_on_a_fresh_connection() -> No
             await until(lambda: a.transport.status().reachability != "unknown", "a's reachability")
             status = a.transport.status()
             assert status.reachability == "public" and status.reachability_checked_by == relay.peer_id
+            assert status.reachability_source == "dialback"  # ours first; AutoNAT is for relays without it
             [seen] = [d for d in relay.status().dialbacks if d.peer == a.transport.peer_id]
             assert seen.reachability == "public" and seen.address is not None
 

@@ -18,7 +18,10 @@ The rule (:func:`advertise`), in order:
 2. Listen addresses, wildcards expanded over the machine's interfaces (``0.0.0.0`` to
    each IPv4 address, ``::`` to each IPv6 one), each kept only if it is in scope:
    not loopback, not link-local, not unspecified, and not on a bridge interface.
-3. If neither gave anything: the loopback addresses (a node that listens on ``127.0.0.1``
+3. Observed addresses (where peers say they see us, confirmed by at least two observer
+   groups: :mod:`transports.observed`), in scope by the same rule: behind a NAT these are
+   the NAT's outside address, after the listen addresses (a peer on our LAN wants those).
+4. If none of those gave anything: the loopback addresses (a node that listens on ``127.0.0.1``
    only, as in tests, is reachable there and nowhere else); failing that, the listen
    addresses as they are, since the operator chose them.
 
@@ -188,9 +191,11 @@ def advertise(
     listen: Iterable[multiaddr.Multiaddr],
     found: Sequence[Interface],
     announce: Sequence[multiaddr.Multiaddr] = (),
+    observed: Sequence[multiaddr.Multiaddr] = (),
 ) -> list[multiaddr.Multiaddr]:
     """What to tell peers, by the rule in the module docstring: a pure function of the
-    listen addresses, the machine's interface addresses and the announced addresses."""
+    listen addresses, the machine's interface addresses, the announced addresses and the
+    observed ones (confirmed by peers; in scope, after the listen addresses)."""
     bridges = {i.address for i in found if is_bridge_interface(i.name)}
     concrete: list[multiaddr.Multiaddr] = []
     for address in listen:
@@ -198,6 +203,8 @@ def advertise(
     out = list(dict.fromkeys(announce))
     scopes = [(a, scope_of(host, bridges) if (host := ip_of(a)) is not None else "global") for a in concrete]
     out += [a for a, scope in scopes if scope == "global" and a not in out]
+    seen = [a for a in observed if (host := ip_of(a)) is not None and scope_of(host, bridges) == "global"]
+    out += [a for a in seen if a not in out]
     if out:
         return out
     loopback = [a for a, scope in scopes if scope == "loopback"]

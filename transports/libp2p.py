@@ -39,11 +39,10 @@ Every failure of py-libp2p on the asking side becomes a sync error in one place,
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from typing import Any
 
 import multiaddr
@@ -74,12 +73,13 @@ from .libp2p_status import (
     Libp2pStatus,
     RelayServiceStatus,
     connected_peers,
-    directly_connected,
     peer_connection,
     peer_connections,
     peer_pubkey,
 )
-from .reachability import RECHECK_S, DialbackServer, ReachabilityMonitor
+from .observed import ObservedAddresses
+from .reachability import RECHECK_S, ReachabilityMonitor
+from .reachability_service import SERVICES, ReachabilityService
 from .relay import (
     DEFAULT_RELAY_LIMITS,
     RelayClient,
@@ -92,6 +92,14 @@ from .relay import (
 )
 
 log = logging.getLogger(__name__)
+
+# Importing py-libp2p turns propagation off on its "libp2p" logger and gives it no handler
+# (``libp2p.utils.logging.setup_logging``): its warnings then bypass the application's logging
+# and reach stderr bare, multi-line blocks included, through ``logging.lastResort``. Route them
+# through the application's handlers (levels stay the application's to set), unless
+# ``LIBP2P_DEBUG`` gave it handlers of its own.
+if not logging.getLogger("libp2p").handlers:
+    logging.getLogger("libp2p").propagate = True
 
 PROTOCOL_ID = TProtocol("/eidetica/sync/1.0.0")
 MULTISTREAM_ID = "/multistream/1.0.0"
@@ -170,24 +178,31 @@ def _ip4(address: multiaddr.Multiaddr) -> str | None:
 
 
 def advertised_addresses(
-    candidates: list[multiaddr.Multiaddr], announce: Sequence[multiaddr.Multiaddr] = ()
+    candidates: list[multiaddr.Multiaddr],
+    announce: Sequence[multiaddr.Multiaddr] = (),
+    observed: Sequence[multiaddr.Multiaddr] = (),
 ) -> list[multiaddr.Multiaddr]:
     """What a host tells peers (identify, reservations, ``get_addrs``): announced addresses
-    first, then listen addresses expanded and filtered by scope (:mod:`transports.addresses`).
+    first, then listen addresses expanded and filtered by scope, then confirmed observed
+    ones (:mod:`transports.addresses`).
 
     py-libp2p advertises a ``0.0.0.0`` listen address as it is; a peer that dials it reaches
     *itself* (connecting to 0.0.0.0 means this machine), fails the Noise handshake with "peer
     ID mismatch", and the swarm then clears every address it had for the peer. Loopback,
     link-local and container-bridge addresses mislead peers elsewhere the same way.
     """
-    return advertise(candidates, interfaces(), announce)
+    return advertise(candidates, interfaces(), announce, observed)
 
 
 def new_noise_host(
-    key_pair: Any, *, dial_timeout_s: float, retries: bool = True, announce: Sequence[multiaddr.Multiaddr] = ()
+    key_pair: Any,
+    *,
+    dial_timeout_s: float,
+    retries: bool = True,
+    addrs_factory: Callable[[list[multiaddr.Multiaddr]], list[multiaddr.Multiaddr]] = advertised_addresses,
 ) -> IHost:
     """A host that offers Noise only (a default host also accepts plaintext), with Yamux,
-    one connection per peer and no auto-connector; it advertises ``announce`` first."""
+    one connection per peer and no auto-connector, advertising what ``addrs_factory`` says."""
     security = {NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)}
     config = ConnectionConfig(
         max_connections_per_peer=1,
@@ -200,7 +215,7 @@ def new_noise_host(
         sec_opt=security,
         muxer_opt=create_yamux_muxer_option(),
         connection_config=config,
-        addrs_factory=functools.partial(advertised_addresses, announce=announce),
+        addrs_factory=addrs_factory,
     )
     network: Any = host.get_network()
     # The auto-connector aims at (low + high watermark) / 2 connections and redials
@@ -249,6 +264,8 @@ class Libp2pTransport:
         announce: multiaddrs advertised first, exactly as given (``/p2p/<our ID>`` added when
             missing; a ``/p2p/`` naming another peer is an ``AnnounceError``), whatever scope
             they are in: a forwarded port, a DNS name, another relay's circuit.
+        reachability_services: the reachability protocols this node answers for others
+            (``"dialback"``: ours; ``"autonat"``: AutoNAT v1); both dial back from a fresh host.
     """
 
     def __init__(
@@ -265,6 +282,7 @@ class Libp2pTransport:
         hole_punching: bool = True,
         reachability_recheck_s: float = RECHECK_S,
         announce: Sequence[str] = (),
+        reachability_services: Collection[str] = SERVICES,
     ) -> None:
         self._key_pair = create_new_key_pair(key.seed)
         self._listen = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/4001"])]
@@ -274,8 +292,10 @@ class Libp2pTransport:
         self._connect_timeout_s = connect_timeout_s
         self._answer_timeout_s = answer_timeout_s
         # Circuits go to identify through listen_addresses only: get_addrs would cut them at their first /p2p/.
-        identified = [a for a in self._announced if not is_circuit_address(a)]
-        self._host: IHost = new_noise_host(self._key_pair, dial_timeout_s=connect_timeout_s, announce=identified)
+        self._identified = [a for a in self._announced if not is_circuit_address(a)]
+        self._host: IHost = new_noise_host(
+            self._key_pair, dial_timeout_s=connect_timeout_s, addrs_factory=self._advertised
+        )
         self._ready = trio.Event()
         self._stopped = False
         self._serving = False
@@ -285,14 +305,21 @@ class Libp2pTransport:
             RelayClient(self._host, relays, on_inbound_circuit=self._on_inbound_circuit) if relays else None
         )
         self._puncher = HolePuncher(self._host) if hole_punching else None
-        self._dialback = DialbackServer(self._host, self._fresh_host)
-        self._reachability = ReachabilityMonitor(
-            self._host,
-            candidates=self._dialback_candidates,
-            own_addresses=self._direct_addresses,
-            recheck_s=reachability_recheck_s,
-        )
+        self._reach = ReachabilityService(
+            self._host, self._fresh_host, self._relay_client, own_addresses=self._direct_addresses,
+            serving=lambda: self._serving, recheck_s=reachability_recheck_s, services=reachability_services,
+        )  # fmt: skip
+        self._dialback, self._reachability = self._reach.dialback, self._reach.monitor
         self._dial_locks: dict[PeerID, trio.Lock] = {}
+
+    def _advertised(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        """The host's ``addrs_factory``: the listeners' own addresses (not py-libp2p's pick of
+        observed ones, which takes any peer's word), announced ones first, then what peers
+        confirmed seeing us at (:mod:`transports.observed`: two observer groups at least)."""
+        host, reach = getattr(self, "_host", None), getattr(self, "_reach", None)  # None while __init__ runs
+        observed = [multiaddr.Multiaddr(a) for a in reach.observed.confirmed()] if reach is not None else []
+        listening = list(host.get_transport_addrs()) if host is not None else candidates
+        return advertised_addresses(listening, self._identified, observed)
 
     def _fresh_host(self) -> IHost:
         """A throwaway host with a new identity, for dial-backs: it cannot reuse a connection."""
@@ -314,6 +341,11 @@ class Libp2pTransport:
     @property
     def reachability(self) -> ReachabilityMonitor:
         return self._reachability
+
+    @property
+    def observed_addresses(self) -> ObservedAddresses:
+        """Where peers (identify) say they see this node; see :mod:`transports.observed`."""
+        return self._reach.observed
 
     @property
     def hole_puncher(self) -> HolePuncher | None:
@@ -359,7 +391,7 @@ class Libp2pTransport:
         self._serving = True
         try:
             async with trio.open_nursery() as nursery:
-                self._dialback.start()
+                self._reach.start()
                 if self._relay_service is not None:
                     self._relay_service.start()
                 if self._relay_client is not None:
@@ -370,7 +402,7 @@ class Libp2pTransport:
                 task_status.started()
         finally:
             self._serving = False
-            self._dialback.stop()
+            self._reach.stop()
             if self._relay_service is not None:
                 self._relay_service.stop()
             for listener in list(getattr(network, "listeners", {}).values()):
@@ -426,6 +458,10 @@ class Libp2pTransport:
             serving=self._serving,
             reachability=self._reachability.reachability,
             reachability_checked_by=last.peer if last else None,
+            reachability_source=last.source if last else None,
+            reachability_sources=self._reach.verdict_sources(),
+            reachability_checks=self._reachability.attempts,
+            observed_addresses=self._reach.observed.snapshot(),
             listen_addresses=tuple(self.listen_addresses()),
             reservations=self._relay_client.status() if self._relay_client is not None else (),
             peers=peer_connections(self._host),
@@ -433,13 +469,6 @@ class Libp2pTransport:
             relay_service=service,
             dialbacks=tuple(self._dialback.outcomes.values()),
         )
-
-    def _dialback_candidates(self) -> list[PeerID]:
-        """Peers to ask for a dial-back: our relays, then anyone we hold a direct connection to."""
-        relays = self._relay_client.relay_peers if self._relay_client is not None else set()
-        ordered = [p for p in relays if directly_connected(self._host, p)]
-        ordered += [p for p in connected_peers(self._host) if p not in relays and directly_connected(self._host, p)]
-        return ordered
 
     def _on_inbound_circuit(self, peer: PeerID) -> None:
         """We accepted a relayed connection: the accepting end starts DCUtR (the spec's choice)."""

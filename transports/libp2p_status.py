@@ -20,7 +20,8 @@ from dag.keys import pubkey_to_text
 from sync.transport import ConnectionKind, PeerConnection
 
 from .holepunch import HolePunchResult
-from .reachability import DialbackOutcome, Reachability
+from .observed import ObservedAddress
+from .reachability import DialbackOutcome, Reachability, Source
 from .relay import ReservationStatus, is_relayed, split_circuit_address
 
 
@@ -41,7 +42,11 @@ class Libp2pStatus:
     peer_id: str
     serving: bool
     reachability: Reachability
-    reachability_checked_by: str | None  # the peer whose dial-back decided it
+    reachability_checked_by: str | None  # the peer whose dial-back decided it (inference: the relay)
+    reachability_source: Source | None  # "dialback", "autonat" or "inference"; None while unknown
+    reachability_sources: tuple[DialbackOutcome, ...]  # the latest verdict of each source
+    reachability_checks: int  # checks made since start (they back off while nobody can answer)
+    observed_addresses: tuple[ObservedAddress, ...]  # where peers (identify) see this node
     listen_addresses: tuple[str, ...]
     reservations: tuple[ReservationStatus, ...]
     peers: tuple[PeerConnection, ...]
