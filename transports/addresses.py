@@ -46,7 +46,7 @@ import ipaddress
 import re
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -209,6 +209,53 @@ def advertise(
         return out
     loopback = [a for a, scope in scopes if scope == "loopback"]
     return loopback or concrete
+
+
+def own_address(address: multiaddr.Multiaddr, own_id: str) -> multiaddr.Multiaddr:
+    """``address`` ending in ``/p2p/<own_id>`` (added if it names no peer at its end);
+    ``AnnounceError`` if it ends naming another peer, which would send dialers elsewhere."""
+    names = [p.name for p in address.protocols()]
+    if names and names[-1] == "p2p":
+        named = str(address).rsplit("/p2p/", 1)[1]
+        if named != own_id:
+            raise AnnounceError(f"announce address {address} names peer {named}, not this node ({own_id})")
+        return address
+    return address.encapsulate(multiaddr.Multiaddr(f"/p2p/{own_id}"))
+
+
+class Advertiser:
+    """One libp2p host's addresses for peers: its ``addrs_factory`` (identify, reservations,
+    ``get_addrs``) and the order of the transport's ``listen_addresses`` (tickets, handshakes).
+
+    ``announce`` is kept exactly as given, with ``/p2p/<own_id>`` added where missing. A
+    ``/p2p-circuit`` one is left out of the factory: py-libp2p's ``get_addrs`` cuts every
+    address at its first ``/p2p/``, which would turn a circuit into the relay's own address.
+    """
+
+    def __init__(self, announce: Sequence[str], own_id: str) -> None:
+        self.announced = [own_address(multiaddr.Multiaddr(a), own_id) for a in announce]
+        self._identified = [a for a in self.announced if "p2p-circuit" not in [p.name for p in a.protocols()]]
+        self._listening: Callable[[], list[multiaddr.Multiaddr]] | None = None
+        self._observed: Callable[[], list[str]] = list
+
+    def attach(self, listening: Callable[[], list[multiaddr.Multiaddr]], observed: Callable[[], list[str]]) -> None:
+        """Where the listeners' own addresses and the confirmed observed ones come from, once
+        the host and its observed-address table exist (the host calls the factory earlier)."""
+        self._listening, self._observed = listening, observed
+
+    def __call__(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        """The factory. It reads the listeners, not ``candidates``: those also hold py-libp2p's
+        own pick of observed addresses, which takes any peer's word for them."""
+        listening = self._listening() if self._listening is not None else candidates
+        observed = [multiaddr.Multiaddr(a) for a in self._observed()]
+        return advertise(listening, interfaces(), self._identified, observed)
+
+    def ordered(self, direct: Sequence[str], circuits: Sequence[str], *, private: bool) -> list[str]:
+        """Announced addresses, then direct ones, then circuits; circuits before the direct
+        ones once a dial-back has shown that peers cannot dial us."""
+        announced = [str(a) for a in self.announced]
+        rest = [*circuits, *direct] if private else [*direct, *circuits]
+        return announced + [a for a in dict.fromkeys(rest) if a not in announced]
 
 
 __all__ = [

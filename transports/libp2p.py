@@ -66,7 +66,7 @@ from sync.errors import ProtocolError, TransportError, UnreachableError
 from sync.messages import Error, Message, decode_message, encode_message
 from sync.transport import ConnectionKind, Handler, RequestContext, TaskStatus
 
-from .addresses import AnnounceError, advertise, interfaces
+from .addresses import Advertiser, advertise, interfaces
 from .errors import FrameTooLarge, closing_quietly, libp2p_errors
 from .holepunch import HolePuncher
 from .libp2p_status import (
@@ -177,21 +177,16 @@ def _ip4(address: multiaddr.Multiaddr) -> str | None:
         return None
 
 
-def advertised_addresses(
-    candidates: list[multiaddr.Multiaddr],
-    announce: Sequence[multiaddr.Multiaddr] = (),
-    observed: Sequence[multiaddr.Multiaddr] = (),
-) -> list[multiaddr.Multiaddr]:
-    """What a host tells peers (identify, reservations, ``get_addrs``): announced addresses
-    first, then listen addresses expanded and filtered by scope, then confirmed observed
-    ones (:mod:`transports.addresses`).
+def advertised_addresses(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """What a host with nothing to announce tells peers (identify, reservations, ``get_addrs``):
+    listen addresses expanded and filtered by scope (:mod:`transports.addresses`).
 
     py-libp2p advertises a ``0.0.0.0`` listen address as it is; a peer that dials it reaches
     *itself* (connecting to 0.0.0.0 means this machine), fails the Noise handshake with "peer
     ID mismatch", and the swarm then clears every address it had for the peer. Loopback,
     link-local and container-bridge addresses mislead peers elsewhere the same way.
     """
-    return advertise(candidates, interfaces(), announce, observed)
+    return advertise(candidates, interfaces())
 
 
 def new_noise_host(
@@ -262,8 +257,8 @@ class Libp2pTransport:
         hole_punching: answer and start DCUtR to turn relayed connections into direct ones.
         reachability_recheck_s: how often the node asks a peer to dial it back again.
         announce: multiaddrs advertised first, exactly as given (``/p2p/<our ID>`` added when
-            missing; a ``/p2p/`` naming another peer is an ``AnnounceError``), whatever scope
-            they are in: a forwarded port, a DNS name, another relay's circuit.
+            missing; one naming another peer is an ``AnnounceError``), whatever scope they
+            are in: a forwarded port, a DNS name, another relay's circuit (``Advertiser``).
         reachability_services: the reachability protocols this node answers for others
             (``"dialback"``: ours; ``"autonat"``: AutoNAT v1); both dial back from a fresh host.
     """
@@ -286,15 +281,12 @@ class Libp2pTransport:
     ) -> None:
         self._key_pair = create_new_key_pair(key.seed)
         self._listen = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/4001"])]
-        own_id = PeerID.from_pubkey(self._key_pair.public_key)
-        self._announced = [own_address(multiaddr.Multiaddr(a), own_id) for a in announce]
+        self._advertiser = Advertiser(announce, str(PeerID.from_pubkey(self._key_pair.public_key)))
         self.max_frame_bytes = max_frame_bytes
         self._connect_timeout_s = connect_timeout_s
         self._answer_timeout_s = answer_timeout_s
-        # Circuits go to identify through listen_addresses only: get_addrs would cut them at their first /p2p/.
-        self._identified = [a for a in self._announced if not is_circuit_address(a)]
         self._host: IHost = new_noise_host(
-            self._key_pair, dial_timeout_s=connect_timeout_s, addrs_factory=self._advertised
+            self._key_pair, dial_timeout_s=connect_timeout_s, addrs_factory=self._advertiser
         )
         self._ready = trio.Event()
         self._stopped = False
@@ -310,16 +302,8 @@ class Libp2pTransport:
             serving=lambda: self._serving, recheck_s=reachability_recheck_s, services=reachability_services,
         )  # fmt: skip
         self._dialback, self._reachability = self._reach.dialback, self._reach.monitor
+        self._advertiser.attach(self._host.get_transport_addrs, self._reach.observed.confirmed)
         self._dial_locks: dict[PeerID, trio.Lock] = {}
-
-    def _advertised(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        """The host's ``addrs_factory``: the listeners' own addresses (not py-libp2p's pick of
-        observed ones, which takes any peer's word), announced ones first, then what peers
-        confirmed seeing us at (:mod:`transports.observed`: two observer groups at least)."""
-        host, reach = getattr(self, "_host", None), getattr(self, "_reach", None)  # None while __init__ runs
-        observed = [multiaddr.Multiaddr(a) for a in reach.observed.confirmed()] if reach is not None else []
-        listening = list(host.get_transport_addrs()) if host is not None else candidates
-        return advertised_addresses(listening, self._identified, observed)
 
     def _fresh_host(self) -> IHost:
         """A throwaway host with a new identity, for dial-backs: it cannot reuse a connection."""
@@ -419,13 +403,9 @@ class Libp2pTransport:
         come before the direct ones once a dial-back has shown that peers cannot dial us."""
         if not self._serving:
             return []
-        announced = [str(a) for a in self._announced]
-        direct = [a for a in self._direct_addresses() if a not in announced]
         circuits = self._relay_client.circuit_addresses() if self._relay_client is not None else []
-        circuits = [a for a in circuits if a not in announced]
-        if self._reachability.reachability == "private":
-            return announced + circuits + direct
-        return announced + direct + circuits
+        private = self._reachability.reachability == "private"
+        return self._advertiser.ordered(self._direct_addresses(), circuits, private=private)
 
     # ---- status -------------------------------------------------------------------------
 
@@ -559,18 +539,6 @@ class Libp2pTransport:
         finally:
             with closing_quietly("resetting a p2p stream", 2):
                 await stream.reset()  # the stream is gone either way
-
-
-def own_address(address: multiaddr.Multiaddr, own_id: PeerID) -> multiaddr.Multiaddr:
-    """``address`` ending in ``/p2p/<own_id>`` (added if it names no peer at its end);
-    ``AnnounceError`` if it ends naming another peer, which would send dialers elsewhere."""
-    names = [p.name for p in address.protocols()]
-    if names and names[-1] == "p2p":
-        named = str(address).rsplit("/p2p/", 1)[1]
-        if named != str(own_id):
-            raise AnnounceError(f"announce address {address} names peer {named}, not this node ({own_id})")
-        return address
-    return address.encapsulate(multiaddr.Multiaddr(f"/p2p/{own_id}"))
 
 
 def _parse_target(address: str) -> tuple[multiaddr.Multiaddr, PeerInfo | None, PeerID, bool]:
