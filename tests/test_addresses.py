@@ -8,8 +8,13 @@ run on the real engine with libp2p hosts on loopback.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import ipaddress
 import logging
+import os
+import subprocess
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -19,11 +24,12 @@ import trio
 from libp2p.peer.id import ID as PeerID
 
 from dag import Instance, Permission
-from scripts.cli_node import NodeProcess, clean_env, cli
+from scripts.cli_node import BIN, REPO, NodeProcess, clean_env, cli
 from sync import SyncConfig, enable_sync
 from sync import reach as reach_module
 from sync.engine import Sync
 from sync.transport import Address
+from tests.conftest import require_netns
 from transports.addresses import Interface, advertise, dial_failure, is_bridge_interface
 from transports.libp2p import Libp2pTransport
 
@@ -114,6 +120,69 @@ def test_dial_failures_are_named_by_their_cause() -> None:
     stranger = RuntimeError("failed to negotiate the secure protocol")
     stranger.__context__ = ValueError("`msg_bytes` is not delimited: b'HTTP/1.1 400 Bad Request'")
     assert dial_failure(stranger) == "something that is not a libp2p node answers at this address"
+
+
+# ---- a machine with bridges, for real: a namespace ----------------------------------------------
+
+BRIDGED = [("eth0", "10.77.0.5/24"), ("docker0", "172.17.0.1/16"), ("br-0123456789ab", "172.18.0.1/16")]
+BRIDGED += [("virbr0", "192.168.122.1/24"), ("br0", "10.78.0.1/24")]
+
+
+@contextlib.contextmanager
+def _bridged_namespace() -> Iterator[str]:
+    """A namespace with a LAN interface (``eth0``, plus a link-local address), Docker and
+    libvirt bridges and a hand-made LAN bridge ``br0``; deleted on the way out."""
+    require_netns()
+    ns = f"eidE{os.getpid():08x}-bridged"
+    run = functools.partial(subprocess.run, check=True, capture_output=True, timeout=10)
+    run(["ip", "netns", "add", ns])
+    try:
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])
+        for name, address in BRIDGED:
+            if name != "eth0":
+                run(["ip", "-n", ns, "link", "add", name, "type", "bridge"])
+            run(["ip", "-n", ns, "addr", "add", address, "dev", name])
+            run(["ip", "-n", ns, "link", "set", name, "up"])
+        run(["ip", "-n", ns, "addr", "add", "169.254.9.9/16", "dev", "eth0"])
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def _start_in(ns: str, data: Path, *args: str) -> NodeProcess:
+    """``eidetica-node run`` inside namespace ``ns`` (its control socket is a file: the CLI
+    outside reaches it as usual); only the flags given, no loopback listen address added."""
+    stderr = data.parent / f"{data.name}.stderr"
+    with stderr.open("w") as log:
+        argv = ["ip", "netns", "exec", ns, BIN, "run", "--data-dir", str(data), "--json", *args]
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=clean_env(), cwd=REPO)
+    node = NodeProcess(data, process, stderr)
+    try:
+        node.ready = node._ready_line()
+    except BaseException:
+        node.stop()
+        raise
+    return node
+
+
+@pytest.mark.slow
+def test_a_node_on_a_machine_with_bridges_advertises_only_its_lan_addresses(tmp_path: Path) -> None:
+    """Before: this ticket carried 172.17.0.1, 172.18.0.1 and 192.168.122.1 as well (p2p and http)."""
+    with _bridged_namespace() as ns:
+        data = tmp_path / "n"
+        assert cli("init", "--data-dir", str(data)).returncode == 0
+        wildcard = ["--p2p-listen", "/ip4/0.0.0.0/tcp/4001", "--http-bind", "0.0.0.0:8080"]
+        for announce in ([], ["--announce", "/ip4/172.17.0.1/tcp/4001"]):
+            node = _start_in(ns, data, *wildcard, *announce)
+            try:
+                db = node.ok("db", "create", "notes")
+                parts = node.ok("share", db).split("&")[1:]
+                hosts = [p.split(":", 1)[1].split("/")[2] if "p2p:" in p else p.split(":")[1] for p in parts]
+                expected = ["10.77.0.5", "10.78.0.1", "10.77.0.5", "10.78.0.1"]  # p2p, then http
+                assert hosts == (["172.17.0.1"] if announce else []) + expected, parts
+            finally:
+                node.stop()
 
 
 # ---- --announce through the real binary ---------------------------------------------------------
