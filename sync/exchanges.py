@@ -91,9 +91,9 @@ class ExchangeRunner:
             else f"sync of {db_id} with {peer} failed: {error}"
         )
         self._record(db_id, peer, None, error.one_line if isinstance(error, AddressesFailedError) else str(error))
+        log.info("%s", summary)  # also when raised: the user sees it through the CLI, the log keeps it
         if raise_errors:
             raise error
-        log.info("%s", summary)
         return False
 
     async def _over(

@@ -24,10 +24,12 @@ import trio
 from libp2p.peer.id import ID as PeerID
 
 from dag import Instance, Permission
+from node import render
 from scripts.cli_node import BIN, REPO, NodeProcess, clean_env, cli
-from sync import SyncConfig, enable_sync
+from sync import SyncConfig, SyncPeerInfo, enable_sync
 from sync import reach as reach_module
 from sync.engine import Sync
+from sync.errors import AddressesFailedError
 from sync.transport import Address
 from tests.conftest import require_netns
 from transports.addresses import Interface, advertise, dial_failure, is_bridge_interface
@@ -345,3 +347,34 @@ async def _failing_address_is_dropped(monkeypatch: pytest.MonkeyPatch, caplog: p
         await client.connect(good)
         record = client.state.peer(peer)
         assert record is not None and record.addresses == (good,)
+
+
+async def test_a_sync_whose_addresses_all_fail_names_each_and_history_keeps_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sync.exchanges")
+    with trio.fail_after(30):
+        async with AsyncExitStack() as stack:
+            client, _ = await _node(stack, "client")
+            _, other = await _node(stack, "other")  # a live node that is not the peer asked for
+            ghost = Libp2pTransport(Instance.in_memory().device_key)  # only its peer ID is used
+            db = client.instance.create_database(name="notes").id
+            dead = [
+                Address("p2p", f"/ip4/127.0.0.1/tcp/9/p2p/{ghost.peer_id}"),
+                Address("p2p", other.listen_addresses()[0].rsplit("/p2p/", 1)[0] + f"/p2p/{ghost.peer_id}"),
+            ]
+            client.register_sync_peer(SyncPeerInfo("ed25519:ghost", db, addresses=tuple(dead)))
+            with pytest.raises(AddressesFailedError) as caught:
+                await client.sync_now("ed25519:ghost", db)
+            last_error = client.state.cursor(db, "ed25519:ghost").last_error  # before retries in the background
+    error = caught.value
+    assert [a for a, _ in error.attempts] == [str(a) for a in dead]
+    assert "connection refused" in error.attempts[0][1] and "peer ID mismatch" in error.attempts[1][1]
+    lines = str(error).splitlines()
+    assert lines[0] == f"sync of {db} with ed25519:ghost: 2 addresses tried:" and len(lines) == 3
+    assert last_error == error.one_line and "\n" not in error.one_line
+    assert error.one_line in caplog.text
+    # The CLI's sync output: the FAILED line, then one line per address.
+    rendered = render.sync({"results": [{"db": db, "peer": "ed25519:ghost", "ok": False, "error": str(error)}]})
+    assert rendered[0].startswith("FAILED") and rendered[0].endswith("2 addresses tried:")
+    assert [line.split(": ", 1)[0].strip() for line in rendered[1:]] == [str(a) for a in dead]
