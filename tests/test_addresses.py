@@ -25,7 +25,7 @@ from libp2p.peer.id import ID as PeerID
 
 from dag import Instance, Permission
 from node import render
-from scripts.cli_node import BIN, REPO, NodeProcess, clean_env, cli
+from scripts.cli_node import NodeProcess, clean_env, cli
 from sync import SyncConfig, SyncPeerInfo, enable_sync
 from sync import reach as reach_module
 from sync.engine import Sync
@@ -152,22 +152,6 @@ def _bridged_namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
-def _start_in(ns: str, data: Path, *args: str) -> NodeProcess:
-    """``eidetica-node run`` inside namespace ``ns`` (its control socket is a file: the CLI
-    outside reaches it as usual); only the flags given, no loopback listen address added."""
-    stderr = data.parent / f"{data.name}.stderr"
-    with stderr.open("w") as log:
-        argv = ["ip", "netns", "exec", ns, BIN, "run", "--data-dir", str(data), "--json", *args]
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=clean_env(), cwd=REPO)
-    node = NodeProcess(data, process, stderr)
-    try:
-        node.ready = node._ready_line()
-    except BaseException:
-        node.stop()
-        raise
-    return node
-
-
 @pytest.mark.slow
 def test_a_node_on_a_machine_with_bridges_advertises_only_its_lan_addresses(tmp_path: Path) -> None:
     """Before: this ticket carried 172.17.0.1, 172.18.0.1 and 192.168.122.1 as well (p2p and http)."""
@@ -176,7 +160,7 @@ def test_a_node_on_a_machine_with_bridges_advertises_only_its_lan_addresses(tmp_
         assert cli("init", "--data-dir", str(data)).returncode == 0
         wildcard = ["--p2p-listen", "/ip4/0.0.0.0/tcp/4001", "--http-bind", "0.0.0.0:8080"]
         for announce in ([], ["--announce", "/ip4/172.17.0.1/tcp/4001"]):
-            node = _start_in(ns, data, *wildcard, *announce)
+            node = NodeProcess.start(data, *announce, network=wildcard, launcher=["ip", "netns", "exec", ns])
             try:
                 db = node.ok("db", "create", "notes")
                 parts = node.ok("share", db).split("&")[1:]
