@@ -61,8 +61,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    # An error may quote what a peer sent (its error text, a database name): escaped.
-    print(f"{PROG}: error: {render.terminal_safe(' '.join(str(message).split()))}", file=sys.stderr)
+    # An error may quote what a peer sent (its error text, a database name): escaped, line by
+    # line (a failed join names each address tried on a line of its own, indented).
+    head, *rest = str(message).splitlines() or [""]
+    lines = [" ".join(head.split()), *("  " + " ".join(line.split()) for line in rest if line.strip())]
+    print("\n".join(render.terminal_safe(line) for line in [f"{PROG}: error: {lines[0]}", *lines[1:]]), file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -108,6 +111,14 @@ def _daemon_options() -> Parser:
         default=argparse.SUPPRESS,
         metavar="MULTIADDR",
         help="a circuit relay to reserve a slot on, repeatable (env EIDETICA_RELAYS)",
+    )
+    group.add_argument(
+        "--announce",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="MULTIADDR",
+        help="an address peers can dial this node at (a forwarded port, a DNS name), advertised first"
+        " exactly as given; repeatable (env EIDETICA_ANNOUNCE, comma-separated)",
     )
     group.add_argument(
         "--relay-service",
@@ -279,7 +290,7 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 FLAG_SETTINGS = (
     *("data_dir", "config", "name", "log_level", "p2p", "p2p_listen", "relays", "relay_service", "hole_punching"),
-    *("http", "http_bind", "http_advertise", "metrics_bind", "signature_processes"),
+    *("http", "http_bind", "http_advertise", "metrics_bind", "signature_processes", "announce"),
 )
 
 
@@ -504,7 +515,8 @@ def _remote(config: NodeConfig, args: argparse.Namespace) -> int:
         outcomes = api.SYNC.result(result)["results"]
         failed = [r for r in outcomes if not r["ok"]]
         if failed:
-            _fail(f"{len(failed)} of {len(outcomes)} syncs failed; first: {failed[0]['error']}")
+            first = (str(failed[0]["error"]).splitlines() or [""])[0]  # the lines after it are on stdout already
+            _fail(f"{len(failed)} of {len(outcomes)} syncs failed; first: {first}")
     return 0
 
 

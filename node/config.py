@@ -41,6 +41,7 @@ class NodeConfig:
     p2p: bool = True
     p2p_listen: tuple[str, ...] = DEFAULT_P2P_LISTEN
     relays: tuple[str, ...] = ()
+    announce: tuple[str, ...] = ()  # advertised first, exactly as given (transports/addresses.py)
     relay_service: bool = False
     hole_punching: bool = True
     http: bool = True
@@ -71,7 +72,7 @@ class Setting:
     field: str
     toml: str  # "section.key" or "key"
     env: str
-    kind: str  # "str", "bool", "list", "path", "level", "optional", "count"
+    kind: str  # "str", "bool", "list", "multiaddrs", "path", "level", "optional", "count"
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -82,6 +83,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("p2p", "p2p.enabled", "EIDETICA_P2P", "bool"),
     Setting("p2p_listen", "p2p.listen", "EIDETICA_P2P_LISTEN", "list"),
     Setting("relays", "p2p.relays", "EIDETICA_RELAYS", "list"),
+    Setting("announce", "p2p.announce", "EIDETICA_ANNOUNCE", "multiaddrs"),
     Setting("relay_service", "p2p.relay_service", "EIDETICA_RELAY_SERVICE", "bool"),
     Setting("hole_punching", "p2p.hole_punching", "EIDETICA_HOLE_PUNCHING", "bool"),
     Setting("http", "http.enabled", "EIDETICA_HTTP", "bool"),
@@ -112,12 +114,18 @@ def _convert(setting: Setting, value: Any, source: str) -> Any:
         if text is None or not (text == "auto" or (text.isdigit() and int(text) <= MAX_COUNT)):
             raise bad(f"auto or a whole number from 0 to {MAX_COUNT}")
         return text if text == "auto" else str(int(text))
-    if setting.kind == "list":
+    if setting.kind in ("list", "multiaddrs"):
         if isinstance(value, str):  # environment: comma-separated
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise bad("a list of strings")
+            items = tuple(part.strip() for part in value.split(",") if part.strip())
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            items = tuple(value)
+        else:
+            raise bad("a list of strings")
+        if setting.kind == "multiaddrs":
+            for item in items:
+                if (reason := _multiaddr_error(item)) is not None:
+                    raise ConfigError(f"{where} must be multiaddrs like /ip4/203.0.113.7/tcp/4001: {item!r} {reason}")
+        return items
     if not isinstance(value, str):
         raise bad("a string")
     if setting.kind == "path":
@@ -131,6 +139,18 @@ def _convert(setting: Setting, value: Any, source: str) -> Any:
     if setting.kind == "optional":
         return value or None
     return value
+
+
+def _multiaddr_error(text: str) -> str | None:
+    """Why ``text`` is not a multiaddr, or None if it is one."""
+    import multiaddr  # only the settings that hold multiaddrs need it
+    from multiaddr.exceptions import Error as MultiaddrError
+
+    try:
+        multiaddr.Multiaddr(text)
+    except (ValueError, MultiaddrError) as exc:  # parse errors are both; binascii and base58 ones ValueError
+        return f"is not one ({' '.join(str(exc).split()) or type(exc).__name__})"
+    return None
 
 
 def _flatten(document: Mapping[str, Any], path: Path) -> dict[str, Any]:

@@ -94,7 +94,9 @@ def _error(exc: BaseException) -> JSONResponse:
     status, code, message = error_for(exc)
     if status >= 500 and code == "internal":
         log.error("control command failed", exc_info=exc)
-    return JSONResponse({"error": " ".join(message.split()), "code": code}, status_code=status)
+    # Lines stay lines (a failed join names each address tried on its own), each one tidied.
+    lines = [" ".join(line.split()) for line in message.splitlines()]
+    return JSONResponse({"error": "\n".join(line for line in lines if line), "code": code}, status_code=status)
 
 
 def control_app(service: NodeService, *, commands: bool = True) -> Starlette:

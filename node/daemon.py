@@ -51,6 +51,7 @@ def open_instance(config: NodeConfig) -> Instance:
 
 
 def _libp2p(config: NodeConfig, key: SigningKey) -> Transport:
+    from transports.addresses import AnnounceError
     from transports.libp2p import Libp2pTransport
 
     try:
@@ -60,7 +61,10 @@ def _libp2p(config: NodeConfig, key: SigningKey) -> Transport:
             relays=list(config.relays),
             relay_service=config.relay_service,
             hole_punching=config.hole_punching,
+            announce=config.announce,
         )
+    except AnnounceError as exc:
+        raise ConfigError(f"--announce: {exc}") from None
     except (ValueError, TypeError) as exc:  # multiaddr parse errors are ValueError subclasses
         raise ConfigError(f"bad --p2p-listen address in {', '.join(config.p2p_listen)}: {exc}") from None
 

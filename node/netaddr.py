@@ -8,37 +8,19 @@ expands its own multiaddrs (``transports.libp2p.advertised_addresses``).
 
 from __future__ import annotations
 
-import fcntl
-import socket
-import struct
-
-SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
 WILDCARD_V4 = "0.0.0.0"
 
 
 def local_ipv4_addresses() -> list[str]:
-    """This host's IPv4 addresses, non-loopback first; ``["127.0.0.1"]`` if none can be read."""
-    found: list[str] = []
-    try:
-        names = [name for _index, name in socket.if_nameindex()]
-    except OSError:
-        names = []
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        for name in names:
-            request = struct.pack("256s", name.encode()[:15])
-            try:
-                answer = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, request)
-            except OSError:
-                continue  # no IPv4 address on this interface
-            address = socket.inet_ntoa(answer[20:24])
-            if address not in found:
-                found.append(address)
-    finally:
-        probe.close()
-    if "127.0.0.1" not in found:
-        found.append("127.0.0.1")
-    return sorted(found, key=lambda a: a.startswith("127."))
+    """This host's IPv4 addresses a peer elsewhere can use, by the libp2p transport's scope
+    rule (no loopback, link-local or container-bridge addresses; loopback when there is
+    nothing else: :mod:`transports.addresses`); ``["127.0.0.1"]`` if none can be read."""
+    import multiaddr
+
+    from transports.addresses import advertise, interfaces, ip_of
+
+    found = [str(ip_of(a)) for a in advertise([multiaddr.Multiaddr(f"/ip4/{WILDCARD_V4}/tcp/1")], interfaces())]
+    return [a for a in found if a != WILDCARD_V4] or ["127.0.0.1"]
 
 
 def is_wildcard_host(host: str) -> bool:

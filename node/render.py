@@ -197,10 +197,14 @@ def peers(result: PeerList) -> list[str]:
 def sync(result: SyncResult) -> list[str]:
     if not result["results"]:
         return ["nothing to sync: no database syncs with a peer yet"]
-    return [
-        f"{'ok    ' if r['ok'] else 'FAILED'} {r['db']} with {r['peer']}" + ("" if r["ok"] else f": {r['error']}")
-        for r in result["results"]
-    ]
+    lines = []
+    for r in result["results"]:
+        first, *rest = (r["error"] or "").splitlines() or [""]  # several addresses tried: one line each
+        lines.append(
+            f"{'ok    ' if r['ok'] else 'FAILED'} {r['db']} with {r['peer']}" + ("" if r["ok"] else f": {first}")
+        )
+        lines += [f"  {line.strip()}" for line in rest]
+    return lines
 
 
 def access_list(result: AccessList) -> list[str]:

@@ -139,7 +139,7 @@ class Sync:
         self.display_name = str(name)
         self.budget = UnverifiedBudget(instance)  # one per node: a peer's pushes and answers share it
         self.access = AccessAdmin(instance, self.state, now_ms)
-        self.reach = Reach(instance, self.state, self._transports)
+        self.reach = Reach(instance, self.state, self._transports, now_ms=now_ms)
         self.exchanges = ExchangeRunner(
             instance,
             self.state,
@@ -260,7 +260,11 @@ class Sync:
             )
         self.reach.peers_by_address[address] = hello.pubkey
         self.state.upsert_peer(
-            hello.pubkey, display_name=hello.display_name, addresses=[address, *hello.addresses], seen_ms=self._now_ms()
+            hello.pubkey,
+            display_name=hello.display_name,
+            addresses=self.reach.refreshed(hello.pubkey, address, hello.addresses),
+            seen_ms=self._now_ms(),
+            replace_addresses=True,
         )
         return hello
 

@@ -8,6 +8,7 @@ SyncError                       base of everything raised by ``sync``
 │   └── VersionMismatchError    the peer speaks another protocol version
 ├── TransportError              the request did not complete (cause in ``__cause__``)
 │   ├── UnreachableError        no transport could reach any address of the peer
+│   │   └── AddressesFailedError    several addresses tried, each failed (``attempts``: each one's error)
 │   └── RequestTimeoutError     no answer in time
 ├── AccessError                 the peer refused us, or we refused the peer
 │   ├── UnauthorizedError       no key with Read or better signed the request
@@ -24,6 +25,8 @@ SyncError                       base of everything raised by ``sync``
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class SyncError(Exception):
@@ -60,6 +63,32 @@ class TransportError(SyncError):
 
 class UnreachableError(TransportError):
     code = "unreachable"
+
+
+class AddressesFailedError(UnreachableError):
+    """Every address tried failed. Its text names each with its own error, one line each,
+    so a user sees that (say) the direct address was refused *and* the circuit was cut,
+    not only whichever failed last; ``one_line`` is the same for logs and history rows."""
+
+    def __init__(self, what: str, attempts: Sequence[tuple[str, str]]) -> None:
+        self.what = what
+        self.attempts = tuple(attempts)
+        count = len(self.attempts)
+        self.head = f"{what}: {count} address{'' if count == 1 else 'es'} tried"
+        super().__init__("\n".join([self.head + ":", *(f"  {a}: {e}" for a, e in self.attempts)]))
+
+    @property
+    def one_line(self) -> str:
+        return self.head + ": " + "; ".join(f"{a}: {e}" for a, e in self.attempts)
+
+
+def attempt_error(address: str, exc: BaseException) -> str:
+    """One address's error without the address repeated (transports name it in their text)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for prefix in (f"{address}: ", f"{address.partition(':')[2]}: "):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+    return text
 
 
 class RequestTimeoutError(TransportError):

@@ -21,7 +21,7 @@ import trio
 from dag import Instance, NotFoundError
 
 from .client import ExchangeResult
-from .errors import LimitError, SyncError, TransportError, UnreachableError
+from .errors import AddressesFailedError, LimitError, SyncError, TransportError, UnreachableError, attempt_error
 from .handler import Offload, UnverifiedBudget
 from .peer import AnswerCut, sync_database
 from .reach import Reach
@@ -78,24 +78,31 @@ class ExchangeRunner:
             log.info("%s", addresses)
             return True
         access = relation.access if relation else None
-        error: Exception | None = None
+        attempts: list[tuple[Address, Exception]] = []
+        connected = self._reach.connected_over(peer)
         for address in addresses:
             try:
                 result = await self._over(address, peer, db_id, access=access, push_only=push_only)
             except (SyncError, NotFoundError) as exc:
-                error = exc
+                attempts.append((address, exc))
                 if isinstance(exc, TransportError):
+                    self._reach.failed(peer, address)
                     continue
-                break
+                break  # an answer (a refusal, an unknown database): other addresses reach the same peer
+            self._reach.worked(peer, address, dialled=address.transport not in connected)
             if not result.skipped:
                 self._record(db_id, peer, result, None)
             return True
-        if error is None:
-            error = UnreachableError(f"no known address reaches peer {peer}")
-        self._record(db_id, peer, None, str(error))
+        error = _failure(db_id, peer, attempts)
+        summary = (
+            error.one_line
+            if isinstance(error, AddressesFailedError)
+            else f"sync of {db_id} with {peer} failed: {error}"
+        )
+        self._record(db_id, peer, None, error.one_line if isinstance(error, AddressesFailedError) else str(error))
+        log.info("%s", summary)  # also when raised: the user sees it through the CLI, the log keeps it
         if raise_errors:
             raise error
-        log.info("sync of %s with %s failed: %s", db_id, peer, error)
         return False
 
     async def _over(
@@ -183,6 +190,22 @@ class ExchangeRunner:
         )
         if result is not None:
             self._state.upsert_peer(peer, seen_ms=self._now_ms())
+
+
+def _failure(db_id: str, peer: str, attempts: list[tuple[Address, Exception]]) -> Exception:
+    """The error an exchange that failed raises: an answer (the last attempt was not a
+    transport failure) as it came, one failed address as its own error, several as one
+    error naming each address with its own failure."""
+    if not attempts:
+        return UnreachableError(f"no known address reaches peer {peer}")
+    last = attempts[-1][1]
+    if len(attempts) == 1 or not isinstance(last, TransportError):
+        return last
+    error = AddressesFailedError(
+        f"sync of {db_id} with {peer}", [(str(a), attempt_error(str(a), e)) for a, e in attempts]
+    )
+    error.__cause__ = last
+    return error
 
 
 __all__ = ["ExchangeRunner"]

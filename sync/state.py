@@ -153,15 +153,19 @@ class SyncState:
         display_name: str | None = None,
         addresses: list[Address] | tuple[Address, ...] = (),
         seen_ms: int | None = None,
+        replace_addresses: bool = False,
     ) -> PeerRecord:
         """Record a peer, merging addresses with what is known; writes only on change.
 
         The addresses given come first (the newest knowledge), then the known ones, at most
         ``MAX_PEER_ADDRESSES`` in all; over-long addresses and names are dropped or cut.
+        ``replace_addresses``: the addresses given are the whole list (``sync.reach`` decided
+        which known ones stay: see ``Reach.refreshed``).
         """
         old = self.peer(pubkey)
         merged: list[Address] = []
-        for address in (*addresses, *(old.addresses if old else ())):
+        known = () if replace_addresses or old is None else old.addresses
+        for address in (*addresses, *known):
             if address not in merged and len(address.address) <= MAX_ADDRESS_CHARS and len(merged) < MAX_PEER_ADDRESSES:
                 merged.append(address)
         name = display_name if display_name is not None else (old.display_name if old else None)

@@ -7,6 +7,7 @@ without a valid ``db`` is refused.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from urllib.parse import parse_qsl, quote
 from dag import NotFoundError, cid_from_text
 from dag.errors import BadCidError
 
-from .errors import AccessError, SyncError, TicketError, UnreachableError
+from .errors import AccessError, AddressesFailedError, SyncError, TicketError, attempt_error
 from .transport import Address
+
+log = logging.getLogger(__name__)
 
 SCHEME = "eidetica:"
 _TRANSPORT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -62,13 +65,16 @@ async def join_any(ticket: Ticket, bootstrap: Callable[[Address], Awaitable[obje
     """Bootstrap the ticket's database from whichever of its addresses answers first.
 
     A refusal (no access, a pending request) is an answer, so it is what the caller hears
-    if no address succeeds; otherwise every address's failure is named, so a join that
-    fails says where it tried, not only the last error.
+    if no address succeeds; otherwise the error names every address tried with its own
+    failure (an exchange that itself went through several of the peer's addresses counts
+    each of them), one line each: a join whose direct address was refused and whose
+    circuit was cut says both, not only the last.
     """
     if not ticket.addresses:
         raise TicketError("ticket has no usable address")
-    errors: list[str] = []
+    attempts: list[tuple[str, str]] = []
     refusal: AccessError | None = None
+    last: Exception | None = None
     for address in ticket.addresses:
         try:
             await bootstrap(address)
@@ -76,7 +82,16 @@ async def join_any(ticket: Ticket, bootstrap: Callable[[Address], Awaitable[obje
         except AccessError as exc:
             refusal = refusal or exc
         except (SyncError, NotFoundError) as exc:
-            errors.append(f"{address}: {exc}")
+            last = exc
+            tried = (
+                exc.attempts
+                if isinstance(exc, AddressesFailedError)
+                else ((str(address), attempt_error(str(address), exc)),)
+            )
+            attempts += [attempt for attempt in tried if attempt not in attempts]
     if refusal is not None:
         raise refusal
-    raise UnreachableError("no address in the ticket answered: " + "; ".join(errors))
+    error = AddressesFailedError("join failed", attempts)
+    for where, reason in attempts:
+        log.info("join of %s: %s: %s", ticket.db, where, reason)
+    raise error from last

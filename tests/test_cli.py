@@ -277,7 +277,6 @@ def test_error_paths_against_a_running_node(tmp_path: Path) -> None:
             (["join", "not-a-ticket"], "bad ticket: a ticket starts with 'eidetica:'"),
             (["join", "eidetica:?db=nope&pr=http:127.0.0.1:1"], "bad ticket: ticket's db is not a database ID"),
             (["join", f"eidetica:?db={db}"], "bad ticket: ticket has no usable address"),
-            (["join", f"eidetica:?db={db}&pr=http:127.0.0.1:9"], "no address in the ticket answered"),
             (["join", f"eidetica:?db={db}&pr=http:127.0.0.1:9", "--access", "all"], "not a permission: 'all'"),
             (["db", "show", "nothere"], "no database named 'nothere' here"),
             (["db", "get", "bafyr4ihkr4ld3m4gqkjf4reryxsy2s5tkbxprqkow6fin2iiyvreuzzab4"], "no database bafyr4i"),
@@ -297,6 +296,12 @@ def test_error_paths_against_a_running_node(tmp_path: Path) -> None:
             assert result.returncode == 1, (args, result)
             assert_one_line_error(result.stderr, fragment)
             assert result.stdout == ""
+        # A failed join names each address tried on a line of its own (tests/test_addresses.py has more).
+        result = node.cli("join", f"eidetica:?db={db}&pr=http:127.0.0.1:9")
+        assert result.returncode == 1 and result.stdout == ""
+        head, *tried = result.stderr.splitlines()
+        assert head == f"{ONE_LINE}join failed: 1 address tried:", result.stderr
+        assert len(tried) == 1 and tried[0].startswith("  http:127.0.0.1:9: cannot connect"), result.stderr
         result = node.cli("db", "list", "--bogus")
         assert result.returncode == 2
         assert_one_line_error(result.stderr, "unrecognized arguments: --bogus")

@@ -113,3 +113,21 @@ def test_hole_punching_can_be_turned_off_by_flag_environment_or_file(tmp_path: P
     assert not load_config({}, {"EIDETICA_HOLE_PUNCHING": "off"}).hole_punching
     (tmp_path / "c.toml").write_text("[p2p]\nhole_punching = false\n")
     assert not load_config({"config": str(tmp_path / "c.toml")}, {}).hole_punching
+
+
+def test_announce_from_flag_environment_or_file_is_checked_as_multiaddrs(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[p2p]\nannounce = ["/dns4/a.example/tcp/4001", "/ip4/203.0.113.7/tcp/4001"]\n')
+    assert load_config({"config": str(path)}, {}).announce == ("/dns4/a.example/tcp/4001", "/ip4/203.0.113.7/tcp/4001")
+    env = {"EIDETICA_ANNOUNCE": "/ip4/203.0.113.8/tcp/1, /ip6/2001:db8::1/tcp/2", "EIDETICA_DATA_DIR": str(tmp_path)}
+    assert load_config({}, env).announce == ("/ip4/203.0.113.8/tcp/1", "/ip6/2001:db8::1/tcp/2")
+    assert load_config({"announce": ["/ip4/203.0.113.9/tcp/3"]}, env).announce == ("/ip4/203.0.113.9/tcp/3",)
+    assert NodeConfig().announce == ()
+    path.write_text('[p2p]\nannounce = ["/ip4/203.0.113.7/tcp/99999"]\n')
+    with pytest.raises(
+        ConfigError, match=r"node.toml: p2p.announce must be multiaddrs like .*'/ip4/203.0.113.7/tcp/99999' is not one"
+    ):
+        load_config({"config": str(path)}, {})
+    with pytest.raises(ConfigError, match=r"^environment variable EIDETICA_ANNOUNCE must be multiaddrs like"):
+        load_config({}, {"EIDETICA_ANNOUNCE": "nope", "EIDETICA_DATA_DIR": str(tmp_path)})
+    assert "# announce = []    # env EIDETICA_ANNOUNCE" in config_template()

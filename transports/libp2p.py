@@ -39,11 +39,10 @@ Every failure of py-libp2p on the asking side becomes a sync error in one place,
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator, Collection, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from typing import Any
 
 import multiaddr
@@ -59,7 +58,6 @@ from libp2p.peer.id import ID as PeerID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.utils.address_validation import expand_wildcard_address
 from libp2p.utils.varint import decode_uvarint_from_stream, encode_delim
 from multiaddr.exceptions import Error as MultiaddrError
 
@@ -68,6 +66,7 @@ from sync.errors import ProtocolError, TransportError, UnreachableError
 from sync.messages import Error, Message, decode_message, encode_message
 from sync.transport import ConnectionKind, Handler, RequestContext, TaskStatus
 
+from .addresses import Advertiser, advertise, interfaces
 from .errors import FrameTooLarge, closing_quietly, libp2p_errors
 from .holepunch import HolePuncher
 from .libp2p_status import (
@@ -179,32 +178,27 @@ def _ip4(address: multiaddr.Multiaddr) -> str | None:
         return None
 
 
-def _is_loopback(address: multiaddr.Multiaddr) -> bool:
-    host = _ip4(address)
-    return host is not None and ipaddress.ip_address(host).is_loopback
-
-
 def advertised_addresses(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-    """What a host tells peers (identify, reservations, ``get_addrs``): wildcards expanded.
+    """What a host with nothing to announce tells peers (identify, reservations, ``get_addrs``):
+    listen addresses expanded and filtered by scope (:mod:`transports.addresses`).
 
     py-libp2p advertises a ``0.0.0.0`` listen address as it is; a peer that dials it reaches
     *itself* (connecting to 0.0.0.0 means this machine), fails the Noise handshake with "peer
-    ID mismatch", and the swarm then clears every address it had for the peer. Loopback
-    addresses are dropped when there are others, for the same reason.
+    ID mismatch", and the swarm then clears every address it had for the peer. Loopback,
+    link-local and container-bridge addresses mislead peers elsewhere the same way.
     """
-    expanded: list[multiaddr.Multiaddr] = []
-    for address in candidates:
-        wildcard = _ip4(address) == "0.0.0.0"
-        for concrete in expand_wildcard_address(address) if wildcard else [address]:
-            if concrete not in expanded:
-                expanded.append(concrete)
-    others = [a for a in expanded if not _is_loopback(a)]
-    return others or expanded
+    return advertise(candidates, interfaces())
 
 
-def new_noise_host(key_pair: Any, *, dial_timeout_s: float, retries: bool = True) -> IHost:
+def new_noise_host(
+    key_pair: Any,
+    *,
+    dial_timeout_s: float,
+    retries: bool = True,
+    addrs_factory: Callable[[list[multiaddr.Multiaddr]], list[multiaddr.Multiaddr]] = advertised_addresses,
+) -> IHost:
     """A host that offers Noise only (a default host also accepts plaintext), with Yamux,
-    one connection per peer and no auto-connector."""
+    one connection per peer and no auto-connector, advertising what ``addrs_factory`` says."""
     security = {NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)}
     config = ConnectionConfig(
         max_connections_per_peer=1,
@@ -217,7 +211,7 @@ def new_noise_host(key_pair: Any, *, dial_timeout_s: float, retries: bool = True
         sec_opt=security,
         muxer_opt=create_yamux_muxer_option(),
         connection_config=config,
-        addrs_factory=advertised_addresses,
+        addrs_factory=addrs_factory,
     )
     network: Any = host.get_network()
     # The auto-connector aims at (low + high watermark) / 2 connections and redials
@@ -263,6 +257,9 @@ class Libp2pTransport:
             ``/p2p-circuit`` addresses are advertised (first, once the node knows it is private).
         hole_punching: answer and start DCUtR to turn relayed connections into direct ones.
         reachability_recheck_s: how often the node asks a peer to dial it back again.
+        announce: multiaddrs advertised first, exactly as given (``/p2p/<our ID>`` added when
+            missing; one naming another peer is an ``AnnounceError``), whatever scope they
+            are in: a forwarded port, a DNS name, another relay's circuit (``Advertiser``).
         reachability_services: the reachability protocols this node answers for others
             (``"dialback"``: ours; ``"autonat"``: AutoNAT v1); both dial back from a fresh host.
     """
@@ -280,14 +277,18 @@ class Libp2pTransport:
         relays: Sequence[str] = (),
         hole_punching: bool = True,
         reachability_recheck_s: float = RECHECK_S,
+        announce: Sequence[str] = (),
         reachability_services: Collection[str] = SERVICES,
     ) -> None:
         self._key_pair = create_new_key_pair(key.seed)
         self._listen = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/4001"])]
+        self._advertiser = Advertiser(announce, str(PeerID.from_pubkey(self._key_pair.public_key)))
         self.max_frame_bytes = max_frame_bytes
         self._connect_timeout_s = connect_timeout_s
         self._answer_timeout_s = answer_timeout_s
-        self._host: IHost = new_noise_host(self._key_pair, dial_timeout_s=connect_timeout_s)
+        self._host: IHost = new_noise_host(
+            self._key_pair, dial_timeout_s=connect_timeout_s, addrs_factory=self._advertiser
+        )
         self._ready = trio.Event()
         self._stopped = False
         self._serving = False
@@ -304,6 +305,7 @@ class Libp2pTransport:
             serving=lambda: self._serving, recheck_s=reachability_recheck_s, services=reachability_services,
         )  # fmt: skip
         self._dialback, self._reachability = self._reach.dialback, self._reach.monitor
+        self._advertiser.attach(self._host.get_transport_addrs, self._reach.observed.confirmed)
         self._dial_locks: dict[PeerID, trio.Lock] = {}
 
     def _fresh_host(self) -> IHost:
@@ -401,15 +403,13 @@ class Libp2pTransport:
         return [str(a) for a in self._host.get_addrs() if not is_circuit_address(a)]
 
     def listen_addresses(self) -> list[str]:
-        """Direct addresses, then ``/p2p-circuit`` ones; the circuits come first once a
-        dial-back has shown that peers cannot dial us directly."""
+        """Announced addresses, then direct ones, then ``/p2p-circuit`` ones; the circuits
+        come before the direct ones once a dial-back has shown that peers cannot dial us."""
         if not self._serving:
             return []
-        direct = self._direct_addresses()
         circuits = self._relay_client.circuit_addresses() if self._relay_client is not None else []
-        if self._reachability.reachability == "private":
-            return circuits + direct
-        return direct + circuits
+        private = self._reachability.reachability == "private"
+        return self._advertiser.ordered(self._direct_addresses(), circuits, private=private)
 
     # ---- status -------------------------------------------------------------------------
 

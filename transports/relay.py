@@ -62,6 +62,7 @@ from multiaddr.exceptions import Error as MultiaddrError
 
 from sync.transport import TaskStatus
 
+from .addresses import dial_failure
 from .errors import RelayError, closing_quietly, libp2p_errors, quietly
 
 log = logging.getLogger(__name__)
@@ -631,7 +632,7 @@ async def dial_exactly(host: IHost, peer: PeerInfo) -> None:
         try:
             await network.dial_addr(address, peer.peer_id)
         except Exception as exc:  # any library failure: try the next address; all are in the error
-            errors.append(f"{address}: {type(exc).__name__}: {exc}")
+            errors.append(f"{address}: {dial_failure(exc)}")
             continue
         schedule_identify = getattr(host, "_schedule_identify", None)
         if callable(schedule_identify):
