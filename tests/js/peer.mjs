@@ -20,8 +20,16 @@ const expect = (name, ok, detail) => { if (!ok) failures.push(`${name}: ${detail
 
 const node = await createNode({ transports: [circuitRelayTransport()] })
 try {
-  const connection = await node.dial(target, options)
-  const id = await node.services.identify.identify(connection, options)
+  // js runs identify by itself on every new connection (one outbound identify stream per
+  // connection at a time): wait for that result rather than racing it with a second one.
+  const identified = new Promise((resolve) => {
+    node.addEventListener('peer:identify', (event) => { resolve(event.detail) })
+  })
+  await node.dial(target, options)
+  const id = await Promise.race([
+    identified,
+    new Promise((resolve, reject) => setTimeout(() => reject(new Error('no identify result in 15 s')), 15_000))
+  ])
   checks.agent = id.agentVersion
   checks.protocols = id.protocols
   checks.observed = id.observedAddr?.toString() ?? null
