@@ -568,6 +568,10 @@ class HubTopology(NatTopology):
         self.addr = {spoke: str(net[2]) for spoke, net in nets.items()}
         self.hub_addr = {spoke: str(net[1]) for spoke, net in nets.items()}
 
+    def __enter__(self) -> HubTopology:
+        self.build()
+        return self
+
     def _build(self) -> None:
         disable_ipv6 = {"net/ipv6/conf/all/disable_ipv6": 1, "net/ipv6/conf/default/disable_ipv6": 1}
         for node, ns in self.ns.items():

@@ -151,7 +151,8 @@ def daemon(data_dir: Path, *extra: str) -> Iterator[NodeProcess]:
 
 
 def p2p_address(node: NodeProcess) -> str:
-    return next(a.split(":", 1)[1] for a in node.ready["addresses"] if a.startswith("p2p:"))
+    addresses: list[str] = node.ready["addresses"]
+    return next(a.split(":", 1)[1] for a in addresses if a.startswith("p2p:"))
 
 
 def test_a_js_peer_dials_our_daemon(tmp_path: Path) -> None:
@@ -173,19 +174,22 @@ def test_a_js_peer_dials_our_daemon(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_js_peers_reach_each_other_through_our_relay_service(tmp_path: Path) -> None:
     require_js()
-    with daemon(tmp_path / "relay", "--relay-service") as relay:
-        with js("circuit.mjs", "listen", "--relay", p2p_address(relay), log=tmp_path / "listen.log") as listener:
-            listening = listener.line()
-            assert listening["ok"], listening
-            circuit = listening["circuit"]
-            assert circuit.startswith(p2p_address(relay) + "/p2p-circuit/p2p/")
-            [transport] = relay.json("info")["transports"]
-            assert listening["peer_id"] in json.dumps(transport["status"]["relay_service"])
-            dialer = JsProcess.start("circuit.mjs", "dial", "--target", circuit, log=tmp_path / "dial.log")
-            echoed = dialer.result()
-            assert echoed["ok"], f"{echoed}; dialer stderr:\n{dialer.stderr()}\nlistener:\n{listener.stderr()}"
-            assert echoed["received"] == 256 * 1024 and "/p2p-circuit" in echoed["remote_addr"]
-            assert echoed["limited"]  # ours advertises its (generous) limit the standard way
+    with ExitStack() as stack:
+        relay = stack.enter_context(daemon(tmp_path / "relay", "--relay-service"))
+        listener = stack.enter_context(
+            js("circuit.mjs", "listen", "--relay", p2p_address(relay), log=tmp_path / "l.log")
+        )
+        listening = listener.line()
+        assert listening["ok"], listening
+        circuit = listening["circuit"]
+        assert circuit.startswith(p2p_address(relay) + "/p2p-circuit/p2p/")
+        [transport] = relay.json("info")["transports"]
+        assert listening["peer_id"] in json.dumps(transport["status"]["relay_service"])
+        dialer = JsProcess.start("circuit.mjs", "dial", "--target", circuit, log=tmp_path / "dial.log")
+        echoed = dialer.result()
+        assert echoed["ok"], f"{echoed}; dialer stderr:\n{dialer.stderr()}\nlistener:\n{listener.stderr()}"
+        assert echoed["received"] == 256 * 1024 and "/p2p-circuit" in echoed["remote_addr"]
+        assert echoed["limited"]  # ours advertises its (generous) limit the standard way
 
 
 # ---- a 20 MB bootstrap through a js relay with default limits ---------------------------------
@@ -242,7 +246,14 @@ def test_a_20_mb_database_bootstraps_through_a_js_relay_with_default_limits(tmp_
     with ExitStack() as stack:
         topo = stack.enter_context(HubTopology(("a", "b"), hub="r"))
         relay = stack.enter_context(
-            js("relay.mjs", "--listen", f"/ip4/0.0.0.0/tcp/{P2P_PORT}", log=tmp_path / "relay.log", topo=topo, where="r")
+            js(
+                "relay.mjs",
+                "--listen",
+                f"/ip4/0.0.0.0/tcp/{P2P_PORT}",
+                log=tmp_path / "relay.log",
+                topo=topo,
+                where="r",
+            )
         )
         relay_id = relay.line()["peer_id"]
 
@@ -273,5 +284,9 @@ def test_a_20_mb_database_bootstraps_through_a_js_relay_with_default_limits(tmp_
         print(f"20 MB ({entries} entries) bootstrapped through the js relay in {time.monotonic() - started:.1f} s")
         a.ok("db", "set", "big", "from_a", "hello from a")
         b.ok("db", "set", db, "from_b", "hello from b")
-        wait_until(lambda: b.cli("db", "get", db, "from_a").stdout.strip() == "hello from a", "a's write on b", timeout_s=60)
-        wait_until(lambda: a.cli("db", "get", "big", "from_b").stdout.strip() == "hello from b", "b's write on a", timeout_s=60)
+        wait_until(
+            lambda: b.cli("db", "get", db, "from_a").stdout.strip() == "hello from a", "a's write on b", timeout_s=60
+        )
+        wait_until(
+            lambda: a.cli("db", "get", "big", "from_b").stdout.strip() == "hello from b", "b's write on a", timeout_s=60
+        )
