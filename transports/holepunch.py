@@ -187,3 +187,10 @@ class HolePuncher:
                         log.info("closing the relayed connection to %s: a direct one is up", peer)
                         with trio.move_on_after(CLOSE_TIMEOUT_S), quietly(f"closing the relayed connection to {peer}"):
                             await connection.close()
+
+    async def wait_quiet(self, peer: PeerID, timeout_s: float) -> None:
+        """Until no attempt we started towards ``peer`` runs, at most ``timeout_s``: bulk about
+        to cross a limited circuit waits briefly for the direct connection a punch may bring."""
+        with trio.move_on_after(timeout_s):
+            while peer in self._running:
+                await trio.sleep(0.05)

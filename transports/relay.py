@@ -22,6 +22,11 @@ What py-libp2p 0.8.1 gets wrong here, and what this module does instead:
   reservation slots with nodes that only dial) and try peerstore addresses first;
   ``host.connect`` drops ``/p2p-circuit`` addresses altogether. :func:`dial_through_relay`
   sends one CONNECT and upgrades the stream itself.
+* It never reads the ``Limit`` a relay grants. Standard relays (js-libp2p's, go-libp2p's)
+  grant 128 KiB and 2 minutes per circuit and reset it past either. Here the limit is read
+  from the reservation answer, the STOP message and the CONNECT answer, and every relayed
+  connection counts the bytes that cross it (:class:`CircuitMeter`), so sync can size its
+  answers to what the circuit has left (``Libp2pTransport.request_budget``).
 * ``RelayDiscovery`` looks at connected peers only every 300 s, and its refresher renews
   only 30 s before expiry and never notices a restarted relay. :class:`RelayClient`
   reserves at once, renews at half the reservation's life, and re-reserves as soon as the
@@ -33,7 +38,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -72,6 +78,22 @@ WATCH_INTERVAL_S = 0.5  # how often the client checks that it is still connected
 RETRY_MIN_S = 0.5  # first wait before reserving again after a failure (a restarting relay is back soon)
 RETRY_MAX_S = 5.0  # longest wait between reservation attempts while a relay is down
 PROTECT_TAG = "eidetica-relay"  # the swarm's pruner never closes the connection to a relay we reserve on
+# A Limit.duration above a day is read as milliseconds: the spec says seconds, js-libp2p sends
+# milliseconds (its 2-minute default arrives as 120,000), go-libp2p sends 120, our relay 86,400.
+MAX_DURATION_S = 24 * 3600
+# A circuit with less than this left is spent: the transport closes it before the next request
+# rather than squeezing an answer into it (a fresh circuit costs ~3 round trips through the relay).
+SPENT_BYTES = 16 * 1024
+SPENT_FRACTION = 0.125  # ... or less than this share of what it was granted
+SPENT_S = 10.0  # ... or less time than this: a request needs a few round trips
+# What a circuit's bytes carry beyond sync's frames, kept out of the budget sync is given:
+# Noise (18 B per message of <= 64 KiB), Yamux (12 B per frame, window updates), stream
+# negotiation, and identify, ping and DCUtR sharing the circuit (measured: see docs/nat.md).
+MARGIN_BYTES = 6 * 1024
+MARGIN_FRACTION = 0.02
+# Before bulk goes over a limited circuit, a hole punch already running towards that peer gets
+# this long to bring a direct connection (a punch through NATs that allow it takes ~0.3 s).
+DIRECT_WAIT_S = 3.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -126,6 +148,143 @@ def is_relayed(connection: Any) -> bool:
         return any(is_circuit_address(a) for a in connection.get_transport_addresses() or [])
     except (AttributeError, NotImplementedError):  # a connection layer that keeps neither
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitLimit:
+    """What a relay grants one circuit; None means no limit on that count."""
+
+    data: int | None  # bytes, both directions together
+    duration_s: float | None
+
+    @classmethod
+    def read(cls, message: HopMessage | StopMessage) -> CircuitLimit | None:
+        """The limit a HOP or STOP message carries (None: it carries none, the circuit is unlimited).
+
+        ``0`` is read as "no limit" too (py-libp2p's relay sends explicit zeros for that).
+        A duration over ``MAX_DURATION_S`` is taken to be milliseconds (js-libp2p's unit).
+        """
+        if not message.HasField("limit"):
+            return None
+        limit = message.limit
+        data = int(limit.data) if limit.HasField("data") and limit.data else None
+        duration: float | None = None
+        if limit.HasField("duration") and limit.duration:
+            duration = float(limit.duration)
+            if duration > MAX_DURATION_S:
+                duration /= 1000
+        return None if data is None and duration is None else cls(data, duration)
+
+
+class CircuitMeter:
+    """The bytes that crossed one relayed connection (both directions) against its limit.
+
+    Counted at the raw connection under Noise and Yamux, so it sees what the relay counts.
+    """
+
+    def __init__(self, limit: CircuitLimit | None) -> None:
+        self.limit = limit
+        self.opened = time.monotonic()
+        self.bytes = 0
+
+    def remaining_bytes(self) -> int | None:
+        if self.limit is None or self.limit.data is None:
+            return None
+        return max(0, self.limit.data - self.bytes)
+
+    def remaining_s(self) -> float | None:
+        if self.limit is None or self.limit.duration_s is None:
+            return None
+        return max(0.0, self.limit.duration_s - (time.monotonic() - self.opened))
+
+    def spent(self) -> bool:
+        """Whether so little is left that the next request should go over a fresh circuit."""
+        left, seconds = self.remaining_bytes(), self.remaining_s()
+        if seconds is not None and seconds < SPENT_S:
+            return True
+        if left is None or self.limit is None or self.limit.data is None:
+            return False
+        return left < max(SPENT_BYTES, self.limit.data * SPENT_FRACTION)
+
+
+class MeteredConnection(RawConnection):
+    """A raw connection over a circuit stream that counts what crosses it."""
+
+    def __init__(self, stream: INetStream, meter: CircuitMeter, **kwargs: Any) -> None:
+        super().__init__(stream, **kwargs)
+        self.meter = meter
+
+    async def write(self, data: bytes) -> None:
+        self.meter.bytes += len(data)
+        await super().write(data)
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await super().read(n)
+        self.meter.bytes += len(data)
+        return data
+
+
+class CircuitMeters:
+    """The meter of every live relayed connection, by its muxed connection (weakly: a
+    closed connection's meter goes with it, so this never outgrows the open connections)."""
+
+    def __init__(self) -> None:
+        self._meters: weakref.WeakKeyDictionary[Any, CircuitMeter] = weakref.WeakKeyDictionary()
+
+    def add(self, muxed: Any, meter: CircuitMeter) -> None:
+        self._meters[muxed] = meter
+
+    def of(self, connection: Any) -> CircuitMeter | None:
+        """The meter of a swarm or muxed connection, if it is a metered circuit."""
+        return self._meters.get(getattr(connection, "muxed_conn", connection))
+
+    def limiting(self, host: IHost, peer: PeerID) -> CircuitMeter | None:
+        """The meter of the limited circuit a new stream to ``peer`` would take; None when a
+        direct connection exists (the swarm prefers it) or no open connection is limited."""
+        connections = [c for c in host.get_network().get_connections(peer) if not c.is_closed]
+        if any(not is_relayed(c) for c in connections):
+            return None
+        meters = [m for m in map(self.of, connections) if m is not None and m.limit is not None]
+        return meters[0] if meters else None
+
+    async def budget(
+        self,
+        host: IHost,
+        peer: PeerID,
+        connect: Callable[[], Awaitable[None]],
+        wait_direct: Callable[[PeerID, float], Awaitable[None]] | None,
+        *,
+        fresh: bool,
+    ) -> int | None:
+        """Bytes of sync frames the next request to ``peer`` and its answer may take (None:
+        no limit), the circuit's remaining bytes less ``MARGIN_BYTES`` and ``MARGIN_FRACTION``.
+
+        Before bulk goes over a limited circuit, a hole punch running towards the peer gets
+        ``DIRECT_WAIT_S`` (``wait_direct``) to bring a direct connection, which then carries
+        it. A spent circuit (``CircuitMeter.spent``), or any when ``fresh``, is closed and
+        ``connect`` opens a new one (the limit of a circuit is known once the relay answered).
+        """
+        meter = self.limiting(host, peer)
+        if meter is not None and wait_direct is not None:
+            await wait_direct(peer, DIRECT_WAIT_S)
+            meter = self.limiting(host, peer)
+        if meter is not None and (fresh or meter.spent()):
+            await self.close_circuits(host, peer)
+            meter = None
+        if meter is None:
+            await connect()
+            meter = self.limiting(host, peer)
+        left = meter.remaining_bytes() if meter is not None else None
+        if left is None or meter is None or meter.limit is None or meter.limit.data is None:
+            return None
+        return max(0, left - MARGIN_BYTES - int(meter.limit.data * MARGIN_FRACTION))
+
+    async def close_circuits(self, host: IHost, peer: PeerID) -> None:
+        """Close every metered circuit to ``peer`` (spent: the next request opens a new one)."""
+        for connection in list(host.get_network().get_connections(peer)):
+            if self.of(connection) is not None:
+                with closing_quietly(f"closing a spent circuit to {peer}", CLOSE_TIMEOUT_S):
+                    await connection.close()
 
 
 def _limit(limits: RelayLimits) -> Limit:
@@ -335,6 +494,7 @@ class ReservationStatus:
     expires_at: float | None = None  # unix time
     renewals: int = 0  # successful reservations after the first (renewals and re-reservations)
     error: str | None = None
+    limit: CircuitLimit | None = None  # what the relay grants each circuit (None: no limit)
 
 
 @dataclass
@@ -346,10 +506,11 @@ class _Relay:
     reservations: int = 0
     error: str | None = None
     wake: trio.Event | None = None
+    limit: CircuitLimit | None = None
 
     def status(self) -> ReservationStatus:
         return ReservationStatus(
-            str(self.address), self.state, self.expires_at, max(0, self.reservations - 1), self.error
+            str(self.address), self.state, self.expires_at, max(0, self.reservations - 1), self.error, self.limit
         )
 
 
@@ -401,8 +562,9 @@ async def _stop_status(stream: INetStream, code: StatusCode) -> None:
     await write_delimited_msg(stream, StopMessage(type=StopMessage.STATUS, status=to_proto_status(code)))
 
 
-async def reserve(host: IHost, relay: PeerInfo) -> float:
-    """Reserve a slot on ``relay``; returns when it expires (unix time). Raises RelayError."""
+async def reserve(host: IHost, relay: PeerInfo) -> tuple[float, CircuitLimit | None]:
+    """Reserve a slot on ``relay``; returns when it expires (unix time) and the limit its
+    circuits will have. Raises RelayError."""
     _evict_failed(host, relay.peer_id)
     stream: INetStream | None = None
     try:
@@ -418,14 +580,17 @@ async def reserve(host: IHost, relay: PeerInfo) -> float:
     expires = float(answer.reservation.expire) if answer.HasField("reservation") else 0.0
     if expires <= time.time():
         raise RelayError(f"relay {relay.peer_id} granted a reservation that has already expired")
-    return expires
+    return expires, CircuitLimit.read(answer)
 
 
-async def dial_through_relay(host: IHost, address: multiaddr.Multiaddr) -> None:
+async def dial_through_relay(
+    host: IHost, address: multiaddr.Multiaddr, meters: CircuitMeters | None = None
+) -> CircuitMeter:
     """Open a relayed connection to the target of a ``/p2p-circuit`` address.
 
     The new connection is registered in the swarm like any other, so ``host.new_stream``
-    to the target uses it. Raises RelayError (the relay's status is in the message).
+    to the target uses it; its meter (the limit from the relay's answer) goes in ``meters``.
+    Raises RelayError (the relay's status is in the message).
     """
     relay, target = split_circuit_address(address)
     _evict_failed(host, relay.peer_id)
@@ -440,15 +605,21 @@ async def dial_through_relay(host: IHost, address: multiaddr.Multiaddr) -> None:
             answer = await read_delimited_msg(stream, HopMessage)
         if int(answer.status) != StatusCode.OK:
             raise RelayError(f"relay {relay.peer_id} refused a circuit to {target}: {_status_name(answer.status)}")
-        raw = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED, addresses=[address])
+        meter = CircuitMeter(CircuitLimit.read(answer))
+        raw = MeteredConnection(
+            stream, meter, initiator=True, connection_type=ConnectionType.RELAYED, addresses=[address]
+        )
         with _relay_errors(f"{what}: upgrading", UPGRADE_TIMEOUT_S):
             connection = await host.upgrade_outbound_connection(raw, target)
         # Marked relayed in the swarm's table too (py-libp2p leaves it "direct").
         cast(Any, connection).set_transport_info([address], ConnectionType.RELAYED)
+        if meters is not None:
+            meters.add(connection.muxed_conn, meter)
         upgraded = True
     finally:
         if not upgraded:
             await _close(stream, reset=True)
+    return meter
 
 
 class RelayClient:
@@ -465,8 +636,10 @@ class RelayClient:
         relays: Sequence[str],
         *,
         on_inbound_circuit: Callable[[PeerID], None] | None = None,
+        meters: CircuitMeters | None = None,
     ) -> None:
         self._host = host
+        self._meters = meters
         self._relays: list[_Relay] = []
         for text in relays:
             address = multiaddr.Multiaddr(text)
@@ -518,7 +691,7 @@ class RelayClient:
         network: Any = self._host.get_network()
         while True:
             try:
-                relay.expires_at = await reserve(self._host, relay.info)
+                relay.expires_at, relay.limit = await reserve(self._host, relay.info)
             except RelayError as exc:
                 relay.state, relay.error = "failed", str(exc)
                 log.info("reservation on %s failed (next try in %g s): %s", relay.address, retry, exc)
@@ -558,9 +731,14 @@ class RelayClient:
                 await _stop_status(stream, StatusCode.OK)
             relay_address = next(str(r.address) for r in self._relays if r.info.peer_id == relay)
             circuit = multiaddr.Multiaddr(f"{relay_address}/p2p-circuit/p2p/{source}")
-            raw = RawConnection(stream, initiator=False, connection_type=ConnectionType.RELAYED, addresses=[circuit])
+            meter = CircuitMeter(CircuitLimit.read(message))
+            raw = MeteredConnection(
+                stream, meter, initiator=False, connection_type=ConnectionType.RELAYED, addresses=[circuit]
+            )
             with trio.fail_after(UPGRADE_TIMEOUT_S):
                 muxed = await self._host.upgrade_inbound_connection(raw, circuit)
+            if self._meters is not None:
+                self._meters.add(muxed, meter)
             for connection in self._host.get_network().get_connections(muxed.peer_id):
                 if getattr(connection, "muxed_conn", None) is muxed:
                     cast(Any, connection).set_transport_info([circuit], ConnectionType.RELAYED)
