@@ -113,8 +113,11 @@ class ExchangeRunner:
         """Rounds over one address until one completes, as many as it takes while each moves
         entries; ``MAX_IDLE_ROUNDS`` in a row that move none end it with the last one's error.
 
-        A round that stops at the budget or is cut after storing something is continued; a
-        cut before anything arrived is an ordinary transport failure (next address).
+        A round that stops at the budget or is cut is continued (the next one over a fresh
+        circuit if it moved nothing); a first round cut before anything arrived on an
+        unlimited connection is an ordinary transport failure (the engine tries the next
+        address). py-libp2p drops what a connection had buffered when it breaks, so a cut
+        circuit may lose the frames in flight: the transport then budgets later circuits lower.
         """
         total: ExchangeResult | None = None
         idle = 0
@@ -123,8 +126,8 @@ class ExchangeRunner:
             try:
                 result = await self._round(transport, address, peer, db_id, access, push_only, fresh=idle > 0)
             except AnswerCut as cut:
-                if not cut.result.received and not idle:
-                    raise
+                if total is None and not cut.result.received and not cut.limited:
+                    raise  # nothing came over this address at all: try the next one
                 result, error = cut.result, cut
             except LimitError as exc:  # an entry does not fit this circuit's budget: a fresh one may do
                 if idle:

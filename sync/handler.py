@@ -80,6 +80,12 @@ ANSWER_BATCH_BYTES = 4 * 1024 * 1024
 FRAME_PREFIX_BYTES = 4
 ENTRY_OVERHEAD_BYTES = 5
 ARRAY_HEADER_BYTES = 5
+# Under a budget a frame takes at most this share of it (and at least MIN_BUDGET_FRAME_BYTES):
+# a relay that cuts a circuit before the limit it advertised then costs at most the frame it
+# was carrying, and the frames before it are stored.
+BUDGET_FRAME_SHARE = 4
+MAX_ENTRY_BYTES_UNLIMITED = 2**62  # no budget: a frame's first entry is taken whatever its size
+MIN_BUDGET_FRAME_BYTES = 16 * 1024
 CHALLENGE_TTL_MS = 60_000  # a handshake is one round trip; a minute covers any link that works at all
 # Pending handshakes (counter challenges issued, not yet confirmed). Each keeps only a
 # trimmed hello (a key, a short name, MAX_PEER_ADDRESSES short addresses: ~1-9 KB), never
@@ -548,8 +554,7 @@ class SyncHandler:
         while True:
             chunk = cids[start : start + limit]
             limit = min(2 * limit, ANSWER_BATCH_ENTRIES)
-            room = budget.room(fixed)
-            read = functools.partial(_frame_raws, db, chunk, room, budget.limited)
+            read = functools.partial(_frame_raws, db, chunk, budget.room(fixed), budget.first_room(fixed), budget.cost)
             taken, frame = await self._offload(read) if chunk else (0, [])
             if chunk and not taken:
                 budget.ran_out(db, chunk[0])
@@ -574,12 +579,12 @@ class SyncHandler:
         limit = FIRST_FRAME_ENTRIES
         while True:
             page = await self._offload(functools.partial(db.entries_page, after, limit + 1))
-            room = budget.room(fixed)
+            room, first_room = budget.room(fixed), budget.first_room(fixed)
             frame: list[bytes] = []
             size = 0
             for cid, height, raw in page[:limit]:
                 cost = budget.cost(raw)
-                if (frame or budget.limited) and size + cost > room:
+                if size + cost > (room if frame else first_room):
                     break
                 frame.append(raw)
                 size += cost
@@ -603,9 +608,11 @@ class SyncHandler:
         return Count(len(message.entries), len(result.verified), len(result.failed))
 
 
-def _frame_raws(db: Database, cids: list[bytes], room: int, limited: bool) -> tuple[int, list[bytes]]:
-    """How many of ``cids`` one frame takes and their bytes: what fits in ``room`` (counting
-    each entry's overhead when ``limited``), else at least one when not ``limited``."""
+def _frame_raws(
+    db: Database, cids: list[bytes], room: int, first_room: int, cost: Callable[[bytes], int]
+) -> tuple[int, list[bytes]]:
+    """How many of ``cids`` one frame takes and their bytes: what fits in ``room``, or the
+    first one alone in ``first_room`` (see ``AnswerBudget``)."""
     found = db.raw_map(cids)
     raws: list[bytes] = []
     size = 0
@@ -613,11 +620,11 @@ def _frame_raws(db: Database, cids: list[bytes], room: int, limited: bool) -> tu
         raw = found.get(cid)
         if raw is None:
             continue
-        cost = len(raw) + (ENTRY_OVERHEAD_BYTES if limited else 0)
-        if (raws or limited) and size + cost > room:
+        entry_cost = cost(raw)
+        if size + entry_cost > (room if raws else first_room):
             return index, raws
         raws.append(raw)
-        size += cost
+        size += entry_cost
     return len(cids), raws
 
 
@@ -626,8 +633,9 @@ class AnswerBudget:
 
     Unlimited (``0``) changes nothing: frames are as large as ``ANSWER_BATCH_BYTES`` allows and
     carry at least one entry. Limited, a frame takes only entries that fit, counted with
-    their overhead, and the answer stops (its last frame marked ``more``) when the next entry
-    does not fit; an entry that alone does not fit an answer raises ``LimitError``.
+    their overhead, in at most a quarter of the budget (a larger entry travels alone); the
+    answer stops (its last frame marked ``more``) when the next entry does not fit what is
+    left, and an entry that does not fit a whole answer raises ``LimitError``.
     """
 
     def __init__(self, limit: int) -> None:
@@ -650,7 +658,13 @@ class AnswerBudget:
         """Bytes of entries (with their overhead) the next frame may carry."""
         if not self.limited:
             return ANSWER_BATCH_BYTES
-        return max(0, min(ANSWER_BATCH_BYTES, self.left - fixed))
+        share = max(self.limit // BUDGET_FRAME_SHARE, MIN_BUDGET_FRAME_BYTES)
+        return max(0, min(ANSWER_BATCH_BYTES, share, self.left - fixed))
+
+    def first_room(self, fixed: int) -> int:
+        """Bytes the first entry of a frame may take: all that is left (a large entry travels
+        alone), and any size without a budget (a frame carries at least one entry)."""
+        return max(0, self.left - fixed) if self.limited else MAX_ENTRY_BYTES_UNLIMITED
 
     def spend(self, fixed: int, frame: list[bytes]) -> None:
         self.frames += 1

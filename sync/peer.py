@@ -35,12 +35,14 @@ class AnswerCut(TransportError):
     """The connection broke in the middle of an answer (a relay's limit, a peer gone).
 
     ``result`` counts what arrived before the cut, all of it stored: an exchange that moved
-    something is worth continuing from there.
+    something is worth continuing from there. ``limited``: the connection had a byte budget
+    (a relay that cuts before the limit it advertised; the transport learns from the cut).
     """
 
-    def __init__(self, message: str, result: ExchangeResult) -> None:
+    def __init__(self, message: str, result: ExchangeResult, *, limited: bool) -> None:
         super().__init__(message)
         self.result = result
+        self.limited = limited
 
 
 @contextlib.asynccontextmanager
@@ -225,9 +227,10 @@ async def _take_answer(
         # A cut connection (a relay's data limit, a peer gone) looks like this: a transport
         # failure, so the engine tries the peer's next address or, if this moved something,
         # continues from what is stored.
-        raise AnswerCut(f"{address}: the answer broke off: {frames.cut}", exchange.result) from frames.cut
+        cut = AnswerCut(f"{address}: the answer broke off: {frames.cut}", exchange.result, limited=exchange.limited)
+        raise cut from frames.cut
     if not exchange.limited:
-        raise AnswerCut(f"{address}: the answer ended before its last frame", exchange.result)
+        raise AnswerCut(f"{address}: the answer ended before its last frame", exchange.result, limited=False)
 
 
 __all__ = ["FRAMES_AHEAD", "AnswerCut", "Frames", "handshake", "prepared_frames", "sync_database"]

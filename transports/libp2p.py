@@ -332,6 +332,7 @@ class Libp2pTransport:
                 entered = True
                 if self._puncher is not None:
                     await nursery.start(self._puncher.run)
+                nursery.start_soon(self._meters.run)
                 self._ready.set()
                 task_status.started()
                 await trio.sleep_forever()

@@ -39,6 +39,7 @@ import contextlib
 import logging
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -94,6 +95,12 @@ MARGIN_FRACTION = 0.02
 # Before bulk goes over a limited circuit, a hole punch already running towards that peer gets
 # this long to bring a direct connection (a punch through NATs that allow it takes ~0.3 s).
 DIRECT_WAIT_S = 3.0
+CLOSING_BUFFER = 64  # spent circuits waiting for the background closer; past it they close inline
+# A circuit cut short had carried at least the bytes we counted (more were in flight and lost):
+# later circuits to that peer are budgeted to this share of them.
+CUT_CAP_FRACTION = 0.75
+MAX_TRACKED_PEERS = 1024  # peers whose last circuit and cap are remembered (least recent dropped)
+MAX_UNLIMITED = 2**62
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -186,6 +193,14 @@ class CircuitMeter:
         self.limit = limit
         self.opened = time.monotonic()
         self.bytes = 0
+        self.closed_by_us = False  # else a circuit that ended short of its limit was cut
+
+    def cut_short(self) -> bool:
+        """Whether this circuit (now ended) ended before its limit without our closing it."""
+        if self.closed_by_us or self.limit is None or self.limit.data is None:
+            return False
+        seconds = self.remaining_s()
+        return self.bytes < self.limit.data - SPENT_BYTES and (seconds is None or seconds > 0)
 
     def remaining_bytes(self) -> int | None:
         if self.limit is None or self.limit.data is None:
@@ -226,10 +241,31 @@ class MeteredConnection(RawConnection):
 
 class CircuitMeters:
     """The meter of every live relayed connection, by its muxed connection (weakly: a
-    closed connection's meter goes with it, so this never outgrows the open connections)."""
+    closed connection's meter goes with it, so this never outgrows the open connections).
+
+    A relay may cut circuits before the limit it advertised. When a peer's circuit ended
+    short of its limit without our closing it, the bytes it had carried become that peer's
+    *cap* (``CUT_CAP_FRACTION`` of them, at least ``SPENT_BYTES * 2``): later circuits to it
+    are budgeted to the cap. The last meter and the cap are kept for ``MAX_TRACKED_PEERS``.
+    """
 
     def __init__(self) -> None:
         self._meters: weakref.WeakKeyDictionary[Any, CircuitMeter] = weakref.WeakKeyDictionary()
+        self._last: OrderedDict[PeerID, CircuitMeter] = OrderedDict()
+        self._caps: OrderedDict[PeerID, int] = OrderedDict()
+        self._closing_in, self._closing_out = trio.open_memory_channel[Any](CLOSING_BUFFER)
+
+    async def run(self) -> None:
+        """Close spent circuits in the background: py-libp2p's close of a connection takes
+        ~0.2 s (Yamux sleeps 0.1 s in it), and the next request need not wait for that."""
+        async with trio.open_nursery() as nursery:
+            async for connection in self._closing_out:
+                nursery.start_soon(self._close, connection)
+
+    @staticmethod
+    async def _close(connection: Any) -> None:
+        with closing_quietly("closing a spent circuit", CLOSE_TIMEOUT_S):
+            await connection.close()
 
     def add(self, muxed: Any, meter: CircuitMeter) -> None:
         self._meters[muxed] = meter
@@ -268,23 +304,66 @@ class CircuitMeters:
         if meter is not None and wait_direct is not None:
             await wait_direct(peer, DIRECT_WAIT_S)
             meter = self.limiting(host, peer)
-        if meter is not None and (fresh or meter.spent()):
+        if meter is not None and (fresh or meter.spent() or self._left(peer, meter) < SPENT_BYTES):
             await self.close_circuits(host, peer)
             meter = None
         if meter is None:
             await connect()
             meter = self.limiting(host, peer)
-        left = meter.remaining_bytes() if meter is not None else None
-        if left is None or meter is None or meter.limit is None or meter.limit.data is None:
+        self._track(peer, meter)
+        if meter is None or meter.limit is None or meter.limit.data is None:
             return None
-        return max(0, left - MARGIN_BYTES - int(meter.limit.data * MARGIN_FRACTION))
+        return max(0, self._left(peer, meter) - MARGIN_BYTES - int(meter.limit.data * MARGIN_FRACTION))
+
+    def _left(self, peer: PeerID, meter: CircuitMeter) -> int:
+        """What the circuit has left, within the peer's cap if its circuits were cut before."""
+        left = meter.remaining_bytes()
+        cap = self._caps.get(peer)
+        if cap is not None:
+            left = min(cap - meter.bytes, left if left is not None else cap)
+        return max(0, left) if left is not None else MAX_UNLIMITED
+
+    def _track(self, peer: PeerID, meter: CircuitMeter | None) -> None:
+        """Learn a cap from the peer's previous circuit if it was cut short; remember this one."""
+        last = self._last.get(peer)
+        if last is not None and last is not meter and last.cut_short():
+            self._caps[peer] = max(2 * SPENT_BYTES, int(last.bytes * CUT_CAP_FRACTION))
+            self._caps.move_to_end(peer)
+            log.info(
+                "a circuit to %s was cut after %d bytes: later ones are budgeted to %d",
+                peer,
+                last.bytes,
+                self._caps[peer],
+            )
+        if meter is None:
+            self._last.pop(peer, None)
+        else:
+            self._last[peer] = meter
+            self._last.move_to_end(peer)
+        for table in (self._last, self._caps):
+            while len(table) > MAX_TRACKED_PEERS:
+                table.popitem(last=False)
 
     async def close_circuits(self, host: IHost, peer: PeerID) -> None:
-        """Close every metered circuit to ``peer`` (spent: the next request opens a new one)."""
+        """Close every metered circuit to ``peer`` (spent: the next request opens a new one).
+
+        Returns once each counts as closed (the first thing a close does), so a dial that
+        follows opens a new circuit; the rest of the close goes on in ``run`` if it runs.
+        """
         for connection in list(host.get_network().get_connections(peer)):
-            if self.of(connection) is not None:
-                with closing_quietly(f"closing a spent circuit to {peer}", CLOSE_TIMEOUT_S):
-                    await connection.close()
+            meter = self.of(connection)
+            if meter is None or connection.is_closed:
+                continue
+            meter.closed_by_us = True
+            try:
+                self._closing_in.send_nowait(connection)
+            except trio.WouldBlock:  # a backlog of closes (or run() is not running): close it here
+                await self._close(connection)
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                while not connection.is_closed:
+                    await trio.sleep(0)
+            if not connection.is_closed:  # the background closer did not get to it: do it here
+                await self._close(connection)
 
 
 def _limit(limits: RelayLimits) -> Limit:
@@ -433,9 +512,14 @@ class RelayService(CircuitV2Protocol):
                 del self._circuits[target]
             await _close(target_stream, reset=True)
 
+    def enforced_circuit_bytes(self) -> int | None:
+        """The bytes after which a circuit is reset (None: never): what is advertised. Kept
+        apart so that a relay enforcing less than it advertises can be staged (tests)."""
+        return self.relay_limits.circuit_bytes or None
+
     async def _splice(self, left: INetStream, right: INetStream) -> None:
         """Copy both ways until both sides have closed, a leg breaks, or a limit is reached."""
-        budget = self.relay_limits.circuit_bytes or None
+        budget = self.enforced_circuit_bytes()
         remaining = [budget]  # shared by both directions: the data limit is per circuit
         broken: list[str] = []
         cut = False
