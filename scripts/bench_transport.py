@@ -671,7 +671,7 @@ def _relay_section(db_id: str, built: dict[int, dict[str, Any]], quick: bool, ro
     out["standard"] = (
         "js-libp2p 3.3.11 circuit relay v2 server, default limits (128 KiB, 2 min per circuit)"
         if standard == "js"
-        else "our RelayService with the standard limits (128 KiB, 2 min per circuit): tests/js/node_modules missing"
+        else "our RelayService (tests/js/node_modules missing), standard limits (128 KiB, 2 min per circuit)"
     )
     out["ours"] = _measure_relayed("ours", db_id, size, template, quick, root)
     out["ours"]["relay"] = "our RelayService, its defaults (64 GiB, 24 h per circuit)"
@@ -803,7 +803,8 @@ def _relay_rows(relay: dict[str, Any] | None) -> list[tuple[str, str, str, str]]
         return []
     rows: list[tuple[str, str, str, str]] = []
     for label, r, what in (("standard", relay, relay["standard"]), ("ours", relay["ours"], relay["ours"]["relay"])):
-        rows.append((f"relay ({label}): through", what, "", ""))
+        name, _, limits = what.partition(", ")
+        rows.append((f"relay ({label}) through", name.replace(" circuit relay v2 server", ""), limits, ""))
         if r.get("error"):
             rows.append((f"relay ({label}) bootstrap", "FAILED", r["error"][:120], "MISSED"))
             continue
