@@ -38,6 +38,18 @@ child in JSON lines over stdin/stdout; timestamps crossing processes are
   largest bootstrap; ``rss_workers_mib`` the summed VmRSS of each node's signature worker
   processes, which ``cpu_s`` also counts.
 
+* ``relay``: libp2p through a circuit relay v2, every byte between the two nodes relayed:
+  each child reserves a slot on the relay and advertises only its ``/p2p-circuit``
+  address (its handshakes and tickets carry nothing else), hole punching is off, and the
+  server's database has the smallest size of the run. ``relay.bootstrap_s`` (size -> s),
+  ``relay.p50_ms`` and ``relay.p95_ms`` (as above; quick: 30 commits) are measured through
+  a relay with the standard limits, 128 KiB and 2 minutes per circuit: js-libp2p's own
+  relay with its defaults (``tests/js/relay.mjs``) when Node and ``tests/js/node_modules``
+  are present, else our ``RelayService`` configured with those limits; ``relay.standard``
+  says which. ``relay.ours`` has the same figures through our ``RelayService`` with its
+  own (generous) defaults. A relay that cannot carry the bootstrap is reported with its
+  error (``relay.error``/``relay.ours.error``), not as a crash of the suite.
+
 ``python -m scripts.bench_transport --profile [--transport libp2p] [--size N]`` runs one
 bootstrap with py-spy (``$PY_SPY`` or on PATH) recording the client child and prints
 where its CPU time goes.
@@ -113,7 +125,9 @@ def _progress(message: str) -> None:
 # ---- child mode: one node, driven over stdin/stdout --------------------------------------------
 
 
-def _new_transport(name: str, key: SigningKey) -> Any:
+def _new_transport(name: str, key: SigningKey, relay: str | None = None) -> Any:
+    if name == "p2p" and relay:
+        return _relayed_only_transport(key, relay)
     if name == "p2p":
         from transports.libp2p import Libp2pTransport
 
@@ -123,6 +137,19 @@ def _new_transport(name: str, key: SigningKey) -> Any:
 
         return HttpTransport(bind="127.0.0.1:0")
     raise ValueError(f"unknown transport {name!r}")
+
+
+def _relayed_only_transport(key: SigningKey, relay: str) -> Any:
+    """A libp2p transport reserved on ``relay`` that tells peers only its circuit address
+    and never punches a hole: so that all the traffic of the ``relay`` figures is relayed
+    (on loopback a direct dial or a punch would always win)."""
+    from transports.libp2p import Libp2pTransport
+
+    class RelayedOnly(Libp2pTransport):
+        def listen_addresses(self) -> list[str]:
+            return [a for a in super().listen_addresses() if "/p2p-circuit/" in a]
+
+    return RelayedOnly(key, listen=["/ip4/127.0.0.1/tcp/0"], relays=[relay], hole_punching=False)
 
 
 def _emit(payload: dict[str, Any]) -> None:
@@ -244,9 +271,12 @@ async def _child(args: argparse.Namespace) -> None:
     try:
         config = SyncConfig(display_name=args.role, request_timeout_s=CHILD_REQUEST_TIMEOUT_S)
         async with enable_sync(instance, config=config) as sync:
-            transport = _new_transport(args.transport, instance.device_key)
+            transport = _new_transport(args.transport, instance.device_key, args.relay)
             sync.register_transport(args.transport, transport)
             await sync.accept_connections()
+            with trio.fail_after(READY_TIMEOUT_S):  # relayed: ready once the reservation gave an address
+                while not sync.listen_addresses():
+                    await trio.sleep(0.05)
             runtime.settle_heap()  # as ``eidetica-node run`` does once listening
             node = _Node(instance, sync, args.transport, transport)
             addresses = [str(a) for a in sync.listen_addresses()]
@@ -297,11 +327,12 @@ class _Child:
 
     cpu_total_s = 0.0  # CPU time of every child stopped so far (the harness counts it as other processes')
 
-    def __init__(self, role: str, transport: str, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, role: str, transport: str, data_dir: Path, log_path: Path, relay: str | None = None) -> None:
         self.role = role
         self.log_path = log_path
         args = [sys.executable, "-m", "scripts.bench_transport", "--child", "--role", role]
         args += ["--transport", transport, "--data-dir", str(data_dir)]
+        args += ["--relay", relay] if relay else []
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO, text=True, bufsize=1
@@ -382,6 +413,85 @@ class _Child:
                 self.process.wait(timeout=10)
 
 
+# ---- relays -------------------------------------------------------------------------------------
+
+JS_DIR = REPO / "tests" / "js"
+STANDARD_LIMITS = {"circuit_bytes": 128 * 1024, "circuit_duration_s": 120}  # js-libp2p's and go-libp2p's defaults
+
+
+def js_relay_available() -> bool:
+    """Node >= 20 on PATH and the pinned packages installed in tests/js."""
+    node = shutil.which("node")
+    if node is None or not (JS_DIR / "node_modules" / "libp2p").is_dir():
+        return False
+    done = subprocess.run([node, "-p", "process.versions.node"], capture_output=True, text=True, timeout=30)
+    return done.returncode == 0 and int(done.stdout.split(".")[0]) >= 20
+
+
+async def _relay_child(kind: str) -> None:
+    """A relay only (no sync): our RelayService with its defaults (``ours``) or the standard limits."""
+    from transports.libp2p import Libp2pTransport
+    from transports.relay import RelayLimits
+
+    limits = RelayLimits(**STANDARD_LIMITS) if kind == "standard" else RelayLimits()
+    relay = Libp2pTransport(
+        SigningKey.generate(), listen=["/ip4/127.0.0.1/tcp/0"], relay_service=True, relay_limits=limits
+    )
+
+    async def no_requests(_message: Any, _context: Any) -> Any:
+        return
+        yield  # an async generator that answers nothing: a relay serves no sync requests
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        await nursery.start(relay.serve, no_requests)
+        _emit({"addrs": relay.listen_addresses()})
+        await trio.wrap_file(sys.stdin).read()  # until the driver closes our stdin
+        nursery.cancel_scope.cancel()
+
+
+class _RelayProcess:
+    """A relay in a process of its own: js-libp2p's (``tests/js/relay.mjs``) or ours (``--relay-child``)."""
+
+    def __init__(self, kind: str, log_path: Path) -> None:
+        if kind == "js":
+            argv, cwd = [shutil.which("node") or "node", "relay.mjs"], JS_DIR
+        else:
+            argv, cwd = [sys.executable, "-m", "scripts.bench_transport", "--relay-child", kind], REPO
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=cwd)
+        self.log_path = log_path
+        try:
+            self.address = self._first_line()["addrs"][0]
+        except BaseException:
+            self.stop()
+            raise
+
+    def _first_line(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=lambda: lines.put(self.process.stdout.readline()), daemon=True).start()  # type: ignore[union-attr]
+        try:
+            line = lines.get(timeout=READY_TIMEOUT_S)
+        except queue.Empty:
+            line = b""
+        if not line:
+            raise RuntimeError(f"the relay did not start; its stderr:\n{self.log_path.read_text(errors='replace')}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.process.stdin is not None
+                self.process.stdin.close()
+            try:
+                self.process.wait(timeout=QUIT_WAIT_S + 5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
 # ---- building the source databases ---------------------------------------------------------------
 
 
@@ -442,12 +552,12 @@ def _latencies(commits: list[list[Any]], arrivals: list[list[Any]]) -> tuple[lis
     return from_start, from_end
 
 
-def _start_pair(wire: str, template: Path, root: Path, tag: str) -> tuple[_Child, _Child]:
+def _start_pair(wire: str, template: Path, root: Path, tag: str, relay: str | None = None) -> tuple[_Child, _Child]:
     server_dir = root / f"{tag}-server"
     shutil.copytree(template, server_dir)
-    server = _Child("server", wire, server_dir, root / f"{tag}-server.log")
+    server = _Child("server", wire, server_dir, root / f"{tag}-server.log", relay)
     try:
-        client = _Child("client", wire, root / f"{tag}-client", root / f"{tag}-client.log")
+        client = _Child("client", wire, root / f"{tag}-client", root / f"{tag}-client.log", relay)
     except BaseException:
         server.stop()
         raise
@@ -527,6 +637,47 @@ def _live(client: _Child, server: _Child, db_id: str, count: int) -> dict[str, A
     }
 
 
+def _measure_relayed(kind: str, db_id: str, size: int, template: Path, quick: bool, root: Path) -> dict[str, Any]:
+    """Bootstrap and live latency with both children reserved on a relay of ``kind``, all traffic relayed."""
+    out: dict[str, Any] = {"bootstrap_s": {}}
+    relay = _RelayProcess(kind, root / f"relay-{kind}.log")
+    children: list[_Child] = []
+    try:
+        server, client = _start_pair("p2p", template, root, f"relay-{kind}-{size}", relay.address)
+        children = [server, client]
+        ticket = server.call("ticket", db=db_id)["ticket"]
+        joined, cpu = _timed_join(server, client, ticket, size)
+        out["bootstrap_s"][str(size)] = round(joined["seconds"], 3)
+        out["cpu_s"] = {str(size): {"server": round(cpu[0], 2), "client": round(cpu[1], 2)}}
+        _progress(f"relay {kind}: bootstrap {size} in {joined['seconds']:.3f} s")
+        live = _live(client, server, db_id, QUICK_LIVE_COMMITS if quick else LIVE_COMMITS)
+        out.update({k: live[k] for k in ("live_commits", "live_arrived", "p50_ms", "p95_ms", "max_ms")})
+        _progress(f"relay {kind}: live p50 {out['p50_ms']} ms, p95 {out['p95_ms']} ms")
+    except RuntimeError as exc:  # a relay that cannot carry the bootstrap is a result, not a crash
+        out["error"] = str(exc).splitlines()[0][:500]
+        _progress(f"relay {kind}: FAILED: {out['error']}")
+    finally:
+        for child in children:
+            child.stop()
+        relay.stop()
+    return out
+
+
+def _relay_section(db_id: str, built: dict[int, dict[str, Any]], quick: bool, root: Path) -> dict[str, Any]:
+    size = min(built)
+    template = built[size]["dir"]
+    standard = "js" if js_relay_available() else "standard"
+    out = _measure_relayed(standard, db_id, size, template, quick, root)
+    out["standard"] = (
+        "js-libp2p 3.3.11 circuit relay v2 server, default limits (128 KiB, 2 min per circuit)"
+        if standard == "js"
+        else "our RelayService (tests/js/node_modules missing), standard limits (128 KiB, 2 min per circuit)"
+    )
+    out["ours"] = _measure_relayed("ours", db_id, size, template, quick, root)
+    out["ours"]["relay"] = "our RelayService, its defaults (64 GiB, 24 h per circuit)"
+    return out
+
+
 def _busy_cpu_s() -> float:
     """CPU seconds all processes have spent busy since boot (/proc/stat)."""
     with open("/proc/stat", encoding="ascii") as handle:
@@ -549,6 +700,7 @@ def run(quick: bool) -> dict[str, Any]:
         result["raw_bytes"] = {str(s): b["raw_bytes"] for s, b in built.items()}
         for name in TRANSPORTS:
             result[name] = _measure(name, db_id, built, quick, root)
+        result["relay"] = _relay_section(db_id, built, quick, root)
     wall = time.monotonic() - wall_before
     children = _Child.cpu_total_s
     others = _busy_cpu_s() - busy_before - children - (sum(os.times()[:2]) - own_before)
@@ -642,6 +794,30 @@ def report(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if r.get("rss_mib_largest") and result["sizes"][-1] != r["rss_after_entries"]:
             big = r["rss_mib_largest"]
             rows.append((f"{name}   RSS MiB after {largest}", f"{big['server']} / {big['client']}", "", ""))
+    rows += _relay_rows(result.get("relay"))
+    return rows
+
+
+def _relay_rows(relay: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    if not relay:
+        return []
+    rows: list[tuple[str, str, str, str]] = []
+    for label, r, what in (("standard", relay, relay["standard"]), ("ours", relay["ours"], relay["ours"]["relay"])):
+        name, _, limits = what.partition(", ")
+        rows.append((f"relay ({label}) through", name.replace(" circuit relay v2 server", ""), limits, ""))
+        if r.get("error"):
+            rows.append((f"relay ({label}) bootstrap", "FAILED", r["error"][:120], "MISSED"))
+            continue
+        for size, seconds in r["bootstrap_s"].items():
+            rows.append((f"relay ({label}) bootstrap {int(size):,} entries", f"{seconds:.3f} s", "", ""))
+        rows.append(
+            (
+                f"relay ({label}) live p50 / p95 ms ({r['live_arrived']}/{r['live_commits']} commits)",
+                f"{r['p50_ms']} / {r['p95_ms']}",
+                "",
+                "",
+            )
+        )
     return rows
 
 
@@ -785,6 +961,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--role", default="node")
     parser.add_argument("--transport", default="libp2p")
     parser.add_argument("--data-dir")
+    parser.add_argument("--relay", help="child mode: reserve on this relay and advertise only the circuit")
+    parser.add_argument(
+        "--relay-child", choices=["ours", "standard"], help="run only a relay (ours, or standard limits)"
+    )
     parser.add_argument("--profile", action="store_true", help="profile one bootstrap with py-spy")
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--bootstrap", action="store_true", help="only time bootstraps (--sizes, --repeat)")
@@ -793,6 +973,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--out", default=tempfile.gettempdir(), help="where the profiles go")
     args = parser.parse_args(argv)
+    if args.relay_child:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        trio.run(_relay_child, args.relay_child)
+        return 0
     if args.child:
         if not args.data_dir:
             parser.error("--child needs --data-dir")

@@ -82,6 +82,7 @@ __all__ = [
     "LOCK_DIR",
     "NODES",
     "PUBLIC_IF",
+    "HubTopology",
     "NatTopology",
     "NetnsError",
     "cleanup_stale",
@@ -521,4 +522,76 @@ class NatTopology:
             lines += [f"== {node} ({self.ns[node]})", addrs, routes]
         for gw in GATEWAYS:
             lines += [f"== nft {gw}", self.ruleset(gw)]
+        return "\n".join(lines)
+
+
+HUB_NET = "10.203.{}.0/24"  # spoke i (from 1) of a HubTopology; the hub is .1, the spoke .2
+
+
+class HubTopology(NatTopology):
+    """A hub namespace with one point-to-point link to each spoke; the hub forwards nothing.
+
+    ::
+
+        spoke 1  10.203.1.2 --- 10.203.1.1  hub  10.203.2.1 --- 10.203.2.2  spoke 2  ...
+
+    Each spoke's default route goes to the hub, so a spoke reaches every address *of the
+    hub* (Linux answers for any of its own addresses on any interface), but never another
+    spoke: the hub's nftables forward chain rejects every packet (TCP with a reset, the rest
+    with ICMP "host unreachable"), so a dial fails at once instead of timing out. A process
+    on the hub (a relay) is then the only way between spokes: how "A is reachable only
+    through that relay" is tested without leaving the machine. No NAT.
+
+    Lifecycle, locking, ``run``/``exec``/``python`` and cleanup are :class:`NatTopology`'s;
+    ``ns``, ``addr`` (a spoke's own address), ``hub_addr[spoke]`` (the hub's address on
+    that spoke's link) and :meth:`describe` are this topology's.
+    """
+
+    RULESET = (
+        "table inet eid_hub {\n"
+        "    chain forward {\n"
+        "        type filter hook forward priority filter; policy drop;\n"
+        "        meta l4proto tcp reject with tcp reset\n"
+        "        reject with icmpx type host-unreachable\n"
+        "    }\n"
+        "}\n"
+    )
+
+    def __init__(self, spokes: Sequence[str] = ("a", "b"), *, hub: str = "r", prefix: str = DEFAULT_PREFIX) -> None:
+        super().__init__(prefix=prefix)
+        if hub in spokes or len(set(spokes)) != len(spokes) or not spokes:
+            raise ValueError(f"spokes {spokes!r} must be distinct, non-empty and not the hub {hub!r}")
+        self.hub = hub
+        self.spokes = tuple(spokes)
+        self.ns = {node: f"{prefix}{self.suffix}-{node}" for node in (hub, *self.spokes)}
+        nets = {spoke: ipaddress.ip_network(HUB_NET.format(i)) for i, spoke in enumerate(self.spokes, 1)}
+        self.addr = {spoke: str(net[2]) for spoke, net in nets.items()}
+        self.hub_addr = {spoke: str(net[1]) for spoke, net in nets.items()}
+
+    def __enter__(self) -> HubTopology:
+        self.build()
+        return self
+
+    def _build(self) -> None:
+        disable_ipv6 = {"net/ipv6/conf/all/disable_ipv6": 1, "net/ipv6/conf/default/disable_ipv6": 1}
+        for node, ns in self.ns.items():
+            _run(["ip", "netns", "add", ns])
+            self._created.append(ns)
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            self._sysctl(node, {**disable_ipv6, "net/ipv4/ip_forward": int(node == self.hub)})
+        for spoke in self.spokes:
+            self._veth(self.hub, f"to-{spoke}", spoke, LAN_IF)
+            self._address(self.hub, f"to-{spoke}", self.hub_addr[spoke], 24)
+            self._address(spoke, LAN_IF, self.addr[spoke], 24)
+            _run(["ip", "-n", self.ns[spoke], "route", "add", "default", "via", self.hub_addr[spoke]])
+        # forwarding is on so that what is not for the hub reaches the forward chain and is rejected there
+        _run(["ip", "netns", "exec", self.ns[self.hub], "nft", "-f", "-"], input=self.RULESET)
+
+    def describe(self) -> str:
+        """Addresses and routes of every namespace, for failure messages."""
+        lines = []
+        for node, ns in self.ns.items():
+            addrs = _run(["ip", "-n", ns, "-br", "addr"], check=False).stdout.strip()
+            routes = _run(["ip", "-n", ns, "route"], check=False).stdout.strip()
+            lines += [f"== {node} ({ns})", addrs, routes]
         return "\n".join(lines)
