@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
@@ -20,10 +21,12 @@ from dag import Instance, PreparedEntries, SigningKey
 from dag.ingest import PutResult
 
 from .client import DatabaseExchange, ExchangeResult, HandshakeClient, PeerHello, only_answer
-from .errors import TransportError
+from .errors import MalformedMessageError, TransportError
 from .handler import Offload, UnverifiedBudget
 from .messages import Message
 from .transport import Address, Transport, request_budget
+
+log = logging.getLogger(__name__)
 
 FRAMES_AHEAD = 2  # answer frames read ahead while one is being verified
 
@@ -162,22 +165,31 @@ async def sync_database(
     is ``stopped`` when the answer or the pushes stopped there: another call continues.
     Raises ``AnswerCut`` when the connection breaks mid-answer (what came is stored).
     """
-    exchange = DatabaseExchange(
-        instance,
-        peer_key=peer_key,
-        db_id=db_id,
-        common=common,
-        access=access,
-        now_ms=now_ms,
-        push_only=push_only,
-        budget=budget,
-    )
     room = await request_budget(transport, address, fresh=fresh)
-    request = await offload(functools.partial(exchange.request, room))
-    if request is None:
-        return exchange.result
-    assert isinstance(request, Message)
-    await _take_answer(instance, transport, address, request, exchange, offload)
+    for asked in (room, None) if room is not None else (None,):
+        exchange = DatabaseExchange(
+            instance,
+            peer_key=peer_key,
+            db_id=db_id,
+            common=common,
+            access=access,
+            now_ms=now_ms,
+            push_only=push_only,
+            budget=budget,
+        )
+        request = await offload(functools.partial(exchange.request, asked))
+        if request is None:
+            return exchange.result
+        assert isinstance(request, Message)
+        try:
+            await _take_answer(instance, transport, address, request, exchange, offload)
+            break
+        except MalformedMessageError as exc:
+            if asked is None or "'budget'" not in str(exc):
+                raise
+            # A peer from before the budget field refuses it (unknown field): ask it as
+            # before; its answer may not fit the circuit, but a small one will.
+            log.info("%s does not know SyncTree.budget: asking without it", address)
     if not exchange.answered:
         return exchange.stop()  # the answer stopped at the budget: what came is stored
     await offload(exchange.plan_pushes)

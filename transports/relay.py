@@ -99,6 +99,8 @@ CLOSING_BUFFER = 64  # spent circuits waiting for the background closer; past it
 # A circuit cut short had carried at least the bytes we counted (more were in flight and lost):
 # later circuits to that peer are budgeted to this share of them.
 CUT_CAP_FRACTION = 0.75
+CUT_MIN_SHARE = 0.125  # a circuit that ended with less of its limit used is not taken for a cut at a hidden limit
+CAP_TTL_S = 600.0  # a learned cap is forgotten after this long (the relay may have changed)
 MAX_TRACKED_PEERS = 1024  # peers whose last circuit and cap are remembered (least recent dropped)
 MAX_UNLIMITED = 2**62
 
@@ -196,11 +198,15 @@ class CircuitMeter:
         self.closed_by_us = False  # else a circuit that ended short of its limit was cut
 
     def cut_short(self) -> bool:
-        """Whether this circuit (now ended) ended before its limit without our closing it."""
+        """Whether this circuit (now ended) looks cut by a relay enforcing less than it
+        advertised: it ended without our closing it, before its time, after carrying a good
+        share of its data limit but not all (a relay that goes away cuts at any point; a
+        share of ``CUT_MIN_SHARE`` keeps that from capping a generous relay's circuits)."""
         if self.closed_by_us or self.limit is None or self.limit.data is None:
             return False
         seconds = self.remaining_s()
-        return self.bytes < self.limit.data - SPENT_BYTES and (seconds is None or seconds > 0)
+        carried = self.limit.data * CUT_MIN_SHARE <= self.bytes < self.limit.data - SPENT_BYTES
+        return carried and (seconds is None or seconds > 0)
 
     def remaining_bytes(self) -> int | None:
         if self.limit is None or self.limit.data is None:
@@ -252,7 +258,7 @@ class CircuitMeters:
     def __init__(self) -> None:
         self._meters: weakref.WeakKeyDictionary[Any, CircuitMeter] = weakref.WeakKeyDictionary()
         self._last: OrderedDict[PeerID, CircuitMeter] = OrderedDict()
-        self._caps: OrderedDict[PeerID, int] = OrderedDict()
+        self._caps: OrderedDict[PeerID, tuple[int, float]] = OrderedDict()  # cap, when learned
         self._closing_in, self._closing_out = trio.open_memory_channel[Any](CLOSING_BUFFER)
 
     async def run(self) -> None:
@@ -313,13 +319,14 @@ class CircuitMeters:
         self._track(peer, meter)
         if meter is None or meter.limit is None or meter.limit.data is None:
             return None
-        return max(0, self._left(peer, meter) - MARGIN_BYTES - int(meter.limit.data * MARGIN_FRACTION))
+        left = self._left(peer, meter)
+        return max(0, left - MARGIN_BYTES - int(left * MARGIN_FRACTION))
 
     def _left(self, peer: PeerID, meter: CircuitMeter) -> int:
         """What the circuit has left, within the peer's cap if its circuits were cut before."""
         left = meter.remaining_bytes()
-        cap = self._caps.get(peer)
-        if cap is not None:
+        cap, learned = self._caps.get(peer, (None, 0.0))
+        if cap is not None and time.monotonic() - learned < CAP_TTL_S:
             left = min(cap - meter.bytes, left if left is not None else cap)
         return max(0, left) if left is not None else MAX_UNLIMITED
 
@@ -327,14 +334,10 @@ class CircuitMeters:
         """Learn a cap from the peer's previous circuit if it was cut short; remember this one."""
         last = self._last.get(peer)
         if last is not None and last is not meter and last.cut_short():
-            self._caps[peer] = max(2 * SPENT_BYTES, int(last.bytes * CUT_CAP_FRACTION))
+            cap = max(2 * SPENT_BYTES, int(last.bytes * CUT_CAP_FRACTION))
+            self._caps[peer] = (cap, time.monotonic())
             self._caps.move_to_end(peer)
-            log.info(
-                "a circuit to %s was cut after %d bytes: later ones are budgeted to %d",
-                peer,
-                last.bytes,
-                self._caps[peer],
-            )
+            log.info("a circuit to %s was cut after %d bytes: later ones are budgeted to %d", peer, last.bytes, cap)
         if meter is None:
             self._last.pop(peer, None)
         else:
