@@ -85,10 +85,19 @@ class JsProcess:
         self._buffer = b""
 
     @classmethod
-    def start(cls, script: str, *args: str, log: Path, topo: HubTopology | None = None, where: str = "") -> JsProcess:
+    def start(
+        cls, script: str, *args: str, log: Path, topo: HubTopology | None = None, where: str = "", debug: str = ""
+    ) -> JsProcess:
+        """``debug``: js's DEBUG log namespaces (e.g. the relay server's, for its circuits)."""
         argv = [shutil.which("node") or "node", script, *args]
+        env = {**os.environ, "DEBUG": debug} if debug else None
         with log.open("ab") as stderr:
-            options: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": stderr}
+            options: dict[str, Any] = {
+                "stdin": subprocess.PIPE,
+                "stdout": subprocess.PIPE,
+                "stderr": stderr,
+                "env": env,
+            }
             if topo is None:
                 process = subprocess.Popen(argv, cwd=JS_DIR, **options)
             else:
@@ -134,8 +143,10 @@ class JsProcess:
 
 
 @contextmanager
-def js(script: str, *args: str, log: Path, topo: HubTopology | None = None, where: str = "") -> Iterator[JsProcess]:
-    process = JsProcess.start(script, *args, log=log, topo=topo, where=where)
+def js(
+    script: str, *args: str, log: Path, topo: HubTopology | None = None, where: str = "", debug: str = ""
+) -> Iterator[JsProcess]:
+    process = JsProcess.start(script, *args, log=log, topo=topo, where=where, debug=debug)
     try:
         yield process
     finally:
@@ -274,6 +285,7 @@ def test_a_20_mb_database_bootstraps_through_a_js_relay_with_default_limits(tmp_
                 log=tmp_path / "relay.log",
                 topo=topo,
                 where="r",
+                debug="libp2p:circuit-relay:server",  # its reservations and circuits, for a failure's message
             )
         )
         relay_id = relay.line()["peer_id"]
