@@ -162,6 +162,8 @@ class Reach:
         think that they, not the peer, are gone)."""
         if dialled:
             self._failures.pop((peer, address), None)
+        if not self._failures:  # the usual case: nothing is failing, nothing to read
+            return
         record = self._state.peer(peer)
         if record is None:
             return
