@@ -358,14 +358,17 @@ class Sync:
         """
         if not self.state.may_record_served(peer):
             return
+        hello = self.handler.hello_of(peer)
         if self.state.peer(peer) is None:
-            hello = self.handler.hello_of(peer)
             self.state.upsert_peer(
                 peer,
                 display_name=hello.display_name if hello else None,
                 addresses=hello.addresses if hello else (),
                 seen_ms=self._now_ms(),
             )
+        elif hello is not None:  # its latest handshake with us refreshes where it is (written on change only)
+            addresses = self.reach.refreshed(peer, None, hello.addresses)
+            self.state.upsert_peer(peer, addresses=addresses, replace_addresses=True)
         self.state.ensure_related(db.id, peer, interval_s=self.config.default_interval_s, served=True)
         self.state.record_sync(db.id, peer, now_ms=self._now_ms(), common=common, sent=0, received=0, error=None)
 

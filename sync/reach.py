@@ -6,8 +6,8 @@ admin named their key in a database's settings); a peer that only read from us i
 *served* relationship, reached only over a connection it holds open to us.
 
 Addresses go stale: a peer's Docker bridge goes away, its DHCP lease changes, a relay
-moves. So the stored list is refreshed from every handshake this node makes (the address
-that answered, then what the peer announces now, then the known ones it no longer
+moves. So the stored list is refreshed from every handshake, ours or the peer's (the
+address that answered, then what the peer announces now, then the known ones it no longer
 announces); an address that failed within ``RETRY_FAILING_MS`` is tried after the others
 (so a stale one costs a dial every few minutes, not every exchange); and an address is
 dropped from the record once it has failed ``DROP_AFTER_FAILURES`` times in a row over at
@@ -162,6 +162,8 @@ class Reach:
         think that they, not the peer, are gone)."""
         if dialled:
             self._failures.pop((peer, address), None)
+        if not self._failures:  # the usual case: nothing is failing, nothing to read
+            return
         record = self._state.peer(peer)
         if record is None:
             return
@@ -169,13 +171,15 @@ class Reach:
         if len(kept) != len(record.addresses):
             self._write(peer, kept, dropped=[a for a in record.addresses if a not in kept])
 
-    def refreshed(self, peer: str, reached: Address, announced: Sequence[Address]) -> list[Address]:
-        """The peer's address list after a handshake at ``reached`` in which it announced
-        ``announced``: those first, then known addresses it left out unless they are due
-        (its leaving them out is the reason). At most ``MAX_PEER_ADDRESSES``."""
-        self._failures.pop((peer, reached), None)
+    def refreshed(self, peer: str, reached: Address | None, announced: Sequence[Address]) -> list[Address]:
+        """The peer's address list after a handshake in which it announced ``announced``
+        (``reached``: where we dialled it; None when it came to us): those first, then known
+        addresses it left out unless they are due (its leaving them out is the reason). At
+        most ``MAX_PEER_ADDRESSES``."""
+        if reached is not None:
+            self._failures.pop((peer, reached), None)
         record = self._state.peer(peer)
-        fresh = list(dict.fromkeys([reached, *announced]))
+        fresh = list(dict.fromkeys([*([reached] if reached is not None else []), *announced]))
         old = [a for a in (record.addresses if record else ()) if a not in fresh]
         dropped = [a for a in old if self._due(peer, a)]
         if dropped:

@@ -46,6 +46,10 @@ def _m(*texts: str) -> list[multiaddr.Multiaddr]:
     return [multiaddr.Multiaddr(t) for t in texts]
 
 
+def _peer_id(address: Address) -> str:
+    return address.address.rsplit("/p2p/", 1)[1]
+
+
 def _s(addresses: list[multiaddr.Multiaddr]) -> list[str]:
     return [str(a) for a in addresses]
 
@@ -331,6 +335,17 @@ async def _failing_address_is_dropped(monkeypatch: pytest.MonkeyPatch, caplog: p
         await client.connect(good)
         record = client.state.peer(peer)
         assert record is not None and record.addresses == (good,)
+
+        # The server side: the client's handshakes with it refresh its record of the client too.
+        [client_address] = client.listen_addresses()
+        old = Address("p2p", f"/ip4/127.0.0.1/tcp/7/p2p/{_peer_id(client_address)}")
+        server.state.upsert_peer(client.device_id, addresses=[old])
+        record = server.state.peer(client.device_id)
+        assert record is not None and record.addresses == (old, client_address)
+        await client.connect(good)
+        await client.sync_now(peer, db.id)
+        record = server.state.peer(client.device_id)
+        assert record is not None and record.addresses == (client_address, old)
 
 
 async def test_a_sync_whose_addresses_all_fail_names_each_and_history_keeps_one_line(

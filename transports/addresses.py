@@ -232,11 +232,11 @@ class Advertiser:
         observed = [multiaddr.Multiaddr(a) for a in self._observed()]
         return advertise(listening, interfaces(), self._identified, observed)
 
-    def ordered(self, direct: Sequence[str], circuits: Sequence[str], *, private: bool) -> list[str]:
-        """Announced addresses, then direct ones, then circuits; circuits before the direct
-        ones once a dial-back has shown that peers cannot dial us."""
+    def ordered(self, direct: Sequence[str], circuits: Sequence[str], *, circuits_first: bool) -> list[str]:
+        """Announced addresses, then direct ones and circuits in the order the transport's
+        reachability asks for (the engine tries a peer's addresses in order)."""
         announced = [str(a) for a in self.announced]
-        rest = [*circuits, *direct] if private else [*direct, *circuits]
+        rest = [*circuits, *direct] if circuits_first else [*direct, *circuits]
         return announced + [a for a in dict.fromkeys(rest) if a not in announced]
 
 

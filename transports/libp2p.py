@@ -408,8 +408,8 @@ class Libp2pTransport:
         if not self._serving:
             return []
         circuits = self._relay_client.circuit_addresses() if self._relay_client is not None else []
-        private = self._reachability.reachability == "private"
-        return self._advertiser.ordered(self._direct_addresses(), circuits, private=private)
+        circuits_first = self._reachability.reachability == "private"
+        return self._advertiser.ordered(self._direct_addresses(), circuits, circuits_first=circuits_first)
 
     # ---- status -------------------------------------------------------------------------
 
