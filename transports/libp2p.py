@@ -382,13 +382,16 @@ class Libp2pTransport:
         return [str(a) for a in self._host.get_addrs() if not is_circuit_address(a)]
 
     def listen_addresses(self) -> list[str]:
-        """Direct addresses, then ``/p2p-circuit`` ones; the circuits come first once a
-        dial-back has shown that peers cannot dial us directly."""
+        """``/p2p-circuit`` addresses, then direct ones; direct first once a dial-back has
+        shown that peers can dial us. Until then a node given relays is taken to need them:
+        a ticket made right after start must not send the joiner to a private address first
+        (a dead one costs the engine its whole connect timeout before it tries the circuit),
+        and a peer that could have dialled us directly gets there by hole punching's plain dial."""
         if not self._serving:
             return []
         direct = self._direct_addresses()
         circuits = self._relay_client.circuit_addresses() if self._relay_client is not None else []
-        if self._reachability.reachability == "private":
+        if self._reachability.reachability != "public":
             return circuits + direct
         return direct + circuits
 
@@ -427,6 +430,8 @@ class Libp2pTransport:
             reservations=self._relay_client.status() if self._relay_client is not None else (),
             peers=peer_connections(self._host),
             hole_punches=tuple(self._puncher.results.values()) if self._puncher is not None else (),
+            hole_punches_running=self._puncher.running() if self._puncher is not None else (),
+            hole_punch_history=tuple(self._puncher.history) if self._puncher is not None else (),
             relay_service=service,
             dialbacks=tuple(self._dialback.outcomes.values()),
         )

@@ -19,7 +19,7 @@ from multiaddr.exceptions import Error as MultiaddrError
 from dag.keys import pubkey_to_text
 from sync.transport import ConnectionKind, PeerConnection
 
-from .holepunch import HolePunchResult
+from .holepunch import HolePunchResult, RunningPunch
 from .reachability import DialbackOutcome, Reachability
 from .relay import ReservationStatus, is_relayed, split_circuit_address
 
@@ -48,6 +48,8 @@ class Libp2pStatus:
     hole_punches: tuple[HolePunchResult, ...]  # the latest attempt per peer
     relay_service: RelayServiceStatus | None
     dialbacks: tuple[DialbackOutcome, ...]  # what this node found dialling others back
+    hole_punches_running: tuple[RunningPunch, ...] = ()  # attempts under way
+    hole_punch_history: tuple[HolePunchResult, ...] = ()  # the last attempts, oldest first (bounded)
 
 
 def peer_pubkey(peer: PeerID) -> str | None:
