@@ -2,7 +2,8 @@
 and for ``scripts/flood_sync.py`` (which is why it lives here and not under ``tests/``).
 
 Every wait is bounded; ``NodeProcess.stop`` sends SIGTERM and kills after a bound, and
-tests call it in ``finally``. Nodes listen on loopback with OS-chosen ports.
+tests call it in ``finally``. Nodes listen on loopback with OS-chosen ports unless told
+otherwise, and may run under a launcher (``ip netns exec``: ``tests/test_nat.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +57,21 @@ class NodeProcess:
         self.ready: dict[str, Any] = {}
 
     @classmethod
-    def start(cls, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> NodeProcess:
+    def start(
+        cls,
+        data_dir: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        network: Sequence[str] = LOOPBACK,
+        launcher: Sequence[str] = (),
+    ) -> NodeProcess:
+        """``network``: the listen options (loopback, OS-chosen ports, by default);
+        ``launcher``: a command to run the node under, such as ``ip netns exec NS`` (the CLI
+        still reaches it: the control socket is a file in the data directory)."""
         stderr = data_dir.parent / f"{data_dir.name}.stderr"
         with stderr.open("w") as log:
             process = subprocess.Popen(
-                [BIN, "run", "--data-dir", str(data_dir), "--json", *LOOPBACK, *extra],
+                [*launcher, BIN, "run", "--data-dir", str(data_dir), "--json", *network, *extra],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,

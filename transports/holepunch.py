@@ -72,6 +72,7 @@ SWEEP_INTERVAL_S = 0.5  # how often peers holding a direct and a relayed connect
 REQUEST_BUFFER = 64  # inbound circuits waiting for a punch; more are dropped (they stay relayed)
 HISTORY = 64  # attempts kept for the status, and peers whose latest attempt is kept
 CLOSE_TIMEOUT_S = 2.0  # closing a connection whose other end may be gone
+MAX_REASONS = 8  # addresses whose dial errors a failed attempt's reason names
 POLL_S = 0.05
 
 Role = Literal["initiator", "responder"]
@@ -118,7 +119,7 @@ class _Dcutr(DCUtRProtocol):
     def __init__(self, host: IHost, answer: Callable[[INetStream], Awaitable[None]]) -> None:
         super().__init__(host, read_timeout=int(EXCHANGE_TIMEOUT_S), dial_timeout=int(DIAL_TIMEOUT_S))
         self.answer = answer  # HolePuncher.answer: the responder's side of an attempt
-        self._dial_errors: dict[PeerID, str] = {}  # the last punch dial's failure, per attempt
+        self._dial_errors: dict[PeerID, dict[str, str]] = {}  # per attempt: address -> its last dial's failure
 
     async def _auto_drive_loop(self) -> None:
         await trio.sleep_forever()  # attempts are started by HolePuncher.request
@@ -190,24 +191,31 @@ class _Dcutr(DCUtRProtocol):
                 else:
                     await network.dial_addr(addr, peer_id, source)
         except trio.TooSlowError:
-            self._dial_errors[peer_id] = f"{addr}: no answer in {DIAL_TIMEOUT_S:g} s"
+            self._dial_failed(peer_id, addr, f"no answer in {DIAL_TIMEOUT_S:g} s")
             return
         except Exception as exc:  # any library failure is this dial's outcome, kept for the attempt's reason
-            self._dial_errors[peer_id] = f"{addr}: {_reason(exc)}"
+            self._dial_failed(peer_id, addr, _reason(exc))
             if "mismatch" in str(exc).lower() and known:  # the swarm cleared the peer's addresses
                 self.host.get_peerstore().add_addrs(peer_id, known, 600)
             return
         if await self._verify_direct_connection(peer_id):
             self._direct_connections.add(peer_id)
 
+    def _dial_failed(self, peer: PeerID, address: Any, reason: str) -> None:
+        errors = self._dial_errors.get(peer)
+        key = str(address).split("/p2p/")[0]
+        if errors is not None and (len(errors) < MAX_REASONS or key in errors):
+            errors[key] = reason
+
     async def punch(self, peer: PeerID, addresses: list[Any], *, as_responder: bool) -> None:
-        """The simultaneous dials (py-libp2p's three rounds); raises PunchFailed with the last dial's error."""
-        self._dial_errors.pop(peer, None)
+        """The simultaneous dials (py-libp2p's three rounds); raises PunchFailed naming each
+        address dialled with its last dial's error."""
+        self._dial_errors[peer] = {}
         try:
             if not await self._perform_hole_punch(peer, addresses, as_responder=as_responder):
-                last = self._dial_errors.get(peer, "no dial completed")
-                dialled = ", ".join(str(a) for a in addresses if not is_circuit_address(a)) or "no direct address"
-                raise PunchFailed(f"no direct connection after 3 rounds of dials to {dialled}; last: {last}")
+                errors = self._dial_errors[peer]
+                detail = "; ".join(f"{a}: {e}" for a, e in errors.items()) or "no dial completed"
+                raise PunchFailed(f"no direct connection after 3 rounds of simultaneous dials: {detail}")
         finally:
             self._dial_errors.pop(peer, None)
 
