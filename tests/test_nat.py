@@ -4,8 +4,9 @@ R is public and runs ``eidetica-node run --relay-service``; A sits behind NAT G1
 NAT G2 (masquerade; unsolicited inbound dropped, or answered with a reset), and both run
 ``eidetica-node run --relay R`` (``scripts/netns.py`` builds the topology, ``scripts/cli_node.py``
 drives the binary; the CLI reaches each daemon over the control socket in its data
-directory). B joins A's database as soon as A's ticket carries the circuit address, without
-waiting for anything else. Then:
+directory, and the probes whose timing is measured send the same commands straight to that
+socket, without an interpreter start per probe). B joins A's database as soon as A's ticket
+carries the circuit address, without waiting for anything else. Then:
 
 * NATs that drop: hole punching (DCUtR) makes A<->B direct within 10 s of the join, both
   ends record it, and the relayed connection is closed once the direct one carries traffic;
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from node.errors import ControlError
 from scripts.cli_node import NodeProcess
 from scripts.netns import NatTopology, cleanup_stale
 from tests.conftest import require_netns
@@ -54,9 +56,10 @@ def _start(topo: NatTopology, name: str, tmp: Path, *extra: str) -> NodeProcess:
     )
 
 
-def p2p(node: NodeProcess) -> dict[str, Any]:
-    """The libp2p transport's status from ``eidetica-node status --json``."""
-    status = node.json("status")
+def p2p(node: NodeProcess, *, cli: bool = False) -> dict[str, Any]:
+    """The libp2p transport's status, as ``eidetica-node status --json`` shows it (``cli``: from
+    the CLI itself; else the same command straight over the control socket, for polling)."""
+    status = node.json("status") if cli else node.call("status")
     [transport] = [t for t in status["node"]["transports"] if t["name"] == "p2p"]
     report: dict[str, Any] = transport["status"]
     return report
@@ -83,8 +86,10 @@ def _wait(node: NodeProcess, what: str, done: Callable[[dict[str, Any]], object]
 
 def _value(node: NodeProcess, db: str, key: str) -> Any:
     """``key``'s value on ``node``, None while it has none."""
-    done = node.cli("db", "get", db, key, "--json")
-    return json.loads(done.stdout)["value"] if done.returncode == 0 else None
+    try:
+        return node.call("db.get", db=db, key=key)["value"]
+    except ControlError:
+        return None
 
 
 def _seen(node: NodeProcess, db: str, key: str, value: str, timeout_s: float = STATE_S) -> float:
@@ -94,7 +99,7 @@ def _seen(node: NodeProcess, db: str, key: str, value: str, timeout_s: float = S
         lambda: _value(node, db, key),
         f"{node.data_dir.name}: {key}={value!r} arriving",
         timeout_s=timeout_s,
-        poll_s=0.1,
+        poll_s=0.05,
         done=lambda seen: seen == value,
         detail=lambda: node.stderr()[-5000:],
     )
@@ -152,10 +157,11 @@ def lab(tmp: Path, *, rst_unsolicited: bool) -> Iterator[Lab]:
 
 def test_hole_punching_makes_the_daemons_direct_soon_after_a_join(tmp_path: Path) -> None:
     with lab(tmp_path, rst_unsolicited=False) as net:
-        a_status = _wait(
+        _wait(
             net.a, "a direct connection to B", lambda s: (_peer(s, net.b_peer) or {}).get("kind") == "direct", STATE_S
         )
-        b_status = _wait(net.b, "B's record of the punch", lambda s: _punch(s, net.a_peer) is not None, STATE_S)
+        _wait(net.b, "B's record of the punch", lambda s: _punch(s, net.a_peer) is not None, STATE_S)
+        a_status, b_status = p2p(net.a, cli=True), p2p(net.b, cli=True)  # what `status --json` shows
         a_punch, b_punch = _punch(a_status, net.b_peer), _punch(b_status, net.a_peer)
         assert a_punch is not None and b_punch is not None, a_status
         # The end that accepted the relayed connection (A) started it; B answered. Both succeeded.
@@ -180,8 +186,9 @@ def test_hole_punching_makes_the_daemons_direct_soon_after_a_join(tmp_path: Path
 
 def test_a_punch_the_nats_reset_is_reported_on_both_ends_and_sync_stays_relayed(tmp_path: Path) -> None:
     with lab(tmp_path, rst_unsolicited=True) as net:
-        a_status = _wait(net.a, "A's failed punch", lambda s: _punch(s, net.b_peer) is not None, PUNCH_FAIL_S)
-        b_status = _wait(net.b, "B's failed punch", lambda s: _punch(s, net.a_peer) is not None, STATE_S)
+        _wait(net.a, "A's failed punch", lambda s: _punch(s, net.b_peer) is not None, PUNCH_FAIL_S)
+        _wait(net.b, "B's failed punch", lambda s: _punch(s, net.a_peer) is not None, STATE_S)
+        a_status, b_status = p2p(net.a, cli=True), p2p(net.b, cli=True)  # what `status --json` shows
         for status, peer in ((a_status, net.b_peer), (b_status, net.a_peer)):
             punch = _punch(status, peer)
             assert punch is not None and not punch["succeeded"] and punch["outcome"] == "failed", punch
@@ -196,7 +203,7 @@ def test_a_punch_the_nats_reset_is_reported_on_both_ends_and_sync_stays_relayed(
         _wait(net.a, "A lost its reservation", lambda s: s["reservations"][0]["state"] != "reserved", STATE_S)
         net.relay = net.start("r", "--relay-service")
         back = time.monotonic()
-        net.a.ok("db", "set", net.db, "after_restart", "from a")
+        net.a.call("db.set", db=net.db, key="after_restart", value="from a")
         _seen(net.b, net.db, "after_restart", "from a", timeout_s=STATE_S)
         resumed_s = time.monotonic() - back
         print(f"relay back up -> a write on A seen by B: {resumed_s:.2f} s")

@@ -80,6 +80,7 @@ from .libp2p_status import (
     peer_pubkey,
 )
 from .reachability import RECHECK_S, DialbackServer, ReachabilityMonitor
+from .redial import CircuitKeeper
 from .relay import (
     DEFAULT_RELAY_LIMITS,
     RelayClient,
@@ -292,6 +293,7 @@ class Libp2pTransport:
             recheck_s=reachability_recheck_s,
         )
         self._dial_locks: dict[PeerID, trio.Lock] = {}
+        self._circuit_keeper = CircuitKeeper(self._host, self._redial)
 
     def _fresh_host(self) -> IHost:
         """A throwaway host with a new identity, for dial-backs: it cannot reuse a connection."""
@@ -329,6 +331,7 @@ class Libp2pTransport:
                 entered = True
                 if self._puncher is not None:
                     await nursery.start(self._puncher.run)
+                nursery.start_soon(self._circuit_keeper.run)
                 self._ready.set()
                 task_status.started()
                 await trio.sleep_forever()
@@ -448,6 +451,12 @@ class Libp2pTransport:
         if self._puncher is not None:
             self._puncher.request(peer)
 
+    async def _redial(self, peer: PeerID, address: multiaddr.Multiaddr) -> None:
+        """Reopen a relayed connection that dropped (``transports.redial``); raises RelayError."""
+        async with self._dial_locks.setdefault(peer, trio.Lock()):
+            if peer_connection(self._host, peer) is None:
+                await dial_through_relay(self._host, address)
+
     # ---- serving ----------------------------------------------------------------------
 
     async def _on_stream(self, stream: INetStream) -> None:
@@ -500,6 +509,7 @@ class Libp2pTransport:
                         raise UnreachableError(f"p2p:{address}: the connection to that peer closed")
                     elif peer_connection(self._host, peer) is None:
                         await dial_through_relay(self._host, target)
+                        self._circuit_keeper.dialled(peer, target)
             connection = peer_connection(self._host, peer)
             if connection is not None and connection.kind == "relayed":
                 return await self._host.new_stream(peer, [PROTOCOL_ID]), False
