@@ -30,6 +30,7 @@ relayed connection stays and sync goes on over it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import secrets
 import time
@@ -52,6 +53,7 @@ from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol, read_dcutr_msg
 from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
 from libp2p.relay.circuit_v2.utils import write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
+from multiaddr.exceptions import Error as MultiaddrError
 
 from sync.transport import TaskStatus
 
@@ -106,6 +108,16 @@ class PunchFailed(Exception):
     """An attempt failed; the message is the reason recorded."""
 
 
+def _is_public(address: Any) -> bool:
+    """A direct IP address of global scope (what a peer behind another NAT may reach)."""
+    if is_circuit_address(address):
+        return False
+    for protocol in ("ip4", "ip6"):
+        with contextlib.suppress(MultiaddrError, ValueError):  # no such part, or not an IP
+            return ipaddress.ip_address(address.value_for_protocol(protocol)).is_global
+    return False
+
+
 def _reason(exc: BaseException) -> str:
     """The innermost cause of a library error, as one line (py-libp2p wraps them twice)."""
     while exc.__cause__ is not None:
@@ -136,9 +148,17 @@ class _Dcutr(DCUtRProtocol):
     async def wait_identified(self, peer: PeerID) -> None:
         """Until identify has run with ``peer`` and we know an address the relay saw us at
         (what goes into CONNECT); each bounded, the attempt goes on with what is known."""
+        started = trio.current_time()
         with trio.move_on_after(IDENTIFY_WAIT_S):
             while not self._identified(peer) or not self._observed():
                 await trio.sleep(POLL_S)
+        log.info(
+            "hole punching with %s: starting after %.2f s (identify %s, observed address %s)",
+            peer,
+            trio.current_time() - started,
+            "done" if self._identified(peer) else "not done",
+            "known" if self._observed() else "unknown",
+        )
 
     def _identified(self, peer: PeerID) -> bool:
         try:
@@ -157,8 +177,11 @@ class _Dcutr(DCUtRProtocol):
             raise PunchFailed(f"the peer does not offer {DCUTR_PROTOCOL} (identify)")
 
     async def _try_unilateral_upgrade(self, peer_id: PeerID) -> bool:
+        """Spec step 0: dial the peer's identify addresses that are public; a private one
+        behind another NAT would only cost the dial timeout (a peer on our own LAN is reached
+        by the punch's dials, which include them)."""
         try:
-            addresses = [a for a in self.host.get_peerstore().addrs(peer_id) if not is_circuit_address(a)]
+            addresses = [a for a in self.host.get_peerstore().addrs(peer_id) if _is_public(a)]
         except PeerStoreError:  # no address known for the peer (or they expired)
             return False
         if not addresses:
