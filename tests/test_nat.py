@@ -170,6 +170,7 @@ def test_hole_punching_makes_the_daemons_direct_soon_after_a_join(tmp_path: Path
             assert punch["succeeded"] and punch["outcome"] == "direct" and punch["error"] is None, punch
             assert net.joined_at < punch["started_at"] < punch["at"]
             assert punch["duration_s"] == pytest.approx(punch["at"] - punch["started_at"], abs=0.05)
+        assert "initiator  direct in" in net.a.ok("info")  # and `info` says so in words
         direct_s = max(a_punch["at"], b_punch["at"]) - net.joined_at
         print(f"join -> direct (both ends): {direct_s:.2f} s; punch {a_punch['duration_s']:.2f} s (A)")
         assert direct_s < DIRECT_WITHIN_S
@@ -195,6 +196,7 @@ def test_a_punch_the_nats_reset_is_reported_on_both_ends_and_sync_stays_relayed(
             assert punch["error"] and "refused" in punch["error"].lower(), punch  # the reset, named
             print(f"{punch['role']}: failed after {punch['duration_s']:.2f} s: {punch['error']}")
             assert [h for h in status["hole_punch_history"] if h["peer"] == peer][-1] == punch
+        assert "responder  failed after" in net.b.ok("info") and "refused" in net.b.ok("info")
         assert (_peer(a_status, net.b_peer) or {}).get("kind") == "relayed"
         net.writes_cross("relayed")
 
