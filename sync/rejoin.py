@@ -7,6 +7,8 @@ transport opens it again, but writes made on either side meanwhile would otherwi
 for the next commit or the periodic sync (minutes). So each time a live connection to a
 peer we dial comes back after being lost, every database we share with that peer is synced
 once. Only transitions trigger anything: nothing runs while connections stay as they are.
+Only relationships this side made (joined, connected, related) are watched, so the work
+per look is one pass over a few peers, whatever the number of readers we serve.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .state import SyncState
 
 log = logging.getLogger(__name__)
 
-WATCH_S = 0.25  # how often live connections are looked at
+WATCH_S = 0.25  # how often live connections are looked at (a relay restart resumes within this)
 
 Schedule = Callable[[str, str], None]  # (peer, db id): sync now
 
@@ -39,11 +41,11 @@ class ReturnWatcher:
         lost: set[str] = set()  # peers whose connection dropped and has not come back; bounded by relationships
         while True:
             await trio.sleep(WATCH_S)
-            relationships = self._state.relationships()
+            relationships = [r for r in self._state.relationships() if not r.served]
             peers = {r.peer for r in relationships}
             now_live = {p for p in peers if self._reach.live_addresses(p)}
             for peer in now_live & lost:
-                dbs = [r.db for r in relationships if r.peer == peer and self._reach.dialled(r)]
+                dbs = [r.db for r in relationships if r.peer == peer]
                 if dbs:
                     log.info("connection to %s is back: syncing %s", peer, ", ".join(dbs))
                 for db in dbs:

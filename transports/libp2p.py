@@ -293,7 +293,7 @@ class Libp2pTransport:
             recheck_s=reachability_recheck_s,
         )
         self._dial_locks: dict[PeerID, trio.Lock] = {}
-        self._circuit_keeper = CircuitKeeper(self._host, self._redial)
+        self._circuit_keeper = CircuitKeeper(self._host, self._dial_locks)
 
     def _fresh_host(self) -> IHost:
         """A throwaway host with a new identity, for dial-backs: it cannot reuse a connection."""
@@ -450,12 +450,6 @@ class Libp2pTransport:
         """We accepted a relayed connection: the accepting end starts DCUtR (the spec's choice)."""
         if self._puncher is not None:
             self._puncher.request(peer)
-
-    async def _redial(self, peer: PeerID, address: multiaddr.Multiaddr) -> None:
-        """Reopen a relayed connection that dropped (``transports.redial``); raises RelayError."""
-        async with self._dial_locks.setdefault(peer, trio.Lock()):
-            if peer_connection(self._host, peer) is None:
-                await dial_through_relay(self._host, address)
 
     # ---- serving ----------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import multiaddr
@@ -24,6 +23,7 @@ from libp2p.peer.id import ID as PeerID
 
 from .errors import RelayError
 from .libp2p_status import peer_connection
+from .relay import dial_through_relay
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,13 @@ KEEP_S = 60.0  # an outage this long: the peer is forgotten (the engine's next s
 REDIAL_TIMEOUT_S = 3.0  # one redial (a relay that does not answer)
 MAX_KEPT = 64  # peers whose circuits are kept; the oldest is dropped past this
 
-Dial = Callable[[PeerID, multiaddr.Multiaddr], Awaitable[None]]
-
 
 class CircuitKeeper:
     """Keeps the relayed connections this node dialled open across drops (see the module docstring)."""
 
-    def __init__(self, host: IHost, dial: Dial) -> None:
+    def __init__(self, host: IHost, dial_locks: dict[PeerID, trio.Lock]) -> None:
         self._host = host
-        self._dial = dial
+        self._dial_locks = dial_locks  # the transport's: one dial per peer at a time
         self._circuits: OrderedDict[PeerID, multiaddr.Multiaddr] = OrderedDict()
         self._lost: dict[PeerID, tuple[float, float]] = {}  # peer -> (lost at, next redial at)
 
@@ -83,7 +81,9 @@ class CircuitKeeper:
         error: Any = None
         with trio.move_on_after(REDIAL_TIMEOUT_S) as scope:
             try:
-                await self._dial(peer, address)
+                async with self._dial_locks.setdefault(peer, trio.Lock()):
+                    if peer_connection(self._host, peer) is None:
+                        await dial_through_relay(self._host, address)
             except RelayError as exc:  # the relay is not back yet, or the peer has no reservation
                 error = exc
         if error is None and not scope.cancelled_caught:
