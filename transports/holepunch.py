@@ -323,8 +323,14 @@ class HolePuncher:
         while len(self.results) > HISTORY:
             self.results.popitem(last=False)
         self.history.append(result)
-        how = "failed, staying on the relay: " + str(result.error) if not result.succeeded else result.outcome
-        log.info("hole punching with %s (%s): %s in %.2f s", result.peer, result.role, how, result.duration_s)
+        if result.succeeded:
+            what = (result.peer, result.role, result.outcome, result.duration_s)
+            log.info("hole punching with %s (%s): %s in %.2f s", *what)
+        else:
+            log.info(
+                "hole punching with %s (%s): failed after %.2f s, staying on the relay: %s",
+                *(result.peer, result.role, result.duration_s, result.error),
+            )
 
     @contextlib.asynccontextmanager
     async def _attempt(self, peer: PeerID, role: Role) -> AsyncIterator[dict[str, Any]]:
