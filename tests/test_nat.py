@@ -111,18 +111,17 @@ class Lab:
 
     def __init__(self, topo: NatTopology, tmp: Path, stack: ExitStack) -> None:
         self.topo, self.tmp = topo, tmp
+        self.nodes: list[NodeProcess] = []
+        stack.callback(self.stop)
         self.relay = self.start("r", "--relay-service")
-        stack.callback(lambda: self.relay.stop())
         [relay_address] = [a for a in self.relay.ready["addresses"] if a.startswith(f"p2p:/ip4/{topo.addr['r']}/")]
         self.relay_address = relay_address.removeprefix("p2p:")
         with ThreadPoolExecutor(2) as pool:  # the interpreters start in parallel
             a, b = pool.map(lambda name: self.start(name, "--relay", self.relay_address), ["a", "b"])
-        stack.callback(a.stop)
-        stack.callback(b.stop)
         self.a, self.b = a, b
         self.a_peer, self.b_peer = p2p(a)["peer_id"], p2p(b)["peer_id"]
         self.db = json.loads(a.ok("db", "create", "notes", "--public", "write:10", "--json"))["id"]
-        a.ok("db", "set", self.db, "title", "from a")
+        a.call("db.set", db=self.db, key="title", value="from a")
         circuit = f"p2p:{self.relay_address}/p2p-circuit/p2p/{self.a_peer}"
         ticket = wait_until(
             lambda: json.loads(a.ok("share", self.db, "--json"))["ticket"],
@@ -137,13 +136,20 @@ class Lab:
         assert _value(b, self.db, "title") == "from a"
 
     def start(self, name: str, *extra: str) -> NodeProcess:
-        return _start(self.topo, name, self.tmp, *extra)
+        node = _start(self.topo, name, self.tmp, *extra)
+        self.nodes.append(node)
+        return node
+
+    def stop(self) -> None:
+        """SIGTERM every node at once (each flushes sync for a moment), then wait for all."""
+        with ThreadPoolExecutor(len(self.nodes) or 1) as pool:
+            list(pool.map(NodeProcess.stop, self.nodes))
 
     def writes_cross(self, tag: str) -> None:
         """A write on each side reaches the other."""
         self.a.ok("db", "set", self.db, f"{tag}_a", "hello b")
         print(f"{tag}: A -> B {_seen(self.b, self.db, f'{tag}_a', 'hello b'):.2f} s")
-        self.b.ok("db", "set", self.db, f"{tag}_b", "hello a")
+        self.b.call("db.set", db=self.db, key=f"{tag}_b", value="hello a")
         print(f"{tag}: B -> A {_seen(self.a, self.db, f'{tag}_b', 'hello a'):.2f} s")
 
 

@@ -7,13 +7,14 @@ addresses and times the round trip; the dialler answers with its own CONNECT; th
 acceptor sends SYNC and dials after half the round trip, the dialler dials on receiving
 SYNC (a TCP simultaneous open through both NATs).
 
-py-libp2p's ``DCUtRProtocol`` supplies the simultaneous dials (from the listen port, three
-rounds, the right security roles) and the address helpers; this module drives the rest,
-because the library's own driving
+py-libp2p supplies the dials a punch needs (from the listen port, upgraded with the roles
+a simultaneous open needs: ``dial_addr_as_responder``) and ``DCUtRProtocol``'s address
+helpers; this module drives the rest, because the library's own driving
 * starts from *both* ends towards every relayed peer every 2 s, and only ever from a timer,
   not once identify has told either side anything (its first CONNECT then carried
   whatever addresses happened to be known);
 * dials the peer's known addresses first with a 10 s timeout (0.2 s punches became 10.2 s);
+* waits out 5 s in every round of dials even when a NAT has reset them all at once;
 * reports nothing, swallows every reason a punch failed, and closes the relayed connection
   60 s after a punch on a timer, whether or not the direct one works.
 
@@ -49,7 +50,7 @@ from libp2p.peer.peerstore import PeerStoreError
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL
-from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol, read_dcutr_msg
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol, _local_tcp_listen_addrs, read_dcutr_msg
 from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
 from libp2p.relay.circuit_v2.utils import write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
@@ -64,7 +65,10 @@ log = logging.getLogger(__name__)
 
 IDENTIFY_WAIT_S = 3.0  # before starting: identify on the relayed connection, and an observed address of ours
 UNILATERAL_TIMEOUT_S = 2.0  # a plain dial to the peer's identify addresses before punching (public peers)
-DIAL_TIMEOUT_S = 5.0  # one punch dial; rounds are bounded by py-libp2p at 5 s each
+DIAL_TIMEOUT_S = 5.0  # one punch dial
+ROUNDS = 3  # of simultaneous dials (the spec lets the initiator retry twice)
+ROUND_TIMEOUT_S = 5.0
+ROUND_PAUSE_S = 2.0  # after a round: the peer's dial may still land; then the next round
 EXCHANGE_TIMEOUT_S = 10.0  # one CONNECT or SYNC message over the relay
 PUNCH_TIMEOUT_S = 45.0  # a whole attempt: the waits, step 0, the exchange, three rounds
 RETRY_AFTER_FAILURE_S = 30.0  # a new circuit from a peer we just failed with starts no new attempt sooner
@@ -230,15 +234,61 @@ class _Dcutr(DCUtRProtocol):
         if errors is not None and (len(errors) < MAX_REASONS or key in errors):
             errors[key] = reason
 
+    async def _perform_hole_punch(self, peer_id: PeerID, addrs: list[Any], as_responder: bool = False) -> bool:
+        """Rounds of simultaneous dials (py-libp2p's: three, 5 s each, from the listen port),
+        except that a round ends once every dial to an address the peer's CONNECT named has
+        failed, followed by up to ``ROUND_PAUSE_S`` for a connection the peer's own dial made:
+        a NAT that resets unsolicited SYNs fails them at once, and the library waited out 5 s
+        per round anyway (21 s per failed attempt, now ~6 s). The peer's other known
+        addresses (identify: a peer on our own LAN) are dialled alongside, but never hold
+        a round open (a private address behind another NAT only times out)."""
+        named = [a for a in addrs if not is_circuit_address(a)]
+        known = {str(a) for a in named}
+        try:
+            extra = [a for a in self.host.get_peerstore().addrs(peer_id) if str(a) not in known]
+        except PeerStoreError:  # nothing else known
+            extra = []
+        extra = [a for a in extra if not is_circuit_address(a)]
+        listen = _local_tcp_listen_addrs(self.host)
+        source = (listen[0][1], listen[0][2]) if listen else None
+        for _ in range(ROUNDS):
+            with trio.move_on_after(ROUND_TIMEOUT_S):
+                await self._round(peer_id, named, extra, source, as_responder)
+            with trio.move_on_after(ROUND_PAUSE_S):
+                while not await self._verify_direct_connection(peer_id):
+                    await trio.sleep(POLL_S * 2)
+            if await self._verify_direct_connection(peer_id):
+                return True
+        return False
+
+    async def _round(
+        self, peer: PeerID, named: list[Any], extra: list[Any], source: tuple[str, int] | None, as_responder: bool
+    ) -> None:
+        """One round: dial everything at once; over when connected or every ``named`` dial ended."""
+        pending = len(named)
+        async with trio.open_nursery() as nursery:
+
+            async def dial(address: Any, counted: bool) -> None:
+                nonlocal pending
+                await self._dial_peer(peer, address, source, as_responder)
+                pending -= counted
+                if not pending or await self._verify_direct_connection(peer):
+                    nursery.cancel_scope.cancel()
+
+            for address in named:
+                nursery.start_soon(dial, address, True)
+            for address in extra:
+                nursery.start_soon(dial, address, False)
+
     async def punch(self, peer: PeerID, addresses: list[Any], *, as_responder: bool) -> None:
-        """The simultaneous dials (py-libp2p's three rounds); raises PunchFailed naming each
-        address dialled with its last dial's error."""
+        """The simultaneous dials; raises PunchFailed naming each address dialled with its
+        last dial's error."""
         self._dial_errors[peer] = {}
         try:
             if not await self._perform_hole_punch(peer, addresses, as_responder=as_responder):
                 errors = self._dial_errors[peer]
                 detail = "; ".join(f"{a}: {e}" for a, e in errors.items()) or "no dial completed"
-                raise PunchFailed(f"no direct connection after 3 rounds of simultaneous dials: {detail}")
+                raise PunchFailed(f"no direct connection after {ROUNDS} rounds of simultaneous dials: {detail}")
         finally:
             self._dial_errors.pop(peer, None)
 
