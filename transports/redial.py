@@ -4,8 +4,10 @@ A node that reached a peer through its relay keeps that connection open, and it 
 peer's only way back to us: a peer behind NAT cannot dial us, and the sync engine never
 dials a node that only reads from it (``sync/reach.py``), so its writes reach us over the
 connection we hold. A relay that restarts resets every circuit, and nothing would open a
-new one before our next periodic sync (minutes). :class:`CircuitKeeper` redials the
-circuit address that worked, every ``FAST_S`` for the first ``FAST_FOR_S`` of an outage
+new one before our next periodic sync (minutes). When a relayed connection we dialled
+drops together with our connection to its relay (an outage, not a circuit the relay cut
+at a limit or the peer closed), :class:`CircuitKeeper` redials the circuit address that
+worked, every ``FAST_S`` for the first ``FAST_FOR_S`` of an outage
 (a restarting relay is back within seconds), then every ``SLOW_S``, and gives up after
 ``KEEP_S`` (the peer itself may be gone). It keeps at most ``MAX_KEPT`` peers.
 """
@@ -23,7 +25,7 @@ from libp2p.peer.id import ID as PeerID
 
 from .errors import RelayError
 from .libp2p_status import peer_connection
-from .relay import dial_through_relay
+from .relay import dial_through_relay, split_circuit_address
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,12 @@ class CircuitKeeper:
             return
         lost_at, due = self._lost.get(peer, (now, now))
         if peer not in self._lost:
-            log.info("the relayed connection to %s dropped: redialling %s", peer, address)
+            if peer_connection(self._host, split_circuit_address(address)[0].peer_id) is not None:
+                # The relay is still there: it cut the circuit (a limit) or the peer closed it.
+                # Not an outage; the engine dials again when it needs the peer.
+                self._circuits.pop(peer, None)
+                return
+            log.info("the relayed connection to %s dropped with its relay: redialling %s", peer, address)
         if now - lost_at > KEEP_S:
             log.info("%s unreachable through %s for %g s: no longer redialled", peer, address, KEEP_S)
             self._circuits.pop(peer, None)
