@@ -20,6 +20,7 @@ One database exchange (see ``sync.reconcile`` for why it is shaped so):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from . import proofs
 from .errors import (
     ERRORS_BY_CODE,
     AccessPendingError,
+    LimitError,
     MalformedMessageError,
     PeerError,
     SyncError,
@@ -54,11 +56,15 @@ from .messages import (
     Message,
     SendEntries,
     SyncTree,
+    encode_message,
 )
 from .reconcile import sample_have
 from .transport import Address
 
 PUSH_BATCH = 2_000
+FRAME_PREFIX_BYTES = 4  # the length prefix the transports put before a message
+SEND_OVERHEAD_BYTES = 512  # a SendEntries beyond its entries: type, database, proof (~230 B), Count answer
+ENTRY_OVERHEAD_BYTES = 5  # msgpack's header for one entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,19 @@ class ExchangeResult:
     common: list[bytes] = field(default_factory=list)
     round_trips: int = 0
     skipped: bool = False
+    # The answer or the pushes stopped at the connection's byte budget (a limited relay
+    # circuit): what arrived is stored, and another exchange continues from it.
+    stopped: bool = False
+
+    def then(self, later: ExchangeResult) -> ExchangeResult:
+        """This result followed by a later round's: counts add up, the rest is the later one's."""
+        return dataclasses.replace(
+            later,
+            received=self.received + later.received,
+            verified=self.verified + later.verified,
+            sent=self.sent + later.sent,
+            round_trips=self.round_trips + later.round_trips,
+        )
 
 
 def raise_for(message: Message) -> None:
@@ -174,14 +193,22 @@ class DatabaseExchange:
         self._to_push: list[bytes] = []
         self._pushed_up_to = 0  # index into _to_push of the next batch
         self._shared: set[bytes] = set()
+        self.limited = False  # the request carried a byte budget: its answer may stop early
+
+    @property
+    def db_cid(self) -> bytes:
+        return self._db_cid
 
     def _database(self) -> Database | None:
         cid = self._db_cid
         return self._instance.open_database(cid) if self._instance.has_database(cid) else None
 
-    def request(self) -> SyncTree | None:
+    def request(self, budget: int | None = None) -> SyncTree | None:
         """The ``SyncTree`` to send, or None when there is nothing to do (then ``result.skipped``).
 
+        ``budget``: the bytes the request and its whole answer may take on the connection
+        (None: no limit). The answer gets what the request leaves; entries are pushed inline
+        only if they take at most half of it (else they go as sized pushes after the answer).
         May walk history (``missing_from``): a driver runs it off the event loop.
         """
         db = self._database()
@@ -195,6 +222,8 @@ class DatabaseExchange:
                 cids = db.missing_from(held_common)
                 if len(cids) <= MAX_ENTRIES_PER_MESSAGE:
                     push = db.raws(cids)
+                if budget is not None and sum(len(raw) + ENTRY_OVERHEAD_BYTES for raw in push) > budget // 2:
+                    push = []
                 # With nothing inline, the cursor is taken afresh from our tips after the
                 # answer is stored (one ID on a fast-forward, not our old tip beside it).
                 self._pushed_inline = bool(push)
@@ -206,7 +235,7 @@ class DatabaseExchange:
                 have = sample_have(db, self._tips)
         self.result.round_trips += 1
         self.result.sent += len(push)
-        return SyncTree(
+        request = SyncTree(
             db=self._db_cid,
             tips=self._tips,
             common=held_common,
@@ -215,6 +244,11 @@ class DatabaseExchange:
             auth=proofs.make_proof(self._instance.device_key, self._peer_key, self._db_cid, self._tips, self._now_ms()),
             access=self._access,
         )
+        if budget is None:
+            return request
+        self.limited = True
+        left = budget - FRAME_PREFIX_BYTES - len(encode_message(request)) - 16  # the budget field itself
+        return dataclasses.replace(request, budget=max(1, left))
 
     def entries_to_store(self, answer: Message) -> tuple[bytes, ...]:
         """The entries of ``answer`` worth preparing as soon as it arrives (before ``take``)."""
@@ -278,26 +312,55 @@ class DatabaseExchange:
             self._shared = set(ours) | set(final.tips)
             self._to_push = db.missing_from(final.tips, ours=ours)
 
-    def next_push(self) -> SendEntries | None:
-        """The next batch the peer lacks, or None when all is sent."""
+    @property
+    def pushes_left(self) -> bool:
+        return self._pushed_up_to < len(self._to_push)
+
+    def next_push(self, budget: int | None = None) -> SendEntries | None:
+        """The next batch the peer lacks, or None when all is sent or (with ``budget``, the bytes
+        the push and its answer may take) when not even one entry fits (``pushes_left`` says)."""
         start = self._pushed_up_to
         if start >= len(self._to_push):
             return None
         db = self._database()
         if db is None:
             raise SyncError("the database went away during the exchange")
-        batch = self._to_push[start : start + PUSH_BATCH]
-        self._pushed_up_to = start + len(batch)
-        raws = tuple(db.raws(batch))
+        raws = db.raws(self._to_push[start : start + PUSH_BATCH])
+        if budget is not None:
+            room = budget - FRAME_PREFIX_BYTES - SEND_OVERHEAD_BYTES
+            fits = 0
+            for raw in raws:
+                room -= len(raw) + ENTRY_OVERHEAD_BYTES
+                if room < 0:
+                    break
+                fits += 1
+            if not fits:
+                return None
+            raws = raws[:fits]
+        self._pushed_up_to = start + len(raws)
         self.result.round_trips += 1
         proof = proofs.make_proof(self._instance.device_key, self._peer_key, self._db_cid, (), self._now_ms())
-        return SendEntries(self._db_cid, raws, proof)
+        return SendEntries(self._db_cid, tuple(raws), proof)
 
     def pushed(self, request: SendEntries, answer: Message) -> None:
         """The peer's answer to one pushed batch."""
         if not isinstance(answer, Count | Ack):
             raise MalformedMessageError(f"unexpected answer {answer.TYPE} to SendEntries")
         self.result.sent += len(request.entries)
+
+    def too_big(self, budget: int) -> LimitError:
+        """The error for the next push's first entry, which does not fit a fresh connection's budget."""
+        db = self._database()
+        size = len(db.raws(self._to_push[self._pushed_up_to : self._pushed_up_to + 1])[0]) if db else 0
+        return LimitError(
+            f"an entry of {size} bytes is more than the {budget} bytes this connection may carry in one"
+            " request (a relay circuit's data limit): pushing it needs a direct connection to the peer"
+        )
+
+    def stop(self) -> ExchangeResult:
+        """The result of an exchange that stopped at the connection's budget (another continues it)."""
+        self.result.stopped = True
+        return self.result
 
     def outcome(self) -> ExchangeResult:
         """The result, once every push is answered.

@@ -3,6 +3,11 @@
 The engine's scheduler decides when; this decides where (``Reach``), runs the driver
 (``sync.peer.sync_database``) under the request deadline, falls through to the next
 address on a transport failure, and records the outcome (cursor, history, last seen).
+
+Over a relay circuit with a data limit one exchange is several *rounds*, each over its own
+circuit (``_rounds``): a round's answer stops at the circuit's budget (or the relay cuts
+it), what came is stored, and the next round's request names the tips now held, so the
+peer sends only the rest.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ import trio
 from dag import Instance, NotFoundError
 
 from .client import ExchangeResult
-from .errors import SyncError, TransportError, UnreachableError
+from .errors import LimitError, SyncError, TransportError, UnreachableError
 from .handler import Offload, UnverifiedBudget
-from .peer import sync_database
+from .peer import AnswerCut, sync_database
 from .reach import Reach
 from .state import SyncState
 from .transport import Address, Transport
 
 log = logging.getLogger(__name__)
+
+# Rounds in a row that may move nothing before an exchange over one address gives up: the
+# second goes over a fresh circuit (the first may have met one with too little left).
+MAX_IDLE_ROUNDS = 2
 
 
 class ExchangeRunner:
@@ -92,10 +101,57 @@ class ExchangeRunner:
     async def _over(
         self, address: Address, peer: str, db_id: str, *, access: str | None, push_only: bool
     ) -> ExchangeResult:
-        """The exchange over one address, under the request deadline."""
+        """The exchange over one address, each round under the request deadline."""
         transport = self._transports.get(address.transport)
         if transport is None:
             raise UnreachableError(f"no transport registered for {address.transport!r} addresses")
+        return await self._rounds(transport, address, peer, db_id, access=access, push_only=push_only)
+
+    async def _rounds(
+        self, transport: Transport, address: Address, peer: str, db_id: str, *, access: str | None, push_only: bool
+    ) -> ExchangeResult:
+        """Rounds over one address until one completes, as many as it takes while each moves
+        entries; ``MAX_IDLE_ROUNDS`` in a row that move none end it with the last one's error.
+
+        A round that stops at the budget or is cut is continued (the next one over a fresh
+        circuit if it moved nothing); a first round cut before anything arrived on an
+        unlimited connection is an ordinary transport failure (the engine tries the next
+        address). py-libp2p drops what a connection had buffered when it breaks, so a cut
+        circuit may lose the frames in flight: the transport then budgets later circuits lower.
+        """
+        total: ExchangeResult | None = None
+        idle = 0
+        while True:
+            error: SyncError | None = None
+            try:
+                result = await self._round(transport, address, peer, db_id, access, push_only, fresh=idle > 0)
+            except AnswerCut as cut:
+                if total is None and not cut.result.received and not cut.limited:
+                    raise  # nothing came over this address at all: try the next one
+                result, error = cut.result, cut
+            except LimitError as exc:  # an entry does not fit this circuit's budget: a fresh one may do
+                if idle:
+                    raise
+                result, error = ExchangeResult(), exc
+            total = result if total is None else total.then(result)
+            if error is None and not result.stopped:
+                return total
+            idle = 0 if result.received or result.sent else idle + 1
+            if idle >= MAX_IDLE_ROUNDS:
+                raise error or TransportError(f"{address}: {idle} rounds over limited circuits moved nothing")
+            log.debug("%s: round stopped after %d entries (%s); continuing", address, result.received, error)
+
+    async def _round(
+        self,
+        transport: Transport,
+        address: Address,
+        peer: str,
+        db_id: str,
+        access: str | None,
+        push_only: bool,
+        *,
+        fresh: bool,
+    ) -> ExchangeResult:
         try:
             with trio.fail_after(self._request_timeout_s):
                 return await sync_database(
@@ -110,6 +166,7 @@ class ExchangeRunner:
                     offload=self._offload,
                     push_only=push_only,
                     budget=self._budget,
+                    fresh=fresh,
                 )
         except trio.TooSlowError as exc:
             raise TransportError(f"{address}: no answer in {self._request_timeout_s:g} s") from exc

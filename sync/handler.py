@@ -35,6 +35,7 @@ from . import proofs
 from .errors import (
     AccessPendingError,
     AccessRejectedError,
+    LimitError,
     MalformedMessageError,
     NotServedError,
     OverBudgetError,
@@ -59,6 +60,7 @@ from .messages import (
     Message,
     SendEntries,
     SyncTree,
+    encode_message,
     error_for,
 )
 from .reconcile import entries_for
@@ -72,6 +74,18 @@ ANSWER_BATCH_ENTRIES = 2_000  # entries per answer frame: bounds memory on both 
 # verifying after a few milliseconds instead of after a whole frame was read, sent and decoded.
 FIRST_FRAME_ENTRIES = 250
 ANSWER_BATCH_BYTES = 4 * 1024 * 1024
+# What one frame costs on the wire beyond its entries' bytes, for a SyncTree's budget: the
+# transport's 4-byte length prefix, and per entry msgpack's bin header (<= 5 bytes); the rest
+# of a frame (type, database, tips, flags, array header) is measured by encoding it empty.
+FRAME_PREFIX_BYTES = 4
+ENTRY_OVERHEAD_BYTES = 5
+ARRAY_HEADER_BYTES = 5
+# Under a budget a frame takes at most this share of it (and at least MIN_BUDGET_FRAME_BYTES):
+# a relay that cuts a circuit before the limit it advertised then costs at most the frame it
+# was carrying, and the frames before it are stored.
+BUDGET_FRAME_SHARE = 4
+MAX_ENTRY_BYTES_UNLIMITED = 2**62  # no budget: a frame's first entry is taken whatever its size
+MIN_BUDGET_FRAME_BYTES = 16 * 1024
 CHALLENGE_TTL_MS = 60_000  # a handshake is one round trip; a minute covers any link that works at all
 # Pending handshakes (counter challenges issued, not yet confirmed). Each keeps only a
 # trimmed hello (a key, a short name, MAX_PEER_ADDRESSES short addresses: ~1-9 KB), never
@@ -504,33 +518,59 @@ class SyncHandler:
             received = len(result.verified)
         bootstrap = not message.tips and not message.entries
         tips = tuple(db.tip_cids())
+        budget = AnswerBudget(message.budget)
+        if not budget.limited:
+            self._exchanged(db, message, tips)
+        if bootstrap:
+            fixed = budget.fixed(Bootstrap(message.db, tips, (), more=True))
+            frames = self._bootstrap_frames(db, budget, fixed)
+        else:
+            fixed = budget.fixed(Incremental(message.db, tips, (), received=received, more=True))
+            frames = self._incremental_frames(db, message, budget, fixed)
+        async for frame, last in frames:
+            if last and budget.limited:
+                self._exchanged(db, message, tips)  # only an answer that did not stop early
+            self.stats.entries_sent += len(frame)
+            if bootstrap:
+                yield Bootstrap(message.db, tips if last else (), tuple(frame), more=not last)
+            else:
+                yield Incremental(message.db, tips if last else (), tuple(frame), received=received, more=not last)
+
+    def _exchanged(self, db: Database, message: SyncTree, tips: tuple[bytes, ...]) -> None:
+        """Record that the asker will hold our tips (and we those of its tips we know)."""
         if message.auth is not None and self._on_exchange is not None:
-            # The asker will hold our tips; we hold those of its tips we know.
             common = sorted({*tips, *(t for t in message.tips if db.status_of(t) is Status.VERIFIED)})
             self._on_exchange(db, message.auth.key, common)
-        if bootstrap:
-            async for frame, last in self._bootstrap_frames(db):
-                self.stats.entries_sent += len(frame)
-                yield Bootstrap(message.db, tips if last else (), tuple(frame), more=not last)
-            return
+
+    async def _incremental_frames(
+        self, db: Database, message: SyncTree, budget: AnswerBudget, fixed: int
+    ) -> AsyncIterator[tuple[list[bytes], bool]]:
+        """What the asker lacks, parents first, each frame read from storage as it goes
+        (memory stays bounded by a frame); stops early when the budget is used up."""
         boundary = (*message.tips, *message.common, *message.have)
         cids = await self._offload(lambda: entries_for(db, boundary))
-        # Frames are read from storage one at a time: memory stays bounded by a frame.
         start = 0
         limit = FIRST_FRAME_ENTRIES
         while True:
             chunk = cids[start : start + limit]
             limit = min(2 * limit, ANSWER_BATCH_ENTRIES)
-            taken, frame = await self._offload(functools.partial(_frame_raws, db, chunk)) if chunk else (0, [])
+            read = functools.partial(_frame_raws, db, chunk, budget.room(fixed), budget.first_room(fixed), budget.cost)
+            taken, frame = await self._offload(read) if chunk else (0, [])
+            if chunk and not taken:
+                budget.ran_out(db, chunk[0])
+                return
             start += taken
             last = start >= len(cids)
-            self.stats.entries_sent += len(frame)
-            yield Incremental(message.db, tips if last else (), tuple(frame), received=received, more=not last)
+            budget.spend(fixed, frame)
+            yield frame, last
             if last:
                 return
 
-    async def _bootstrap_frames(self, db: Database) -> AsyncIterator[tuple[list[bytes], bool]]:
-        """Every verified entry, parents first, a page of storage per frame.
+    async def _bootstrap_frames(
+        self, db: Database, budget: AnswerBudget, fixed: int
+    ) -> AsyncIterator[tuple[list[bytes], bool]]:
+        """Every verified entry, parents first, a page of storage per frame; stops early when
+        the budget is used up (the asker then holds a prefix: everything below some height).
 
         Paged by position (height, ID), so the first frame goes out after one small read
         instead of after listing the whole history, and neither side holds the list.
@@ -539,15 +579,21 @@ class SyncHandler:
         limit = FIRST_FRAME_ENTRIES
         while True:
             page = await self._offload(functools.partial(db.entries_page, after, limit + 1))
+            room, first_room = budget.room(fixed), budget.first_room(fixed)
             frame: list[bytes] = []
             size = 0
             for cid, height, raw in page[:limit]:
-                if frame and size + len(raw) > ANSWER_BATCH_BYTES:
+                cost = budget.cost(raw)
+                if size + cost > (room if frame else first_room):
                     break
                 frame.append(raw)
-                size += len(raw)
+                size += cost
                 after = (height, cid)
+            if page and not frame:
+                budget.ran_out(db, page[0][0])
+                return
             last = len(frame) == len(page)  # the one extra row read says whether more follow
+            budget.spend(fixed, frame)
             yield frame, last
             if last:
                 return
@@ -562,8 +608,11 @@ class SyncHandler:
         return Count(len(message.entries), len(result.verified), len(result.failed))
 
 
-def _frame_raws(db: Database, cids: list[bytes]) -> tuple[int, list[bytes]]:
-    """How many of ``cids`` one frame takes (at least one), and their bytes."""
+def _frame_raws(
+    db: Database, cids: list[bytes], room: int, first_room: int, cost: Callable[[bytes], int]
+) -> tuple[int, list[bytes]]:
+    """How many of ``cids`` one frame takes and their bytes: what fits in ``room``, or the
+    first one alone in ``first_room`` (see ``AnswerBudget``)."""
     found = db.raw_map(cids)
     raws: list[bytes] = []
     size = 0
@@ -571,11 +620,66 @@ def _frame_raws(db: Database, cids: list[bytes]) -> tuple[int, list[bytes]]:
         raw = found.get(cid)
         if raw is None:
             continue
-        if raws and size + len(raw) > ANSWER_BATCH_BYTES:
+        entry_cost = cost(raw)
+        if size + entry_cost > (room if raws else first_room):
             return index, raws
         raws.append(raw)
-        size += len(raw)
+        size += entry_cost
     return len(cids), raws
+
+
+class AnswerBudget:
+    """What an answer may still take on the wire (a ``SyncTree``'s ``budget``), frame by frame.
+
+    Unlimited (``0``) changes nothing: frames are as large as ``ANSWER_BATCH_BYTES`` allows and
+    carry at least one entry. Limited, a frame takes only entries that fit, counted with
+    their overhead, in at most a quarter of the budget (a larger entry travels alone); the
+    answer stops (its last frame marked ``more``) when the next entry does not fit what is
+    left, and an entry that does not fit a whole answer raises ``LimitError``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+        self.frames = 0
+
+    @property
+    def limited(self) -> bool:
+        return self.limit > 0
+
+    def fixed(self, empty: Message) -> int:
+        """What a frame like ``empty`` costs without its entries (prefix and array header too)."""
+        return FRAME_PREFIX_BYTES + ARRAY_HEADER_BYTES + len(encode_message(empty)) if self.limited else 0
+
+    def cost(self, raw: bytes) -> int:
+        return len(raw) + ENTRY_OVERHEAD_BYTES if self.limited else len(raw)
+
+    def room(self, fixed: int) -> int:
+        """Bytes of entries (with their overhead) the next frame may carry."""
+        if not self.limited:
+            return ANSWER_BATCH_BYTES
+        share = max(self.limit // BUDGET_FRAME_SHARE, MIN_BUDGET_FRAME_BYTES)
+        return max(0, min(ANSWER_BATCH_BYTES, share, self.left - fixed))
+
+    def first_room(self, fixed: int) -> int:
+        """Bytes the first entry of a frame may take: all that is left (a large entry travels
+        alone), and any size without a budget (a frame carries at least one entry)."""
+        return max(0, self.left - fixed) if self.limited else MAX_ENTRY_BYTES_UNLIMITED
+
+    def spend(self, fixed: int, frame: list[bytes]) -> None:
+        self.frames += 1
+        if self.limited:
+            self.left -= fixed + sum(len(raw) + ENTRY_OVERHEAD_BYTES for raw in frame)
+
+    def ran_out(self, db: Database, cid: bytes) -> None:
+        """The next entry does not fit: the answer ends here, or, if it is the first, it never can."""
+        if self.frames:
+            return
+        size = len(db.raws([cid])[0])
+        raise LimitError(
+            f"entry {cid_to_text(cid)} is {size} bytes, more than the {self.limit} bytes this connection"
+            " may carry in one answer (a relay circuit's data limit): it needs a direct connection to the peer"
+        )
 
 
 def _source(context: RequestContext) -> str:

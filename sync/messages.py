@@ -44,6 +44,12 @@ MAX_ADDRESSES = 64  # addresses one node announces (interfaces x transports, plu
 # keep one Handshake under ~70 KB instead of the ~520 KB that 64 pairs of 4,096 allowed.
 MAX_TRANSPORT_NAME = 32
 MAX_ADDRESS_TEXT = 1024
+# A SyncTree's budget (bytes its answer may take): under 2**62, so sums never overflow a signed
+# 64-bit integer on any peer; a relay circuit's whole data limit is far below.
+MAX_BUDGET = 2**62
+# Fields newer than the protocol's first version: left out of the wire map while at their
+# default, because a peer of the first version refuses a message with a field it does not know.
+_OMITTED_AT_DEFAULT = frozenset({"budget"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +105,11 @@ class SyncTree:
 
     ``common``: tips we believe the peer holds (our cursor from the last sync with it);
     ``have``: a sample of our ancestors, for when ``common`` is empty or stale;
-    ``entries``: what we push at once (our entries outside ``common``'s closure).
+    ``entries``: what we push at once (our entries outside ``common``'s closure);
+    ``budget``: the most bytes the whole answer may take on the wire (every frame with its
+    4-byte header), because the connection is a relay circuit with a data limit; ``0``
+    means no limit. An answer that stops for it ends with a frame marked ``more``; the
+    asker stores what came and asks again (over a fresh circuit) for the rest.
     """
 
     TYPE: ClassVar[str] = "SyncTree"
@@ -110,6 +120,7 @@ class SyncTree:
     entries: tuple[bytes, ...] = ()
     auth: AuthProof | None = None
     access: str | None = None
+    budget: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +234,13 @@ def _int(field: str, value: Any) -> int:
     return value
 
 
+def _budget(field: str, value: Any) -> int:
+    count = _int(field, value)
+    if not 0 <= count < MAX_BUDGET:
+        raise _fail(field, f"is not a byte count from 0 to {MAX_BUDGET}")
+    return count
+
+
 def _bool(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _fail(field, "is not a boolean")
@@ -321,6 +339,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "entries": _entries,
     "auth": _auth,
     "access": _optional_text,
+    "budget": _budget,
     "more": _bool,
     "received": _int,
     "stored": _int,
@@ -346,7 +365,10 @@ def to_wire(message: Message) -> dict[str, Any]:
     """The message as a plain map (what msgpack or JSON carries)."""
     body: dict[str, Any] = {"type": message.TYPE}
     for f in dataclasses.fields(message):
-        body[f.name] = _plain(getattr(message, f.name))
+        value = getattr(message, f.name)
+        if f.name in _OMITTED_AT_DEFAULT and value == f.default:
+            continue
+        body[f.name] = _plain(value)
     return body
 
 

@@ -11,24 +11,41 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import trio
 
-from dag import Instance, PreparedEntries, SigningKey, cid_from_text
+from dag import Instance, PreparedEntries, SigningKey
 from dag.ingest import PutResult
 
 from .client import DatabaseExchange, ExchangeResult, HandshakeClient, PeerHello, only_answer
-from .errors import TransportError
+from .errors import MalformedMessageError, TransportError
 from .handler import Offload, UnverifiedBudget
 from .messages import Message
-from .transport import Address, Transport
+from .transport import Address, Transport, request_budget
+
+log = logging.getLogger(__name__)
 
 FRAMES_AHEAD = 2  # answer frames read ahead while one is being verified
 
 Frame = tuple[Message, PreparedEntries | None]
 _Numbered = tuple[int, Message, PreparedEntries | None]  # arrival number, answer, its prepared entries
+
+
+class AnswerCut(TransportError):
+    """The connection broke in the middle of an answer (a relay's limit, a peer gone).
+
+    ``result`` counts what arrived before the cut, all of it stored: an exchange that moved
+    something is worth continuing from there. ``limited``: the connection had a byte budget
+    (a relay that cuts before the limit it advertised; the transport learns from the cut).
+    """
+
+    def __init__(self, message: str, result: ExchangeResult, *, limited: bool) -> None:
+        super().__init__(message)
+        self.result = result
+        self.limited = limited
 
 
 @contextlib.asynccontextmanager
@@ -65,6 +82,7 @@ class Frames:
     ) -> None:
         self._channel = channel
         self._in_flight = in_flight
+        self.cut: TransportError | None = None  # the transport failed after these frames: see ``prepared_frames``
 
     def __aiter__(self) -> Frames:
         return self
@@ -93,26 +111,32 @@ async def prepared_frames(
     arrives, while the frame before it is still being stored: the wire, the verifying
     cores and the writer all stay busy, and the channel bound keeps memory to a few frames.
     A frame counts as stored once the next one is taken; whatever is not when the block
-    ends (an error, a cancel, an early break) has its queued checks dropped.
+    ends (an error, a cancel, an early break) has its queued checks dropped. A transport
+    failure ends the frames instead of the block: those that arrived before it are still
+    handed out (a cut circuit loses no finished frame), and ``Frames.cut`` holds the failure.
     """
     frames_in, frames_out = trio.open_memory_channel[_Numbered](FRAMES_AHEAD)
     in_flight: deque[tuple[int, PreparedEntries]] = deque()
+    frames = Frames(frames_out, in_flight)
 
     async def receive() -> None:
         async with frames_in, contextlib.aclosing(transport.request(address, request)) as answers:
             number = 0
-            async for answer in answers:
-                prepared = prepare(answer)
-                if prepared is not None:
-                    in_flight.append((number, prepared))
-                await frames_in.send((number, answer, prepared))
-                number += 1
+            try:
+                async for answer in answers:
+                    prepared = prepare(answer)
+                    if prepared is not None:
+                        in_flight.append((number, prepared))
+                    await frames_in.send((number, answer, prepared))
+                    number += 1
+            except TransportError as exc:
+                frames.cut = exc
 
     try:
         async with _one_error(), trio.open_nursery() as nursery:
             nursery.start_soon(receive)
             async with frames_out:
-                yield Frames(frames_out, in_flight)
+                yield frames
             nursery.cancel_scope.cancel()
     finally:
         for _, prepared in in_flight:
@@ -132,23 +156,67 @@ async def sync_database(
     offload: Offload[object],
     push_only: bool = False,
     budget: UnverifiedBudget | None = None,
+    fresh: bool = False,
 ) -> ExchangeResult:
-    """Sync one database with the peer at ``address``; see ``sync.reconcile`` for the algorithm."""
-    exchange = DatabaseExchange(
-        instance,
-        peer_key=peer_key,
-        db_id=db_id,
-        common=common,
-        access=access,
-        now_ms=now_ms,
-        push_only=push_only,
-        budget=budget,
-    )
-    request = await offload(exchange.request)
-    if request is None:
-        return exchange.result
-    assert isinstance(request, Message)
-    db_cid = cid_from_text(db_id)
+    """Sync one database with the peer at ``address``; see ``sync.reconcile`` for the algorithm.
+
+    Over a connection with a byte budget (a limited relay circuit; ``fresh``: ask the
+    transport for a new one) the request says how much its answer may take, and the result
+    is ``stopped`` when the answer or the pushes stopped there: another call continues.
+    Raises ``AnswerCut`` when the connection breaks mid-answer (what came is stored).
+    """
+    room = await request_budget(transport, address, fresh=fresh)
+    for asked in (room, None) if room is not None else (None,):
+        exchange = DatabaseExchange(
+            instance,
+            peer_key=peer_key,
+            db_id=db_id,
+            common=common,
+            access=access,
+            now_ms=now_ms,
+            push_only=push_only,
+            budget=budget,
+        )
+        request = await offload(functools.partial(exchange.request, asked))
+        if request is None:
+            return exchange.result
+        assert isinstance(request, Message)
+        try:
+            await _take_answer(instance, transport, address, request, exchange, offload)
+            break
+        except MalformedMessageError as exc:
+            if asked is None or "'budget'" not in str(exc):
+                raise
+            # A peer from before the budget field refuses it (unknown field): ask it as
+            # before; its answer may not fit the circuit, but a small one will.
+            log.info("%s does not know SyncTree.budget: asking without it", address)
+    if not exchange.answered:
+        return exchange.stop()  # the answer stopped at the budget: what came is stored
+    await offload(exchange.plan_pushes)
+    while exchange.pushes_left:
+        room = await request_budget(transport, address)
+        push = exchange.next_push(room)
+        if push is None:
+            assert room is not None
+            fresh_room = await request_budget(transport, address, fresh=True)
+            push = exchange.next_push(fresh_room)
+            if push is None:
+                raise exchange.too_big(fresh_room or room)
+        answer = await _one(transport, address, push)
+        exchange.pushed(push, answer)
+    return exchange.outcome()
+
+
+async def _take_answer(
+    instance: Instance,
+    transport: Transport,
+    address: str,
+    request: Message,
+    exchange: DatabaseExchange,
+    offload: Offload[object],
+) -> None:
+    """Store the answer's frames as they arrive; raise unless it ended or stopped at the budget."""
+    db_cid = exchange.db_cid
 
     def prepare(answer: Message) -> PreparedEntries | None:
         entries = exchange.entries_to_store(answer)
@@ -165,15 +233,16 @@ async def sync_database(
                 exchange.stored(prepared.count, entries, stored)
             if exchange.answered:
                 break
-    if not exchange.answered:
+    if exchange.answered:
+        return
+    if frames.cut is not None:
         # A cut connection (a relay's data limit, a peer gone) looks like this: a transport
-        # failure, so the engine tries the peer's next address or retries.
-        raise TransportError(f"{address}: the answer ended before its last frame")
-    await offload(exchange.plan_pushes)
-    while (push := exchange.next_push()) is not None:
-        answer = await _one(transport, address, push)
-        exchange.pushed(push, answer)
-    return exchange.outcome()
+        # failure, so the engine tries the peer's next address or, if this moved something,
+        # continues from what is stored.
+        cut = AnswerCut(f"{address}: the answer broke off: {frames.cut}", exchange.result, limited=exchange.limited)
+        raise cut from frames.cut
+    if not exchange.limited:
+        raise AnswerCut(f"{address}: the answer ended before its last frame", exchange.result, limited=False)
 
 
-__all__ = ["FRAMES_AHEAD", "Frames", "handshake", "prepared_frames", "sync_database"]
+__all__ = ["FRAMES_AHEAD", "AnswerCut", "Frames", "handshake", "prepared_frames", "sync_database"]

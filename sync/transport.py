@@ -8,9 +8,10 @@ be streamed in several frames.
 Beyond :class:`Transport`, a transport may offer more, each an optional protocol checked
 with ``isinstance`` (never by probing attributes): a service to run
 (:class:`BackgroundTransport`), open connections to answer on (:class:`LiveConnections`),
-something to close (:class:`ClosingTransport`) and a status snapshot
-(:class:`ReportingTransport`). The snapshot's per-peer part, :class:`PeerConnection`, is
-defined here so that a node can tell direct from relayed peers without knowing which
+something to close (:class:`ClosingTransport`), a status snapshot
+(:class:`ReportingTransport`) and a byte budget per connection (:class:`BudgetedTransport`:
+a relayed circuit with a limit, which sync sizes its answers to). The snapshot's per-peer
+part, :class:`PeerConnection`, is defined here so that a node can tell direct from relayed peers without knowing which
 library the transport is built on.
 """
 
@@ -103,6 +104,28 @@ class ClosingTransport(Protocol):
     connections) that its owner closes once it is done with it."""
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class BudgetedTransport(Protocol):
+    """A transport whose connections may carry only so many bytes (a circuit through a relay
+    with standard limits): sync asks before each request and sizes what it asks for.
+
+    A transport without this method has no such limit (HTTP, memory).
+    """
+
+    async def request_budget(self, address: str, *, fresh: bool = False) -> int | None:
+        """Bytes the next request to ``address`` and its whole answer may use on the connection
+        it will take (None: no limit). May connect. ``fresh``: open a new connection first
+        if the current one is limited (the transport also does so itself when one is spent)."""
+        ...
+
+
+async def request_budget(transport: Transport, address: str, *, fresh: bool = False) -> int | None:
+    """What ``transport`` allows the next request to ``address`` (None: no limit)."""
+    if isinstance(transport, BudgetedTransport):
+        return await transport.request_budget(address, fresh=fresh)
+    return None
 
 
 ConnectionKind = Literal["direct", "relayed"]

@@ -17,6 +17,7 @@ from dag.ids import cid_of
 from sync.client import DatabaseExchange, ExchangeResult, HandshakeClient, PeerHello
 from sync.errors import (
     AccessPendingError,
+    LimitError,
     MalformedMessageError,
     OverBudgetError,
     SyncError,
@@ -34,6 +35,7 @@ from sync.messages import (
     Message,
     SendEntries,
     SyncTree,
+    encode_message,
 )
 from sync.state import SyncState
 from sync.transport import RequestContext
@@ -250,3 +252,101 @@ def test_a_frame_over_the_peers_unverified_budget_is_refused_before_storing() ->
     exchange.admit(2, (b"a", b"b"))  # fits
     with pytest.raises(OverBudgetError, match="the limit is 2 entries"):
         exchange.admit(3, (b"a", b"b", b"c"))
+
+
+def _wire_bytes(answers: list[Message]) -> int:
+    """What the answers take on the wire: each frame with its 4-byte length prefix."""
+    return sum(4 + len(encode_message(answer)) for answer in answers)
+
+
+async def _budget_round(
+    handler: SyncHandler, client: Instance, server: Instance, db_id: str, budget: int
+) -> tuple[DatabaseExchange, SyncTree, list[Message]]:
+    """One round under ``budget`` bytes, stored the way ``sync.peer`` does."""
+    exchange = _exchange(client, server, db_id)
+    request = exchange.request(budget)
+    assert isinstance(request, SyncTree) and 0 < request.budget < budget
+    answers = await _answers(handler, request)
+    for answer in answers:
+        entries = exchange.take(answer)
+        if entries:
+            exchange.stored(len(entries), entries, client.put_remote_entries(entries, database_id=request.db))
+    return exchange, request, answers
+
+
+async def test_answers_stay_inside_their_budget_and_each_round_continues_from_what_is_stored() -> None:
+    server, client = Instance.in_memory(), Instance.in_memory()
+    handler = _handler(server)
+    db_id = _public_db(server, rows=1_000)  # ~450 KB
+    await _handshake(handler, client)
+    budget = 64 * 1024
+    rounds = 0
+    while True:
+        rounds += 1
+        exchange, request, answers = await _budget_round(handler, client, server, db_id, budget)
+        # The whole answer, frames and prefixes, fits what the request allowed it.
+        assert _wire_bytes(answers) <= request.budget
+        assert all(isinstance(a, Bootstrap if rounds == 1 else Incremental) for a in answers)
+        if exchange.answered:
+            break
+        assert isinstance(answers[-1], Bootstrap | Incremental) and answers[-1].more  # it stopped for the budget
+        assert exchange.result.received > 0
+        assert rounds < 50
+    served, joined = server.open_database(db_id), client.open_database(db_id)
+    assert rounds >= 450_000 // budget
+    assert len(joined) == len(served) and sorted(joined.tip_cids()) == sorted(served.tip_cids())
+
+    # Without a budget nothing changes: one answer, no budget field on the wire.
+    again = _exchange(client, server, db_id)
+    plain = again.request()
+    assert isinstance(plain, SyncTree) and plain.budget == 0
+    assert b"budget" not in encode_message(plain)
+
+
+async def test_an_entry_that_cannot_fit_a_budget_is_refused_in_one_clear_line() -> None:
+    server, client = Instance.in_memory(), Instance.in_memory()
+    handler = _handler(server)
+    db_id = _public_db(server, rows=0)
+    with server.open_database(db_id).transaction() as txn:
+        txn.doc("notes").set("big", "x" * 40_000)
+    await _handshake(handler, client)
+    # The small entries come first; the big one ends the answer early (it may fit a fresh circuit) ...
+    exchange, _, _ = await _budget_round(handler, client, server, db_id, 20_000)
+    assert not exchange.answered and exchange.result.received == 2
+    # ... and an answer that cannot start with it says why, in one line.
+    exchange = _exchange(client, server, db_id)
+    request = exchange.request(20_000)
+    assert request is not None
+    (answer,) = await _answers(handler, request)
+    with pytest.raises(
+        LimitError, match=r"is \d+ bytes, more than the \d+ bytes .* needs a direct connection"
+    ) as raised:
+        exchange.take(answer)
+    assert "\n" not in str(raised.value)
+
+
+async def test_pushes_are_sized_to_the_budget() -> None:
+    server, client = Instance.in_memory(), Instance.in_memory()
+    handler = _handler(server)
+    db_id = _public_db(server, rows=3)
+    await _handshake(handler, client)
+    await _run(_exchange(client, server, db_id), handler, client)
+    joined = client.open_database(db_id)
+    for i in range(40):
+        with joined.transaction() as txn:
+            txn.doc("notes").set(f"c{i}", "y" * 1_000)
+    exchange = _exchange(client, server, db_id)  # no cursor: pushes after the answer
+    request = exchange.request(8_000)
+    assert request is not None and request.entries == ()
+    for answer in await _answers(handler, request):
+        exchange.take(answer)
+    exchange.plan_pushes()
+    batches = 0
+    while (push := exchange.next_push(8_000)) is not None:
+        assert 4 + len(encode_message(push)) <= 8_000 and push.entries
+        (answer,) = await _answers(handler, push)
+        exchange.pushed(push, answer)
+        batches += 1
+    assert batches >= 40_000 // 8_000 and not exchange.pushes_left
+    assert server.open_database(db_id).doc("notes").get("c39") == "y" * 1_000
+    assert exchange.next_push(100) is None  # nothing left: None whatever the budget

@@ -19,7 +19,7 @@ from sync import (
     decode_message,
     encode_message,
 )
-from sync.messages import MAX_ENTRIES_PER_MESSAGE, AuthProof, Bootstrap, Error, Handshake, SyncTree
+from sync.messages import MAX_BUDGET, MAX_ENTRIES_PER_MESSAGE, AuthProof, Bootstrap, Error, Handshake, SyncTree
 from sync.proofs import ReplayGuard, make_proof
 from sync.transport import Address
 
@@ -36,6 +36,7 @@ def test_round_trip_of_every_field_kind() -> None:
         entries=(b"\xa1aa\x01",),
         auth=AuthProof("ed25519:x", 5, b"n" * 16, b"s" * 64),
         access="write:3",
+        budget=120_000,
     )
     assert decode_message(encode_message(message)) == message
     hello = Handshake("ed25519:k", "node", 1, b"c" * 32, (("memory", "A"),))
@@ -58,6 +59,9 @@ def _packed(body: object) -> bytes:
         (_packed({"type": "SyncTree", "db": DB, "extra": 1}), MalformedMessageError, r"unknown fields \['extra'\]"),
         (_packed({"type": "SyncTree", "db": DB, "tips": "x"}), MalformedMessageError, r"^field 'tips' is not a list$"),
         (_packed({"type": "Error", "code": 1, "message": "m"}), MalformedMessageError, r"^field 'code' is not text$"),
+        (_packed({"type": "SyncTree", "db": DB, "budget": -1}), MalformedMessageError, r"'budget' is not a byte count"),
+        (_packed({"type": "SyncTree", "db": DB, "budget": MAX_BUDGET}), MalformedMessageError, r"not a byte count"),
+        (_packed({"type": "SyncTree", "db": DB, "budget": "1"}), MalformedMessageError, r"is not an integer"),
         (
             _packed({"type": "Bootstrap", "db": DB, "tips": [], "entries": [b"e"] * (MAX_ENTRIES_PER_MESSAGE + 1)}),
             OversizeMessageError,
@@ -80,6 +84,14 @@ def _packed(body: object) -> bytes:
 def test_bad_messages_are_refused(data: bytes, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         decode_message(data)
+
+
+def test_a_sync_tree_without_a_budget_is_what_older_peers_send_and_accept() -> None:
+    # Older peers refuse unknown fields, so the field is left out when it says "no limit";
+    # a request from an older peer (no field) means no limit.
+    assert "budget" not in msgpack.unpackb(encode_message(SyncTree(db=DB)))
+    assert decode_message(_packed({"type": "SyncTree", "db": DB})) == SyncTree(db=DB, budget=0)
+    assert msgpack.unpackb(encode_message(SyncTree(db=DB, budget=5)))["budget"] == 5
 
 
 def test_answers_and_errors_round_trip() -> None:

@@ -367,6 +367,14 @@ class HolePuncher:
     def running(self) -> tuple[RunningPunch, ...]:
         return tuple(entry for entry, _ in self._running.values())
 
+    def status_fields(self) -> dict[str, Any]:
+        """The transport status's hole-punching fields (``Libp2pStatus``)."""
+        return {
+            "hole_punches": tuple(self.results.values()),
+            "hole_punches_running": self.running(),
+            "hole_punch_history": tuple(self.history),
+        }
+
     def record(self, result: HolePunchResult) -> None:
         self.results.pop(result.peer, None)
         self.results[result.peer] = result

@@ -172,6 +172,7 @@ FIELD_KINDS: Final[dict[str, _Kind]] = {
     "entries": _Kind.BYTES_LIST,
     "auth": _Kind.AUTH,
     "access": _Kind.PLAIN,
+    "budget": _Kind.PLAIN,
     "more": _Kind.PLAIN,
     "received": _Kind.PLAIN,
     "request_id": _Kind.PLAIN,

@@ -83,6 +83,7 @@ from .reachability import RECHECK_S, DialbackServer, ReachabilityMonitor
 from .redial import CircuitKeeper
 from .relay import (
     DEFAULT_RELAY_LIMITS,
+    CircuitMeters,
     RelayClient,
     RelayLimits,
     RelayService,
@@ -281,8 +282,10 @@ class Libp2pTransport:
         self._serving = False
         self._handler: Handler | None = None
         self._relay_service = RelayService(self._host, relay_limits) if relay_service else None
+        self._meters = CircuitMeters()  # what each relayed connection has left of its relay's limit
+        on_circuit, meters = self._on_inbound_circuit, self._meters
         self._relay_client = (
-            RelayClient(self._host, relays, on_inbound_circuit=self._on_inbound_circuit) if relays else None
+            RelayClient(self._host, relays, on_inbound_circuit=on_circuit, meters=meters) if relays else None
         )
         self._puncher = HolePuncher(self._host) if hole_punching else None
         self._dialback = DialbackServer(self._host, self._fresh_host)
@@ -293,7 +296,7 @@ class Libp2pTransport:
             recheck_s=reachability_recheck_s,
         )
         self._dial_locks: dict[PeerID, trio.Lock] = {}
-        self._circuit_keeper = CircuitKeeper(self._host, self._dial_locks)
+        self._circuit_keeper = CircuitKeeper(self._host, self._dial_locks, self._meters)
 
     def _fresh_host(self) -> IHost:
         """A throwaway host with a new identity, for dial-backs: it cannot reuse a connection."""
@@ -332,6 +335,7 @@ class Libp2pTransport:
                 if self._puncher is not None:
                     await nursery.start(self._puncher.run)
                 nursery.start_soon(self._circuit_keeper.run)
+                nursery.start_soon(self._meters.run)
                 self._ready.set()
                 task_status.started()
                 await trio.sleep_forever()
@@ -385,11 +389,8 @@ class Libp2pTransport:
         return [str(a) for a in self._host.get_addrs() if not is_circuit_address(a)]
 
     def listen_addresses(self) -> list[str]:
-        """``/p2p-circuit`` addresses, then direct ones; direct first once a dial-back has
-        shown that peers can dial us. Until then a node given relays is taken to need them:
-        a ticket made right after start must not send the joiner to a private address first
-        (a dead one costs the engine its whole connect timeout before it tries the circuit),
-        and a peer that could have dialled us directly gets there by hole punching's plain dial."""
+        """``/p2p-circuit`` addresses first until a dial-back shows peers can dial us: a dead
+        private address first costs a joiner its whole connect timeout (docs/nat.md)."""
         if not self._serving:
             return []
         direct = self._direct_addresses()
@@ -432,9 +433,7 @@ class Libp2pTransport:
             listen_addresses=tuple(self.listen_addresses()),
             reservations=self._relay_client.status() if self._relay_client is not None else (),
             peers=peer_connections(self._host),
-            hole_punches=tuple(self._puncher.results.values()) if self._puncher is not None else (),
-            hole_punches_running=self._puncher.running() if self._puncher is not None else (),
-            hole_punch_history=tuple(self._puncher.history) if self._puncher is not None else (),
+            **(self._puncher.status_fields() if self._puncher is not None else {"hole_punches": ()}),
             relay_service=service,
             dialbacks=tuple(self._dialback.outcomes.values()),
         )
@@ -495,15 +494,9 @@ class Libp2pTransport:
         if live_only and peer_connection(self._host, peer) is None:
             raise UnreachableError(f"p2p:{address}: no open connection to that peer (it is not dialled)")
         with libp2p_errors(f"p2p:{address}: connecting", self._connect_timeout_s, error=UnreachableError):
-            if peer_connection(self._host, peer) is None:
-                async with self._dial_locks.setdefault(peer, trio.Lock()):
-                    if info is not None:
-                        await dial_exactly(self._host, info)
-                    elif live_only:  # the connection closed meanwhile: still never dial
-                        raise UnreachableError(f"p2p:{address}: the connection to that peer closed")
-                    elif peer_connection(self._host, peer) is None:
-                        await dial_through_relay(self._host, target)
-                        self._circuit_keeper.dialled(peer, target)
+            await _connect(self._host, self._dial_locks, self._meters, address, target, info, peer, live_only)
+            if info is None and not live_only:  # a circuit address: reopened if its relay drops
+                self._circuit_keeper.dialled(peer, target)
             connection = peer_connection(self._host, peer)
             if connection is not None and connection.kind == "relayed":
                 return await self._host.new_stream(peer, [PROTOCOL_ID]), False
@@ -511,6 +504,18 @@ class Libp2pTransport:
             stream: INetStream = await self._host.get_network().new_stream(peer)
             stream.set_protocol(PROTOCOL_ID)
             return stream, True
+
+    async def request_budget(self, address: str, *, fresh: bool = False) -> int | None:
+        """See ``BudgetedTransport``: here ``CircuitMeters.budget`` (spent circuits replaced)."""
+        await self._wait_ready()
+        target, info, peer, live_only = _parse_target(address)
+
+        async def connect() -> None:
+            with libp2p_errors(f"p2p:{address}: connecting", self._connect_timeout_s, error=UnreachableError):
+                await _connect(self._host, self._dial_locks, self._meters, address, target, info, peer, live_only)
+
+        wait = self._puncher.wait_quiet if self._puncher is not None else None
+        return await self._meters.budget(self._host, peer, connect, wait, fresh=fresh and not live_only)
 
     async def _confirm_protocol(self, stream: INetStream, address: str) -> None:
         """Check the listener's answers to a lazily sent protocol proposal."""
@@ -536,6 +541,28 @@ class Libp2pTransport:
         finally:
             with closing_quietly("resetting a p2p stream", 2):
                 await stream.reset()  # the stream is gone either way
+
+
+async def _connect(
+    host: IHost,
+    locks: dict[PeerID, trio.Lock],
+    meters: CircuitMeters,
+    address: str,
+    target: multiaddr.Multiaddr,
+    info: PeerInfo | None,
+    peer: PeerID,
+    live_only: bool,
+) -> None:
+    """Connect to ``peer`` unless connected: dial the address, or through the relay it names
+    (one dial per peer at a time, so concurrent requests share a circuit)."""
+    if peer_connection(host, peer) is None:
+        async with locks.setdefault(peer, trio.Lock()):
+            if info is not None:
+                await dial_exactly(host, info)
+            elif live_only:  # the connection closed meanwhile: still never dial
+                raise UnreachableError(f"p2p:{address}: the connection to that peer closed")
+            elif peer_connection(host, peer) is None:
+                await dial_through_relay(host, target, meters)
 
 
 def _parse_target(address: str) -> tuple[multiaddr.Multiaddr, PeerInfo | None, PeerID, bool]:

@@ -25,7 +25,7 @@ from libp2p.peer.id import ID as PeerID
 
 from .errors import RelayError
 from .libp2p_status import peer_connection
-from .relay import dial_through_relay, split_circuit_address
+from .relay import CircuitMeters, dial_through_relay, split_circuit_address
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,10 @@ MAX_KEPT = 64  # peers whose circuits are kept; the oldest is dropped past this
 class CircuitKeeper:
     """Keeps the relayed connections this node dialled open across drops (see the module docstring)."""
 
-    def __init__(self, host: IHost, dial_locks: dict[PeerID, trio.Lock]) -> None:
+    def __init__(self, host: IHost, dial_locks: dict[PeerID, trio.Lock], meters: CircuitMeters | None = None) -> None:
         self._host = host
         self._dial_locks = dial_locks  # the transport's: one dial per peer at a time
+        self._meters = meters  # the transport's: a reopened circuit's limit is tracked like any
         self._circuits: OrderedDict[PeerID, multiaddr.Multiaddr] = OrderedDict()
         self._lost: dict[PeerID, tuple[float, float]] = {}  # peer -> (lost at, next redial at)
 
@@ -90,7 +91,7 @@ class CircuitKeeper:
             try:
                 async with self._dial_locks.setdefault(peer, trio.Lock()):
                     if peer_connection(self._host, peer) is None:
-                        await dial_through_relay(self._host, address)
+                        await dial_through_relay(self._host, address, self._meters)
             except RelayError as exc:  # the relay is not back yet, or the peer has no reservation
                 error = exc
         if error is None and not scope.cancelled_caught:

@@ -22,6 +22,11 @@ What py-libp2p 0.8.1 gets wrong here, and what this module does instead:
   reservation slots with nodes that only dial) and try peerstore addresses first;
   ``host.connect`` drops ``/p2p-circuit`` addresses altogether. :func:`dial_through_relay`
   sends one CONNECT and upgrades the stream itself.
+* It never reads the ``Limit`` a relay grants. Standard relays (js-libp2p's, go-libp2p's)
+  grant 128 KiB and 2 minutes per circuit and reset it past either. Here the limit is read
+  from the reservation answer, the STOP message and the CONNECT answer, and every relayed
+  connection counts the bytes that cross it (:class:`CircuitMeter`), so sync can size its
+  answers to what the circuit has left (``Libp2pTransport.request_budget``).
 * ``RelayDiscovery`` looks at connected peers only every 300 s, and its refresher renews
   only 30 s before expiry and never notices a restarted relay. :class:`RelayClient`
   reserves at once, renews at half the reservation's life, and re-reserves as soon as the
@@ -33,7 +38,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -73,6 +80,30 @@ RETRY_MIN_S = 0.5  # first wait before reserving again after a failure (a restar
 RETRY_MAX_S = 1.0  # longest wait between reservation attempts while a relay is down: a restarted relay is back
 # within seconds and sync through it must resume within as much (one connection attempt a second is cheap)
 PROTECT_TAG = "eidetica-relay"  # the swarm's pruner never closes the connection to a relay we reserve on
+# A Limit.duration above a day is read as milliseconds: the spec says seconds, js-libp2p sends
+# milliseconds (its 2-minute default arrives as 120,000), go-libp2p sends 120, our relay 86,400.
+MAX_DURATION_S = 24 * 3600
+# A circuit with less than this left is spent: the transport closes it before the next request
+# rather than squeezing an answer into it (a fresh circuit costs ~3 round trips through the relay).
+SPENT_BYTES = 16 * 1024
+SPENT_FRACTION = 0.125  # ... or less than this share of what it was granted
+SPENT_S = 10.0  # ... or less time than this: a request needs a few round trips
+# What a circuit's bytes carry beyond sync's frames, kept out of the budget sync is given:
+# Noise (18 B per message of <= 64 KiB), Yamux (12 B per frame, window updates), stream
+# negotiation, and identify, ping and DCUtR sharing the circuit (measured: see docs/nat.md).
+MARGIN_BYTES = 6 * 1024
+MARGIN_FRACTION = 0.02
+# Before bulk goes over a limited circuit, a hole punch already running towards that peer gets
+# this long to bring a direct connection (a punch through NATs that allow it takes ~0.3 s).
+DIRECT_WAIT_S = 3.0
+CLOSING_BUFFER = 64  # spent circuits waiting for the background closer; past it they close inline
+# A circuit cut short had carried at least the bytes we counted (more were in flight and lost):
+# later circuits to that peer are budgeted to this share of them.
+CUT_CAP_FRACTION = 0.75
+CUT_MIN_SHARE = 0.125  # a circuit that ended with less of its limit used is not taken for a cut at a hidden limit
+CAP_TTL_S = 600.0  # a learned cap is forgotten after this long (the relay may have changed)
+MAX_TRACKED_PEERS = 1024  # peers whose last circuit and cap are remembered (least recent dropped)
+MAX_UNLIMITED = 2**62
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -127,6 +158,216 @@ def is_relayed(connection: Any) -> bool:
         return any(is_circuit_address(a) for a in connection.get_transport_addresses() or [])
     except (AttributeError, NotImplementedError):  # a connection layer that keeps neither
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitLimit:
+    """What a relay grants one circuit; None means no limit on that count."""
+
+    data: int | None  # bytes, both directions together
+    duration_s: float | None
+
+    @classmethod
+    def read(cls, message: HopMessage | StopMessage) -> CircuitLimit | None:
+        """The limit a HOP or STOP message carries (None: it carries none, the circuit is unlimited).
+
+        ``0`` is read as "no limit" too (py-libp2p's relay sends explicit zeros for that).
+        A duration over ``MAX_DURATION_S`` is taken to be milliseconds (js-libp2p's unit).
+        """
+        if not message.HasField("limit"):
+            return None
+        limit = message.limit
+        data = int(limit.data) if limit.HasField("data") and limit.data else None
+        duration: float | None = None
+        if limit.HasField("duration") and limit.duration:
+            duration = float(limit.duration)
+            if duration > MAX_DURATION_S:
+                duration /= 1000
+        return None if data is None and duration is None else cls(data, duration)
+
+
+class CircuitMeter:
+    """The bytes that crossed one relayed connection (both directions) against its limit.
+
+    Counted at the raw connection under Noise and Yamux, so it sees what the relay counts.
+    """
+
+    def __init__(self, limit: CircuitLimit | None) -> None:
+        self.limit = limit
+        self.opened = time.monotonic()
+        self.bytes = 0
+        self.closed_by_us = False  # else a circuit that ended short of its limit was cut
+
+    def cut_short(self) -> bool:
+        """Whether this circuit (now ended) looks cut by a relay enforcing less than it
+        advertised: it ended without our closing it, before its time, after carrying a good
+        share of its data limit but not all (a relay that goes away cuts at any point; a
+        share of ``CUT_MIN_SHARE`` keeps that from capping a generous relay's circuits)."""
+        if self.closed_by_us or self.limit is None or self.limit.data is None:
+            return False
+        seconds = self.remaining_s()
+        carried = self.limit.data * CUT_MIN_SHARE <= self.bytes < self.limit.data - SPENT_BYTES
+        return carried and (seconds is None or seconds > 0)
+
+    def remaining_bytes(self) -> int | None:
+        if self.limit is None or self.limit.data is None:
+            return None
+        return max(0, self.limit.data - self.bytes)
+
+    def remaining_s(self) -> float | None:
+        if self.limit is None or self.limit.duration_s is None:
+            return None
+        return max(0.0, self.limit.duration_s - (time.monotonic() - self.opened))
+
+    def spent(self) -> bool:
+        """Whether so little is left that the next request should go over a fresh circuit."""
+        left, seconds = self.remaining_bytes(), self.remaining_s()
+        if seconds is not None and seconds < SPENT_S:
+            return True
+        if left is None or self.limit is None or self.limit.data is None:
+            return False
+        return left < max(SPENT_BYTES, self.limit.data * SPENT_FRACTION)
+
+
+class MeteredConnection(RawConnection):
+    """A raw connection over a circuit stream that counts what crosses it."""
+
+    def __init__(self, stream: INetStream, meter: CircuitMeter, **kwargs: Any) -> None:
+        super().__init__(stream, **kwargs)
+        self.meter = meter
+
+    async def write(self, data: bytes) -> None:
+        self.meter.bytes += len(data)
+        await super().write(data)
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await super().read(n)
+        self.meter.bytes += len(data)
+        return data
+
+
+class CircuitMeters:
+    """The meter of every live relayed connection, by its muxed connection (weakly: a
+    closed connection's meter goes with it, so this never outgrows the open connections).
+
+    A relay may cut circuits before the limit it advertised. When a peer's circuit ended
+    short of its limit without our closing it, the bytes it had carried become that peer's
+    *cap* (``CUT_CAP_FRACTION`` of them, at least ``SPENT_BYTES * 2``): later circuits to it
+    are budgeted to the cap. The last meter and the cap are kept for ``MAX_TRACKED_PEERS``.
+    """
+
+    def __init__(self) -> None:
+        self._meters: weakref.WeakKeyDictionary[Any, CircuitMeter] = weakref.WeakKeyDictionary()
+        self._last: OrderedDict[PeerID, CircuitMeter] = OrderedDict()
+        self._caps: OrderedDict[PeerID, tuple[int, float]] = OrderedDict()  # cap, when learned
+        self._closing_in, self._closing_out = trio.open_memory_channel[Any](CLOSING_BUFFER)
+
+    async def run(self) -> None:
+        """Close spent circuits in the background: py-libp2p's close of a connection takes
+        ~0.2 s (Yamux sleeps 0.1 s in it), and the next request need not wait for that."""
+        async with trio.open_nursery() as nursery:
+            async for connection in self._closing_out:
+                nursery.start_soon(self._close, connection)
+
+    @staticmethod
+    async def _close(connection: Any) -> None:
+        with closing_quietly("closing a spent circuit", CLOSE_TIMEOUT_S):
+            await connection.close()
+
+    def add(self, muxed: Any, meter: CircuitMeter) -> None:
+        self._meters[muxed] = meter
+
+    def of(self, connection: Any) -> CircuitMeter | None:
+        """The meter of a swarm or muxed connection, if it is a metered circuit."""
+        return self._meters.get(getattr(connection, "muxed_conn", connection))
+
+    def limiting(self, host: IHost, peer: PeerID) -> CircuitMeter | None:
+        """The meter of the limited circuit a new stream to ``peer`` would take; None when a
+        direct connection exists (the swarm prefers it) or no open connection is limited."""
+        connections = [c for c in host.get_network().get_connections(peer) if not c.is_closed]
+        if any(not is_relayed(c) for c in connections):
+            return None
+        meters = [m for m in map(self.of, connections) if m is not None and m.limit is not None]
+        return meters[0] if meters else None
+
+    async def budget(
+        self,
+        host: IHost,
+        peer: PeerID,
+        connect: Callable[[], Awaitable[None]],
+        wait_direct: Callable[[PeerID, float], Awaitable[None]] | None,
+        *,
+        fresh: bool,
+    ) -> int | None:
+        """Bytes of sync frames the next request to ``peer`` and its answer may take (None:
+        no limit), the circuit's remaining bytes less ``MARGIN_BYTES`` and ``MARGIN_FRACTION``.
+
+        Before bulk goes over a limited circuit, a hole punch running towards the peer gets
+        ``DIRECT_WAIT_S`` (``wait_direct``) to bring a direct connection, which then carries
+        it. A spent circuit (``CircuitMeter.spent``), or any when ``fresh``, is closed and
+        ``connect`` opens a new one (the limit of a circuit is known once the relay answered).
+        """
+        meter = self.limiting(host, peer)
+        if meter is not None and wait_direct is not None:
+            await wait_direct(peer, DIRECT_WAIT_S)
+            meter = self.limiting(host, peer)
+        if meter is not None and (fresh or meter.spent() or self._left(peer, meter) < SPENT_BYTES):
+            await self.close_circuits(host, peer)
+            meter = None
+        if meter is None:
+            await connect()
+            meter = self.limiting(host, peer)
+        self._track(peer, meter)
+        if meter is None or meter.limit is None or meter.limit.data is None:
+            return None
+        left = self._left(peer, meter)
+        return max(0, left - MARGIN_BYTES - int(left * MARGIN_FRACTION))
+
+    def _left(self, peer: PeerID, meter: CircuitMeter) -> int:
+        """What the circuit has left, within the peer's cap if its circuits were cut before."""
+        left = meter.remaining_bytes()
+        cap, learned = self._caps.get(peer, (None, 0.0))
+        if cap is not None and time.monotonic() - learned < CAP_TTL_S:
+            left = min(cap - meter.bytes, left if left is not None else cap)
+        return max(0, left) if left is not None else MAX_UNLIMITED
+
+    def _track(self, peer: PeerID, meter: CircuitMeter | None) -> None:
+        """Learn a cap from the peer's previous circuit if it was cut short; remember this one."""
+        last = self._last.get(peer)
+        if last is not None and last is not meter and last.cut_short():
+            cap = max(2 * SPENT_BYTES, int(last.bytes * CUT_CAP_FRACTION))
+            self._caps[peer] = (cap, time.monotonic())
+            self._caps.move_to_end(peer)
+            log.info("a circuit to %s was cut after %d bytes: later ones are budgeted to %d", peer, last.bytes, cap)
+        if meter is None:
+            self._last.pop(peer, None)
+        else:
+            self._last[peer] = meter
+            self._last.move_to_end(peer)
+        for table in (self._last, self._caps):
+            while len(table) > MAX_TRACKED_PEERS:
+                table.popitem(last=False)
+
+    async def close_circuits(self, host: IHost, peer: PeerID) -> None:
+        """Close every metered circuit to ``peer`` (spent: the next request opens a new one).
+
+        Returns once each counts as closed (the first thing a close does), so a dial that
+        follows opens a new circuit; the rest of the close goes on in ``run`` if it runs.
+        """
+        for connection in list(host.get_network().get_connections(peer)):
+            meter = self.of(connection)
+            if meter is None or connection.is_closed:
+                continue
+            meter.closed_by_us = True
+            try:
+                self._closing_in.send_nowait(connection)
+            except trio.WouldBlock:  # a backlog of closes (or run() is not running): close it here
+                await self._close(connection)
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                while not connection.is_closed:
+                    await trio.sleep(0)
+            if not connection.is_closed:  # the background closer did not get to it: do it here
+                await self._close(connection)
 
 
 def _limit(limits: RelayLimits) -> Limit:
@@ -275,9 +516,14 @@ class RelayService(CircuitV2Protocol):
                 del self._circuits[target]
             await _close(target_stream, reset=True)
 
+    def enforced_circuit_bytes(self) -> int | None:
+        """The bytes after which a circuit is reset (None: never): what is advertised. Kept
+        apart so that a relay enforcing less than it advertises can be staged (tests)."""
+        return self.relay_limits.circuit_bytes or None
+
     async def _splice(self, left: INetStream, right: INetStream) -> None:
         """Copy both ways until both sides have closed, a leg breaks, or a limit is reached."""
-        budget = self.relay_limits.circuit_bytes or None
+        budget = self.enforced_circuit_bytes()
         remaining = [budget]  # shared by both directions: the data limit is per circuit
         broken: list[str] = []
         cut = False
@@ -336,6 +582,7 @@ class ReservationStatus:
     expires_at: float | None = None  # unix time
     renewals: int = 0  # successful reservations after the first (renewals and re-reservations)
     error: str | None = None
+    limit: CircuitLimit | None = None  # what the relay grants each circuit (None: no limit)
 
 
 @dataclass
@@ -347,10 +594,11 @@ class _Relay:
     reservations: int = 0
     error: str | None = None
     wake: trio.Event | None = None
+    limit: CircuitLimit | None = None
 
     def status(self) -> ReservationStatus:
         return ReservationStatus(
-            str(self.address), self.state, self.expires_at, max(0, self.reservations - 1), self.error
+            str(self.address), self.state, self.expires_at, max(0, self.reservations - 1), self.error, self.limit
         )
 
 
@@ -402,8 +650,9 @@ async def _stop_status(stream: INetStream, code: StatusCode) -> None:
     await write_delimited_msg(stream, StopMessage(type=StopMessage.STATUS, status=to_proto_status(code)))
 
 
-async def reserve(host: IHost, relay: PeerInfo) -> float:
-    """Reserve a slot on ``relay``; returns when it expires (unix time). Raises RelayError."""
+async def reserve(host: IHost, relay: PeerInfo) -> tuple[float, CircuitLimit | None]:
+    """Reserve a slot on ``relay``; returns when it expires (unix time) and the limit its
+    circuits will have. Raises RelayError."""
     _evict_failed(host, relay.peer_id)
     stream: INetStream | None = None
     try:
@@ -419,14 +668,17 @@ async def reserve(host: IHost, relay: PeerInfo) -> float:
     expires = float(answer.reservation.expire) if answer.HasField("reservation") else 0.0
     if expires <= time.time():
         raise RelayError(f"relay {relay.peer_id} granted a reservation that has already expired")
-    return expires
+    return expires, CircuitLimit.read(answer)
 
 
-async def dial_through_relay(host: IHost, address: multiaddr.Multiaddr) -> None:
+async def dial_through_relay(
+    host: IHost, address: multiaddr.Multiaddr, meters: CircuitMeters | None = None
+) -> CircuitMeter:
     """Open a relayed connection to the target of a ``/p2p-circuit`` address.
 
     The new connection is registered in the swarm like any other, so ``host.new_stream``
-    to the target uses it. Raises RelayError (the relay's status is in the message).
+    to the target uses it; its meter (the limit from the relay's answer) goes in ``meters``.
+    Raises RelayError (the relay's status is in the message).
     """
     relay, target = split_circuit_address(address)
     _evict_failed(host, relay.peer_id)
@@ -441,15 +693,21 @@ async def dial_through_relay(host: IHost, address: multiaddr.Multiaddr) -> None:
             answer = await read_delimited_msg(stream, HopMessage)
         if int(answer.status) != StatusCode.OK:
             raise RelayError(f"relay {relay.peer_id} refused a circuit to {target}: {_status_name(answer.status)}")
-        raw = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED, addresses=[address])
+        meter = CircuitMeter(CircuitLimit.read(answer))
+        raw = MeteredConnection(
+            stream, meter, initiator=True, connection_type=ConnectionType.RELAYED, addresses=[address]
+        )
         with _relay_errors(f"{what}: upgrading", UPGRADE_TIMEOUT_S):
             connection = await host.upgrade_outbound_connection(raw, target)
         # Marked relayed in the swarm's table too (py-libp2p leaves it "direct").
         cast(Any, connection).set_transport_info([address], ConnectionType.RELAYED)
+        if meters is not None:
+            meters.add(connection.muxed_conn, meter)
         upgraded = True
     finally:
         if not upgraded:
             await _close(stream, reset=True)
+    return meter
 
 
 class RelayClient:
@@ -466,8 +724,10 @@ class RelayClient:
         relays: Sequence[str],
         *,
         on_inbound_circuit: Callable[[PeerID], None] | None = None,
+        meters: CircuitMeters | None = None,
     ) -> None:
         self._host = host
+        self._meters = meters
         self._relays: list[_Relay] = []
         for text in relays:
             address = multiaddr.Multiaddr(text)
@@ -519,7 +779,7 @@ class RelayClient:
         network: Any = self._host.get_network()
         while True:
             try:
-                relay.expires_at = await reserve(self._host, relay.info)
+                relay.expires_at, relay.limit = await reserve(self._host, relay.info)
             except RelayError as exc:
                 relay.state, relay.error = "failed", str(exc)
                 log.info("reservation on %s failed (next try in %g s): %s", relay.address, retry, exc)
@@ -559,9 +819,14 @@ class RelayClient:
                 await _stop_status(stream, StatusCode.OK)
             relay_address = next(str(r.address) for r in self._relays if r.info.peer_id == relay)
             circuit = multiaddr.Multiaddr(f"{relay_address}/p2p-circuit/p2p/{source}")
-            raw = RawConnection(stream, initiator=False, connection_type=ConnectionType.RELAYED, addresses=[circuit])
+            meter = CircuitMeter(CircuitLimit.read(message))
+            raw = MeteredConnection(
+                stream, meter, initiator=False, connection_type=ConnectionType.RELAYED, addresses=[circuit]
+            )
             with trio.fail_after(UPGRADE_TIMEOUT_S):
                 muxed = await self._host.upgrade_inbound_connection(raw, circuit)
+            if self._meters is not None:
+                self._meters.add(muxed, meter)
             for connection in self._host.get_network().get_connections(muxed.peer_id):
                 if getattr(connection, "muxed_conn", None) is muxed:
                     cast(Any, connection).set_transport_info([circuit], ConnectionType.RELAYED)
