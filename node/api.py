@@ -81,7 +81,9 @@ class TransportStatusJSON(TypedDict, total=False):
     listen_addresses: list[str]
     reservations: list[ReservationJSON]
     peers: list[ConnectedPeerJSON]
-    hole_punches: list[dict[str, object]]
+    hole_punches: list[dict[str, object]]  # the latest attempt per peer (transports.holepunch.HolePunchResult)
+    hole_punches_running: list[dict[str, object]]  # attempts under way: peer, role, started_at
+    hole_punch_history: list[dict[str, object]]  # the last attempts, oldest first (bounded)
     relay_service: RelayServiceJSON | None
     dialbacks: list[dict[str, object]]
 

@@ -29,6 +29,7 @@ from .api import (
     ShareResult,
     StopResult,
     SyncResult,
+    TransportStatusJSON,
     ValueResult,
 )
 
@@ -106,11 +107,44 @@ def info(result: InfoResult | OfflineInfo) -> list[str]:
         )
     else:
         lines.append(f"node            not running (start it: eidetica-node run --data-dir {result['data_dir']})")
+    if result["running"] is True:
+        for transport in result.get("transports", []):
+            lines += hole_punches(transport.get("status") or {})
     databases = result.get("databases", [])
     if not databases:
         lines.append("databases       none yet (create one: eidetica-node db create NAME)")
     for db in databases:
         lines.append(f"database        {db['id']}  {db['name'] or '(unnamed)'}  {db['entries']} entries")
+    return lines
+
+
+def _seconds(value: object, default: float = 0.0) -> float:
+    return float(value) if isinstance(value, int | float) else default
+
+
+def _peer_tail(peer: object) -> str:
+    """The end of a peer ID (they all begin ``12D3KooW``)."""
+    text = str(peer)
+    return text if len(text) <= 13 else "…" + text[-12:]
+
+
+def hole_punches(status: TransportStatusJSON, now: float | None = None) -> list[str]:
+    """One line per peer: the attempt under way, else the latest one (its reason if it failed)."""
+    now = time.time() if now is None else now
+    lines = []
+    running = {str(r.get("peer")): r for r in status.get("hole_punches_running", [])}
+    for peer, attempt in running.items():
+        running_s = now - _seconds(attempt.get("started_at"), now)
+        lines.append(f"hole punch      {_peer_tail(peer)}  {attempt.get('role')}  running for {running_s:.1f} s")
+    for punch in status.get("hole_punches", []):
+        if str(punch.get("peer")) in running:
+            continue
+        took = f"{_seconds(punch.get('duration_s')):.2f} s"
+        outcome = f"{punch.get('outcome')} in {took}" if punch.get("succeeded") else f"failed after {took}"
+        ended = ago(int(_seconds(punch.get("at"), now) * 1000), int(now * 1000))
+        reason = "" if punch.get("succeeded") else f": {punch.get('error')}"
+        who = f"{_peer_tail(punch.get('peer'))}  {punch.get('role')}"
+        lines.append(f"hole punch      {who}  {outcome}, {ended}{reason}")
     return lines
 
 

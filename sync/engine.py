@@ -45,6 +45,7 @@ from .handler import CHALLENGE_TTL_MS, Offload, SyncHandler, UnverifiedBudget
 from .messages import Message
 from .peer import handshake
 from .reach import Reach
+from .rejoin import ReturnWatcher
 from .scheduler import Scheduler
 from .state import DEFAULT_INTERVAL_S, AccessRequest, PeerRecord, SyncState
 from .ticket import Ticket, join_any
@@ -320,6 +321,7 @@ class Sync:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.scheduler.run)
             nursery.start_soon(self._housekeeping)
+            nursery.start_soon(ReturnWatcher(self.reach, self.state, self.schedule).run)
             task_status.started()
 
     def _on_write(self, db: Database, _before: list[str], _after: list[str], _local: bool) -> None:

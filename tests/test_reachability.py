@@ -34,7 +34,7 @@ from scripts.netns import NatTopology, cleanup_stale
 from sync.messages import Message
 from sync.transport import RequestContext
 from tests.conftest import require_netns
-from tests.test_nat import PORT, NsNode
+from tests.ns_agent import PORT, NsNode
 from tests.waiting import until
 from transports.autonat import AUTONAT_PROTOCOL, InboundWatch, ask_autonat
 from transports.libp2p import Libp2pTransport, new_noise_host

@@ -71,15 +71,16 @@ from .errors import FrameTooLarge, closing_quietly, libp2p_errors
 from .holepunch import HolePuncher
 from .libp2p_status import (
     Libp2pStatus,
-    RelayServiceStatus,
     connected_peers,
     peer_connection,
     peer_connections,
     peer_pubkey,
+    relay_service_status,
 )
 from .observed import ObservedAddresses
 from .reachability import RECHECK_S, ReachabilityMonitor
 from .reachability_service import SERVICES, ReachabilityService
+from .redial import CircuitKeeper
 from .relay import (
     DEFAULT_RELAY_LIMITS,
     CircuitMeters,
@@ -307,6 +308,7 @@ class Libp2pTransport:
         self._dialback, self._reachability = self._reach.dialback, self._reach.monitor
         self._advertiser.attach(self._host.get_transport_addrs, self._reach.observed.confirmed)
         self._dial_locks: dict[PeerID, trio.Lock] = {}
+        self._circuit_keeper = CircuitKeeper(self._host, self._dial_locks, self._meters)
 
     def _fresh_host(self) -> IHost:
         """A throwaway host with a new identity, for dial-backs: it cannot reuse a connection."""
@@ -349,6 +351,7 @@ class Libp2pTransport:
                 entered = True
                 if self._puncher is not None:
                     await nursery.start(self._puncher.run)
+                nursery.start_soon(self._circuit_keeper.run)
                 nursery.start_soon(self._meters.run)
                 self._ready.set()
                 task_status.started()
@@ -403,12 +406,13 @@ class Libp2pTransport:
         return [str(a) for a in self._host.get_addrs() if not is_circuit_address(a)]
 
     def listen_addresses(self) -> list[str]:
-        """Announced addresses, then direct ones, then ``/p2p-circuit`` ones; the circuits
-        come before the direct ones once a dial-back has shown that peers cannot dial us."""
+        """Announced addresses, then ``/p2p-circuit`` ones until a dial-back shows peers can
+        dial us (a dead private address first costs a joiner its whole connect timeout,
+        docs/nat.md), then direct ones; direct before circuits once the node is public."""
         if not self._serving:
             return []
         circuits = self._relay_client.circuit_addresses() if self._relay_client is not None else []
-        circuits_first = self._reachability.reachability == "private"
+        circuits_first = self._reachability.reachability != "public"
         return self._advertiser.ordered(self._direct_addresses(), circuits, circuits_first=circuits_first)
 
     # ---- status -------------------------------------------------------------------------
@@ -428,30 +432,15 @@ class Libp2pTransport:
 
     def status(self) -> Libp2pStatus:
         """Reachability, reservations, how each connected peer is reached, hole punching."""
-        service = None
-        if self._relay_service is not None:
-            service = RelayServiceStatus(
-                self._relay_service.reservations(),
-                self._relay_service.active_circuits(),
-                self._relay_service.circuits_opened,
-                self._relay_service.circuits_cut,
-            )
-        last = self._reachability.last
         return Libp2pStatus(
             peer_id=self.peer_id,
             serving=self._serving,
-            reachability=self._reachability.reachability,
-            reachability_checked_by=last.peer if last else None,
-            reachability_source=last.source if last else None,
-            reachability_sources=self._reach.verdict_sources(),
-            reachability_checks=self._reachability.attempts,
-            observed_addresses=self._reach.observed.snapshot(),
+            **self._reach.status_fields(),
             listen_addresses=tuple(self.listen_addresses()),
             reservations=self._relay_client.status() if self._relay_client is not None else (),
             peers=peer_connections(self._host),
-            hole_punches=tuple(self._puncher.results.values()) if self._puncher is not None else (),
-            relay_service=service,
-            dialbacks=tuple(self._dialback.outcomes.values()),
+            **(self._puncher.status_fields() if self._puncher is not None else {"hole_punches": ()}),
+            relay_service=relay_service_status(self._relay_service),
         )
 
     def _on_inbound_circuit(self, peer: PeerID) -> None:
@@ -504,6 +493,8 @@ class Libp2pTransport:
             raise UnreachableError(f"p2p:{address}: no open connection to that peer (it is not dialled)")
         with libp2p_errors(f"p2p:{address}: connecting", self._connect_timeout_s, error=UnreachableError):
             await _connect(self._host, self._dial_locks, self._meters, address, target, info, peer, live_only)
+            if info is None and not live_only:  # a circuit address: reopened if its relay drops
+                self._circuit_keeper.dialled(peer, target)
             connection = peer_connection(self._host, peer)
             if connection is not None and connection.kind == "relayed":
                 return await self._host.new_stream(peer, [PROTOCOL_ID]), False

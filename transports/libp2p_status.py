@@ -19,10 +19,10 @@ from multiaddr.exceptions import Error as MultiaddrError
 from dag.keys import pubkey_to_text
 from sync.transport import ConnectionKind, PeerConnection
 
-from .holepunch import HolePunchResult
+from .holepunch import HolePunchResult, RunningPunch
 from .observed import ObservedAddress
 from .reachability import DialbackOutcome, Reachability, Source
-from .relay import ReservationStatus, is_relayed, split_circuit_address
+from .relay import RelayService, ReservationStatus, is_relayed, split_circuit_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,15 @@ class RelayServiceStatus:
     active_circuits: int
     circuits_opened: int
     circuits_cut: int  # reset by the relay at a data or duration limit
+
+
+def relay_service_status(service: RelayService | None) -> RelayServiceStatus | None:
+    """What the relay this node offers holds now (None when it offers none)."""
+    if service is None:
+        return None
+    return RelayServiceStatus(
+        service.reservations(), service.active_circuits(), service.circuits_opened, service.circuits_cut
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +62,8 @@ class Libp2pStatus:
     hole_punches: tuple[HolePunchResult, ...]  # the latest attempt per peer
     relay_service: RelayServiceStatus | None
     dialbacks: tuple[DialbackOutcome, ...]  # what this node found dialling others back
+    hole_punches_running: tuple[RunningPunch, ...] = ()  # attempts under way
+    hole_punch_history: tuple[HolePunchResult, ...] = ()  # the last attempts, oldest first (bounded)
 
 
 def peer_pubkey(peer: PeerID) -> str | None:
@@ -108,6 +119,7 @@ def directly_connected(host: IHost, peer: PeerID) -> bool:
 __all__ = [
     "Libp2pStatus",
     "RelayServiceStatus",
+    "relay_service_status",
     "connected_peers",
     "directly_connected",
     "peer_connection",

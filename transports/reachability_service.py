@@ -88,6 +88,20 @@ class ReachabilityService:
     def verdict_sources(self) -> tuple[DialbackOutcome, ...]:
         return tuple(self.monitor.verdicts.values())
 
+    def status_fields(self) -> dict[str, Any]:
+        """The reachability part of ``Libp2pStatus``: the verdict, where it came from, what
+        peers observed, and what this node found when it dialled others back."""
+        last = self.monitor.last
+        return {
+            "reachability": self.monitor.reachability,
+            "reachability_checked_by": last.peer if last else None,
+            "reachability_source": last.source if last else None,
+            "reachability_sources": self.verdict_sources(),
+            "reachability_checks": self.monitor.attempts,
+            "observed_addresses": self.observed.snapshot(),
+            "dialbacks": tuple(self.dialback.outcomes.values()),
+        }
+
     def _candidates(self) -> list[PeerID]:
         """Peers to ask: our relays, then anyone we hold a direct connection to."""
         relays = self._relay_client.relay_peers if self._relay_client is not None else set()

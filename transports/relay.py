@@ -78,7 +78,8 @@ RENEW_FRACTION = 0.5  # renew a reservation halfway through its life: one failed
 MIN_RENEW_S = 1.0  # never renew more often than this, whatever the relay grants
 WATCH_INTERVAL_S = 0.5  # how often the client checks that it is still connected to each relay
 RETRY_MIN_S = 0.5  # first wait before reserving again after a failure (a restarting relay is back soon)
-RETRY_MAX_S = 5.0  # longest wait between reservation attempts while a relay is down
+RETRY_MAX_S = 1.0  # longest wait between reservation attempts while a relay is down: a restarted relay is back
+# within seconds and sync through it must resume within as much (one connection attempt a second is cheap)
 PROTECT_TAG = "eidetica-relay"  # the swarm's pruner never closes the connection to a relay we reserve on
 # A Limit.duration above a day is read as milliseconds: the spec says seconds, js-libp2p sends
 # milliseconds (its 2-minute default arrives as 120,000), go-libp2p sends 120, our relay 86,400.
@@ -715,7 +716,7 @@ class RelayClient:
 
     Each relay has one task: reserve, then wait until half the reservation's life has
     passed or the connection to the relay drops (a restarted relay has forgotten us), then
-    reserve again; failures are retried after 0.5 s doubling to 5 s.
+    reserve again; failures are retried after 0.5 s doubling to 1 s.
     """
 
     def __init__(
