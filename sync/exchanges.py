@@ -78,21 +78,36 @@ class ExchangeRunner:
             log.info("%s", addresses)
             return True
         access = relation.access if relation else None
+        moved: ExchangeResult | None = None  # what every address tried so far moved: all of it is stored
         error: Exception | None = None
         for address in addresses:
+            failure: Exception | None
             try:
-                result = await self._over(address, peer, db_id, access=access, push_only=push_only)
+                result, failure = await self._over(address, peer, db_id, access=access, push_only=push_only)
             except (SyncError, NotFoundError) as exc:
-                error = exc
-                if isinstance(exc, TransportError):
-                    continue
+                result, failure = None, exc
+            if result is not None:
+                moved = result if moved is None else moved.then(result)
+            if failure is None:
+                assert moved is not None
+                if not moved.skipped:
+                    self._record(db_id, peer, moved, None)
+                return True
+            error = failure
+            if not isinstance(failure, TransportError):
                 break
-            if not result.skipped:
-                self._record(db_id, peer, result, None)
-            return True
+            if result is not None:  # cut off after moving entries: the next address continues from them
+                log.info(
+                    "sync of %s with %s over %s stopped after %d entries: %s",
+                    db_id,
+                    peer,
+                    address,
+                    result.received,
+                    failure,
+                )
         if error is None:
             error = UnreachableError(f"no known address reaches peer {peer}")
-        self._record(db_id, peer, None, str(error))
+        self._record(db_id, peer, moved, str(error))
         if raise_errors:
             raise error
         log.info("sync of %s with %s failed: %s", db_id, peer, error)
@@ -100,18 +115,21 @@ class ExchangeRunner:
 
     async def _over(
         self, address: Address, peer: str, db_id: str, *, access: str | None, push_only: bool
-    ) -> ExchangeResult:
-        """The exchange over one address, each round under the request deadline."""
+    ) -> tuple[ExchangeResult | None, SyncError | None]:
+        """The exchange over one address, each round under the request deadline (see ``_rounds``)."""
         transport = self._transports.get(address.transport)
         if transport is None:
-            raise UnreachableError(f"no transport registered for {address.transport!r} addresses")
+            return None, UnreachableError(f"no transport registered for {address.transport!r} addresses")
         return await self._rounds(transport, address, peer, db_id, access=access, push_only=push_only)
 
     async def _rounds(
         self, transport: Transport, address: Address, peer: str, db_id: str, *, access: str | None, push_only: bool
-    ) -> ExchangeResult:
+    ) -> tuple[ExchangeResult | None, SyncError | None]:
         """Rounds over one address until one completes, as many as it takes while each moves
         entries; ``MAX_IDLE_ROUNDS`` in a row that move none end it with the last one's error.
+        Returns what the rounds moved (None: nothing came back) and, unless they completed,
+        the error that ended them: a round that fails after others moved entries loses none
+        of theirs, and the engine goes on to the peer's next address.
 
         A round that stops at the budget or is cut is continued (the next one over a fresh
         circuit if it moved nothing); a first round cut before anything arrived on an
@@ -127,18 +145,20 @@ class ExchangeRunner:
                 result = await self._round(transport, address, peer, db_id, access, push_only, fresh=idle > 0)
             except AnswerCut as cut:
                 if total is None and not cut.result.received and not cut.limited:
-                    raise  # nothing came over this address at all: try the next one
+                    return None, cut  # nothing came over this address at all: try the next one
                 result, error = cut.result, cut
             except LimitError as exc:  # an entry does not fit this circuit's budget: a fresh one may do
                 if idle:
-                    raise
+                    return total, exc
                 result, error = ExchangeResult(), exc
+            except SyncError as exc:  # this address failed (a continuation may not reconnect): keep what moved
+                return total, exc
             total = result if total is None else total.then(result)
             if error is None and not result.stopped:
-                return total
+                return total, None
             idle = 0 if result.received or result.sent else idle + 1
             if idle >= MAX_IDLE_ROUNDS:
-                raise error or TransportError(f"{address}: {idle} rounds over limited circuits moved nothing")
+                return total, error or TransportError(f"{address}: {idle} rounds over limited circuits moved nothing")
             log.debug("%s: round stopped after %d entries (%s); continuing", address, result.received, error)
 
     async def _round(
@@ -172,16 +192,18 @@ class ExchangeRunner:
             raise TransportError(f"{address}: no answer in {self._request_timeout_s:g} s") from exc
 
     def _record(self, db_id: str, peer: str, result: ExchangeResult | None, error: str | None) -> None:
+        """Record an exchange; one that failed after moving entries keeps the old cursor
+        (what a stopped round holds is not common ground) but counts what it moved."""
         self._state.record_sync(
             db_id,
             peer,
             now_ms=self._now_ms(),
-            common=result.common if result else None,
+            common=result.common if result is not None and error is None else None,
             sent=result.sent if result else 0,
             received=result.received if result else 0,
             error=error,
         )
-        if result is not None:
+        if result is not None and (error is None or result.received or result.sent):
             self._state.upsert_peer(peer, seen_ms=self._now_ms())
 
 
