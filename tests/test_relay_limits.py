@@ -18,13 +18,13 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, StopMessag
 
 from dag import Instance, Permission, SigningKey
 from node.metrics import Metrics, counting
-from sync import SyncConfig, SyncError, TransportError, enable_sync
+from sync import SyncConfig, SyncError, TransportError, UnreachableError, enable_sync
 from sync.handler import SyncHandler, run_inline
 from sync.messages import Error, Message, SyncTree
 from sync.peer import AnswerCut, sync_database
 from sync.state import SyncState
 from sync.ticket import Ticket
-from sync.transport import Handler, RequestContext, TaskStatus
+from sync.transport import Address, Handler, RequestContext, TaskStatus
 from tests.test_relay import Node, _no_requests, sync_node
 from transports.libp2p import Libp2pTransport
 from transports.relay import CircuitLimit, RelayLimits, RelayService
@@ -268,6 +268,56 @@ async def test_every_frame_that_arrived_before_a_cut_is_stored() -> None:
     # (the last two were still queued for verification when the transport broke).
     assert raised.value.result.received == 1_750
     assert len(client.open_database(db.id)) == 1_750
+
+
+class CutThenGone(CutAfter):
+    """The first request breaks after ``frames`` answer frames; every later one cannot
+    connect (a circuit cut, and then no address of the peer works)."""
+
+    def __init__(self, handler: Handler, frames: int) -> None:
+        super().__init__(handler, frames)
+        self.asked = 0
+
+    async def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
+        self.asked += 1
+        if self.asked > 1:
+            raise UnreachableError(f"{address}: cannot connect")
+        async for answer in super().request(address, message):
+            yield answer
+
+
+async def test_what_an_exchange_moved_before_every_address_failed_is_kept_and_counted() -> None:
+    server, client = Instance.in_memory(), Instance.in_memory()
+    db = server.create_database(name="big")
+    with db.transaction() as txn:
+        txn.settings().set_global(Permission.write(10))
+    for i in range(3_000):
+        with db.transaction() as txn:
+            txn.doc("notes").set(f"k{i}", "x" * 100)
+    handler = SyncHandler(
+        server,
+        SyncState.open(server),
+        display_name="s",
+        now_ms=lambda: int(time.time() * 1000),
+        addresses=list,
+        offload=run_inline,
+    )
+    transport = CutThenGone(handler.handle, frames=3)
+    peer = server.device_key.pubkey
+    async with enable_sync(client, config=SyncConfig(display_name="c")) as sync:
+        sync.register_transport("cut", transport)
+        sync.state.upsert_peer(peer, addresses=[Address("cut", "first"), Address("cut", "second")])
+        sync.state.ensure_related(db.id, peer)
+        with pytest.raises(TransportError, match="second: cannot connect"):
+            await sync.sync_now(peer, db.id)
+        # After the cut, two rounds over the first address that moved nothing (the second
+        # would have had a fresh circuit), then the second address; the 1,750 entries before
+        # the cut are stored and counted, and the cursor did not move (a cut is no common ground).
+        assert transport.asked == 4
+        assert len(client.open_database(db.id)) == 1_750
+        last = sync.state.history()[-1]
+        assert last["received"] == 1_750 and "second: cannot connect" in last["error"]
+        assert sync.state.cursor(db.id, peer).common == ()
 
 
 async def test_the_rounds_move_to_a_direct_connection_once_hole_punching_makes_one() -> None:
