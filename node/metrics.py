@@ -42,6 +42,7 @@ from sync.transport import (
     RequestContext,
     TaskStatus,
     Transport,
+    request_budget,
 )
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -130,7 +131,7 @@ class CountingTransport:
 
     ``inner`` stays reachable for status (``.inner``). The optional protocols sync asks of a
     transport pass through to it: running (:class:`CountingBackgroundTransport`), open
-    connections and closing.
+    connections, closing, and the byte budget of a limited connection (a relay circuit).
     """
 
     def __init__(self, name: str, inner: Transport, metrics: Metrics) -> None:
@@ -144,6 +145,11 @@ class CountingTransport:
 
     def listen_addresses(self) -> list[str]:
         return self.inner.listen_addresses()
+
+    async def request_budget(self, address: str, *, fresh: bool = False) -> int | None:
+        """The inner transport's budget (None: it has no limit). Without this, sync took a
+        daemon's libp2p for unlimited and sent whole answers into 128 KiB relay circuits."""
+        return await request_budget(self.inner, address, fresh=fresh)
 
     async def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
         self.metrics.message(self.name, "sent", message)

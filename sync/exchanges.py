@@ -80,45 +80,64 @@ class ExchangeRunner:
         access = relation.access if relation else None
         attempts: list[tuple[Address, Exception]] = []
         connected = self._reach.connected_over(peer)
+        moved: ExchangeResult | None = None  # what every address tried so far moved: all of it is stored
         for address in addresses:
+            failure: Exception | None
             try:
-                result = await self._over(address, peer, db_id, access=access, push_only=push_only)
+                result, failure = await self._over(address, peer, db_id, access=access, push_only=push_only)
             except (SyncError, NotFoundError) as exc:
-                attempts.append((address, exc))
-                if isinstance(exc, TransportError):
-                    self._reach.failed(peer, address)
-                    continue
+                result, failure = None, exc
+            if result is not None:
+                moved = result if moved is None else moved.then(result)
+            if failure is None:
+                self._reach.worked(peer, address, dialled=address.transport not in connected)
+                assert moved is not None
+                if not moved.skipped:
+                    self._record(db_id, peer, moved, None)
+                return True
+            attempts.append((address, failure))
+            if not isinstance(failure, TransportError):
                 break  # an answer (a refusal, an unknown database): other addresses reach the same peer
-            self._reach.worked(peer, address, dialled=address.transport not in connected)
-            if not result.skipped:
-                self._record(db_id, peer, result, None)
-            return True
+            if result is None:
+                self._reach.failed(peer, address)
+            else:  # cut off after moving entries: the next address continues from them
+                log.info(
+                    "sync of %s with %s over %s stopped after %d entries: %s",
+                    db_id,
+                    peer,
+                    address,
+                    result.received,
+                    failure,
+                )
         error = _failure(db_id, peer, attempts)
-        summary = (
-            error.one_line
-            if isinstance(error, AddressesFailedError)
-            else f"sync of {db_id} with {peer} failed: {error}"
+        one_line = error.one_line if isinstance(error, AddressesFailedError) else str(error)
+        self._record(db_id, peer, moved, one_line)
+        # Also when raised: the user sees it through the CLI, the log keeps it.
+        log.info(
+            "%s",
+            one_line if isinstance(error, AddressesFailedError) else f"sync of {db_id} with {peer} failed: {error}",
         )
-        self._record(db_id, peer, None, error.one_line if isinstance(error, AddressesFailedError) else str(error))
-        log.info("%s", summary)  # also when raised: the user sees it through the CLI, the log keeps it
         if raise_errors:
             raise error
         return False
 
     async def _over(
         self, address: Address, peer: str, db_id: str, *, access: str | None, push_only: bool
-    ) -> ExchangeResult:
-        """The exchange over one address, each round under the request deadline."""
+    ) -> tuple[ExchangeResult | None, SyncError | None]:
+        """The exchange over one address, each round under the request deadline (see ``_rounds``)."""
         transport = self._transports.get(address.transport)
         if transport is None:
-            raise UnreachableError(f"no transport registered for {address.transport!r} addresses")
+            return None, UnreachableError(f"no transport registered for {address.transport!r} addresses")
         return await self._rounds(transport, address, peer, db_id, access=access, push_only=push_only)
 
     async def _rounds(
         self, transport: Transport, address: Address, peer: str, db_id: str, *, access: str | None, push_only: bool
-    ) -> ExchangeResult:
+    ) -> tuple[ExchangeResult | None, SyncError | None]:
         """Rounds over one address until one completes, as many as it takes while each moves
         entries; ``MAX_IDLE_ROUNDS`` in a row that move none end it with the last one's error.
+        Returns what the rounds moved (None: nothing came back) and, unless they completed,
+        the error that ended them: a round that fails after others moved entries loses none
+        of theirs, and the engine goes on to the peer's next address.
 
         A round that stops at the budget or is cut is continued (the next one over a fresh
         circuit if it moved nothing); a first round cut before anything arrived on an
@@ -134,18 +153,20 @@ class ExchangeRunner:
                 result = await self._round(transport, address, peer, db_id, access, push_only, fresh=idle > 0)
             except AnswerCut as cut:
                 if total is None and not cut.result.received and not cut.limited:
-                    raise  # nothing came over this address at all: try the next one
+                    return None, cut  # nothing came over this address at all: try the next one
                 result, error = cut.result, cut
             except LimitError as exc:  # an entry does not fit this circuit's budget: a fresh one may do
                 if idle:
-                    raise
+                    return total, exc
                 result, error = ExchangeResult(), exc
+            except SyncError as exc:  # this address failed (a continuation may not reconnect): keep what moved
+                return total, exc
             total = result if total is None else total.then(result)
             if error is None and not result.stopped:
-                return total
+                return total, None
             idle = 0 if result.received or result.sent else idle + 1
             if idle >= MAX_IDLE_ROUNDS:
-                raise error or TransportError(f"{address}: {idle} rounds over limited circuits moved nothing")
+                return total, error or TransportError(f"{address}: {idle} rounds over limited circuits moved nothing")
             log.debug("%s: round stopped after %d entries (%s); continuing", address, result.received, error)
 
     async def _round(
@@ -179,16 +200,18 @@ class ExchangeRunner:
             raise TransportError(f"{address}: no answer in {self._request_timeout_s:g} s") from exc
 
     def _record(self, db_id: str, peer: str, result: ExchangeResult | None, error: str | None) -> None:
+        """Record an exchange; one that failed after moving entries keeps the old cursor
+        (what a stopped round holds is not common ground) but counts what it moved."""
         self._state.record_sync(
             db_id,
             peer,
             now_ms=self._now_ms(),
-            common=result.common if result else None,
+            common=result.common if result is not None and error is None else None,
             sent=result.sent if result else 0,
             received=result.received if result else 0,
             error=error,
         )
-        if result is not None:
+        if result is not None and (error is None or result.received or result.sent):
             self._state.upsert_peer(peer, seen_ms=self._now_ms())
 
 

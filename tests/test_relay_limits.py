@@ -7,6 +7,7 @@ than one circuit. Hole punching is off: on loopback it would always succeed.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,13 +17,14 @@ import trio
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, StopMessage
 
 from dag import Instance, Permission, SigningKey
-from sync import SyncError, TransportError
+from node.metrics import Metrics, counting
+from sync import SyncConfig, SyncError, TransportError, UnreachableError, enable_sync
 from sync.handler import SyncHandler, run_inline
 from sync.messages import Error, Message, SyncTree
 from sync.peer import AnswerCut, sync_database
 from sync.state import SyncState
 from sync.ticket import Ticket
-from sync.transport import Handler, RequestContext, TaskStatus
+from sync.transport import Address, Handler, RequestContext, TaskStatus
 from tests.test_relay import Node, _no_requests, sync_node
 from transports.libp2p import Libp2pTransport
 from transports.relay import CircuitLimit, RelayLimits, RelayService
@@ -114,6 +116,56 @@ async def test_a_relay_that_cuts_before_its_advertised_limit_still_gets_everythi
         outcome = await _bootstrap(STANDARD, entries=600, value_bytes=4_000, cutting=True)
     assert outcome["entries"] == 602
     assert outcome["cut"] > 0  # the relay did cut; the frames before each cut were kept
+
+
+@asynccontextmanager
+async def dead_end() -> AsyncIterator[tuple[int, list[int]]]:
+    """A TCP port that takes each connection and closes it at once (no libp2p behind it): an
+    address a peer announces but nobody can use. Yields the port and a count of the dials."""
+    dials = [0]
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        dials[0] += 1
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(functools.partial(trio.serve_tcp, refuse, 0, host="127.0.0.1"))
+        yield listener.socket.getsockname()[1], dials
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bootstrap_over_a_direct_address_riding_a_circuit_continues_over_circuits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A advertises [a direct address nobody can use, its circuit], as a node behind NAT
+    does before it knows; B is wired as the daemon wires it (the metrics wrapper) and holds
+    a circuit to A when it joins, so the join's exchange goes to the direct address and
+    rides the circuit. Each spent circuit is replaced through the relay: the direct address
+    is never dialled, and everything arrives within the standard limits, no circuit cut."""
+    with trio.fail_after(TIMEOUT_S):
+        async with AsyncExitStack() as stack:
+            relay = await stack.enter_async_context(limited_relay(STANDARD))
+            port, dials = await stack.enter_async_context(dead_end())
+            a = await sync_node(stack, "a", relays=relay.listen_addresses())
+            direct, circuit = f"/ip4/127.0.0.1/tcp/{port}/p2p/{a.transport.peer_id}", a.circuit
+            monkeypatch.setattr(a.transport, "listen_addresses", lambda: [direct, circuit.address])
+            instance = Instance.in_memory()
+            sync = await stack.enter_async_context(enable_sync(instance, config=SyncConfig(display_name="b")))
+            transport = Libp2pTransport(instance.device_key, listen=["/ip4/127.0.0.1/tcp/0"], hole_punching=False)
+            sync.register_transport("p2p", counting("p2p", transport, Metrics()))
+            await sync.accept_connections()
+            db_id = _big_db(a, entries=250, value_bytes=4_000)  # ~1 MB: 8 circuits or more
+            ticket = a.sync.create_ticket(db_id)
+            assert [x.address for x in ticket.addresses] == [direct, circuit.address]
+            await sync.connect(circuit)  # B already holds a circuit to A
+            joined = await sync.join(ticket)
+            served = a.instance.open_database(db_id)
+            assert len(joined) == len(served) == 252
+            assert sorted(joined.tip_cids()) == sorted(served.tip_cids())
+            assert sync.sync_status(db_id, a.instance.device_key.pubkey).last_error is None
+            assert dials == [0]  # the way the spent circuits were reached, never the direct address
+            opened, cut = _circuits(relay)
+            assert opened >= 1024 * 1024 // STANDARD.circuit_bytes and cut == 0
 
 
 async def test_an_entry_larger_than_a_circuit_gets_a_clear_error() -> None:
@@ -216,6 +268,56 @@ async def test_every_frame_that_arrived_before_a_cut_is_stored() -> None:
     # (the last two were still queued for verification when the transport broke).
     assert raised.value.result.received == 1_750
     assert len(client.open_database(db.id)) == 1_750
+
+
+class CutThenGone(CutAfter):
+    """The first request breaks after ``frames`` answer frames; every later one cannot
+    connect (a circuit cut, and then no address of the peer works)."""
+
+    def __init__(self, handler: Handler, frames: int) -> None:
+        super().__init__(handler, frames)
+        self.asked = 0
+
+    async def request(self, address: str, message: Message) -> AsyncGenerator[Message, None]:
+        self.asked += 1
+        if self.asked > 1:
+            raise UnreachableError(f"{address}: cannot connect")
+        async for answer in super().request(address, message):
+            yield answer
+
+
+async def test_what_an_exchange_moved_before_every_address_failed_is_kept_and_counted() -> None:
+    server, client = Instance.in_memory(), Instance.in_memory()
+    db = server.create_database(name="big")
+    with db.transaction() as txn:
+        txn.settings().set_global(Permission.write(10))
+    for i in range(3_000):
+        with db.transaction() as txn:
+            txn.doc("notes").set(f"k{i}", "x" * 100)
+    handler = SyncHandler(
+        server,
+        SyncState.open(server),
+        display_name="s",
+        now_ms=lambda: int(time.time() * 1000),
+        addresses=list,
+        offload=run_inline,
+    )
+    transport = CutThenGone(handler.handle, frames=3)
+    peer = server.device_key.pubkey
+    async with enable_sync(client, config=SyncConfig(display_name="c")) as sync:
+        sync.register_transport("cut", transport)
+        sync.state.upsert_peer(peer, addresses=[Address("cut", "first"), Address("cut", "second")])
+        sync.state.ensure_related(db.id, peer)
+        with pytest.raises(TransportError, match="second: cannot connect"):
+            await sync.sync_now(peer, db.id)
+        # After the cut, two rounds over the first address that moved nothing (the second
+        # would have had a fresh circuit), then the second address; the 1,750 entries before
+        # the cut are stored and counted, and the cursor did not move (a cut is no common ground).
+        assert transport.asked == 4
+        assert len(client.open_database(db.id)) == 1_750
+        last = sync.state.history()[-1]
+        assert last["received"] == 1_750 and "second: cannot connect" in last["error"]
+        assert sync.state.cursor(db.id, peer).common == ()
 
 
 async def test_the_rounds_move_to_a_direct_connection_once_hole_punching_makes_one() -> None:

@@ -508,9 +508,12 @@ class Libp2pTransport:
         await self._wait_ready()
         target, info, peer, live_only = _parse_target(address)
 
-        async def connect() -> None:
-            with libp2p_errors(f"p2p:{address}: connecting", self._connect_timeout_s, error=UnreachableError):
-                await _connect(self._host, self._dial_locks, self._meters, address, target, info, peer, live_only)
+        async def connect(circuit: multiaddr.Multiaddr | None) -> None:
+            where, to, via = address, target, info
+            if circuit is not None and not live_only:  # a spent circuit we dialled: the same way again
+                where, to, via = str(circuit), circuit, None
+            with libp2p_errors(f"p2p:{where}: connecting", self._connect_timeout_s, error=UnreachableError):
+                await _connect(self._host, self._dial_locks, self._meters, where, to, via, peer, live_only)
 
         wait = self._puncher.wait_quiet if self._puncher is not None else None
         return await self._meters.budget(self._host, peer, connect, wait, fresh=fresh and not live_only)

@@ -193,8 +193,9 @@ class CircuitMeter:
     Counted at the raw connection under Noise and Yamux, so it sees what the relay counts.
     """
 
-    def __init__(self, limit: CircuitLimit | None) -> None:
+    def __init__(self, limit: CircuitLimit | None, dialled: multiaddr.Multiaddr | None = None) -> None:
         self.limit = limit
+        self.dialled = dialled  # the /p2p-circuit address we dialled it at (None: we accepted it)
         self.opened = time.monotonic()
         self.bytes = 0
         self.closed_by_us = False  # else a circuit that ended short of its limit was cut
@@ -295,7 +296,7 @@ class CircuitMeters:
         self,
         host: IHost,
         peer: PeerID,
-        connect: Callable[[], Awaitable[None]],
+        connect: Callable[[multiaddr.Multiaddr | None], Awaitable[None]],
         wait_direct: Callable[[PeerID, float], Awaitable[None]] | None,
         *,
         fresh: bool,
@@ -306,17 +307,22 @@ class CircuitMeters:
         Before bulk goes over a limited circuit, a hole punch running towards the peer gets
         ``DIRECT_WAIT_S`` (``wait_direct``) to bring a direct connection, which then carries
         it. A spent circuit (``CircuitMeter.spent``), or any when ``fresh``, is closed and
-        ``connect`` opens a new one (the limit of a circuit is known once the relay answered).
+        ``connect`` opens a new one (the limit of a circuit is known once the relay answered),
+        given the spent one's circuit address if we dialled it: a request to another address
+        of the peer that only rode the circuit (a direct one, perhaps never reachable) must not
+        turn into a dial of that address when the circuit is replaced.
         """
         meter = self.limiting(host, peer)
         if meter is not None and wait_direct is not None:
             await wait_direct(peer, DIRECT_WAIT_S)
             meter = self.limiting(host, peer)
+        again: multiaddr.Multiaddr | None = None
         if meter is not None and (fresh or meter.spent() or self._left(peer, meter) < SPENT_BYTES):
+            again = meter.dialled
             await self.close_circuits(host, peer)
             meter = None
         if meter is None:
-            await connect()
+            await connect(again)
             meter = self.limiting(host, peer)
         self._track(peer, meter)
         if meter is None or meter.limit is None or meter.limit.data is None:
@@ -694,7 +700,7 @@ async def dial_through_relay(
             answer = await read_delimited_msg(stream, HopMessage)
         if int(answer.status) != StatusCode.OK:
             raise RelayError(f"relay {relay.peer_id} refused a circuit to {target}: {_status_name(answer.status)}")
-        meter = CircuitMeter(CircuitLimit.read(answer))
+        meter = CircuitMeter(CircuitLimit.read(answer), address)
         raw = MeteredConnection(
             stream, meter, initiator=True, connection_type=ConnectionType.RELAYED, addresses=[address]
         )
