@@ -28,6 +28,7 @@ from node import render
 from scripts.cli_node import NodeProcess, clean_env, cli
 from sync import SyncConfig, SyncPeerInfo, enable_sync
 from sync import reach as reach_module
+from sync import rejoin as rejoin_module
 from sync.engine import Sync
 from sync.errors import AddressesFailedError
 from sync.transport import Address
@@ -290,6 +291,9 @@ async def test_a_failing_address_is_dropped_and_a_handshake_refreshes_the_list(
 async def _failing_address_is_dropped(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(reach_module, "RETRY_FAILING_MS", 0)  # retried on every exchange
     monkeypatch.setattr(reach_module, "DROP_AFTER_MS", 300)
+    # The test drops the connection before each exchange; a returning connection would
+    # otherwise add an exchange of its own (sync/rejoin.py) and blur the count of writes.
+    monkeypatch.setattr(rejoin_module, "WATCH_S", 3600.0)
     caplog.set_level(logging.INFO, logger="sync.reach")
     async with AsyncExitStack() as stack:
         server, server_p2p = await _node(stack, "server")

@@ -26,6 +26,7 @@ from sync.state import SyncState
 from sync.ticket import Ticket
 from sync.transport import Address, Handler, RequestContext, TaskStatus
 from tests.test_relay import Node, _no_requests, sync_node
+from tests.waiting import until
 from transports.libp2p import Libp2pTransport
 from transports.relay import CircuitLimit, RelayLimits, RelayService
 
@@ -177,7 +178,8 @@ async def test_an_entry_larger_than_a_circuit_gets_a_clear_error() -> None:
             db_id = _big_db(a, entries=1, value_bytes=200 * 1024)
             with pytest.raises(SyncError, match="needs a direct connection") as raised:
                 await b.sync.join(Ticket(db_id, (a.circuit,)))
-            assert "\n" not in str(raised.value)
+            [head, line] = str(raised.value).splitlines()  # one line per address tried
+            assert head == "join failed: 1 address tried:" and line.endswith("it needs a direct connection to the peer")
 
 
 @pytest.mark.parametrize(
@@ -329,12 +331,14 @@ async def test_the_rounds_move_to_a_direct_connection_once_hole_punching_makes_o
             db_id = _big_db(a, entries=500, value_bytes=4_000)  # 2 MB: 17 circuits' worth
             joined = await b.sync.join(Ticket(db_id, (a.circuit,)))
             assert len(joined) == len(a.instance.open_database(db_id))
-            # A started DCUtR when it accepted the circuit; on loopback it succeeds at once,
-            # and the next round's stream took the direct connection: the rest needed no circuit.
-            assert any(h.succeeded for h in a.transport.status().hole_punches)
+            # A started DCUtR once identify had run on the circuit (on loopback it waits out
+            # IDENTIFY_WAIT_S: py-libp2p ignores loopback observations) while B held its bulk
+            # back for it (HolePuncher.wait_quiet); the punch succeeded and the rounds'
+            # streams took the direct connection: few circuits, not the 17 the data needs.
+            await until(lambda: any(h.succeeded for h in a.transport.status().hole_punches), "a's punch recorded")
             assert b.transport.connection_kind(a.transport.peer_id) == "direct"
             opened, cut = _circuits(relay)
-            assert opened < 5 and cut == 0
+            assert opened < 5 and cut == 0, (opened, cut)
 
 
 class OlderPeer:

@@ -80,6 +80,8 @@ HISTORY = 64  # attempts kept for the status, and peers whose latest attempt is 
 CLOSE_TIMEOUT_S = 2.0  # closing a connection whose other end may be gone
 MAX_REASONS = 8  # addresses whose dial errors a failed attempt's reason names
 POLL_S = 0.05
+FIRST_ATTEMPT_WAIT_S = IDENTIFY_WAIT_S + 1.0  # for the accepting end's first attempt to begin (see wait_quiet)
+REOPEN_PAUSE_S = 0.2  # before the one retry of the DCUtR stream: a spent circuit's replacement is being dialled
 
 Role = Literal["initiator", "responder"]
 Outcome = Literal["direct", "dialled", "failed"]
@@ -294,10 +296,7 @@ class _Dcutr(DCUtRProtocol):
 
     async def exchange_as_initiator(self, peer: PeerID) -> tuple[list[Any], float]:
         """CONNECT both ways and our SYNC over the relayed connection; the peer's addresses and the RTT."""
-        try:
-            stream = await self.host.new_stream(peer, [DCUTR_PROTOCOL])
-        except Exception as exc:  # any library failure: the peer cannot be asked, which is the reason
-            raise PunchFailed(f"opening {DCUTR_PROTOCOL}: {_reason(exc)}") from exc
+        stream = await self._open_exchange(peer)
         try:
             sent = time.monotonic()
             await self._send(stream, HolePunch.CONNECT, await self._get_observed_addrs())
@@ -308,6 +307,21 @@ class _Dcutr(DCUtRProtocol):
         finally:
             with quietly("closing a DCUtR stream"), trio.move_on_after(CLOSE_TIMEOUT_S):
                 await stream.close()
+
+    async def _open_exchange(self, peer: PeerID) -> INetStream:
+        """The DCUtR stream, on whichever relayed connection to ``peer`` is live now. Over a
+        relay with limited circuits the one the attempt began on may be spent and replaced
+        while identify is awaited (each lasts ~0.5 s during a bulk transfer): one retry
+        takes the circuit that replaced it."""
+        try:
+            return await self.host.new_stream(peer, [DCUTR_PROTOCOL])
+        except Exception as exc:  # any library failure: retried once, below
+            log.debug("opening %s to %s failed (%s): retrying on a live connection", DCUTR_PROTOCOL, peer, exc)
+        await trio.sleep(REOPEN_PAUSE_S)
+        try:
+            return await self.host.new_stream(peer, [DCUTR_PROTOCOL])
+        except Exception as exc:  # any library failure: the peer cannot be asked, which is the reason
+            raise PunchFailed(f"opening {DCUTR_PROTOCOL}: {_reason(exc)}") from exc
 
     async def exchange_as_responder(self, stream: INetStream) -> list[Any]:
         """The peer's CONNECT, our CONNECT, the peer's SYNC; the peer's addresses."""
@@ -363,6 +377,7 @@ class HolePuncher:
         self.history: deque[HolePunchResult] = deque(maxlen=HISTORY)
         self._running: dict[tuple[PeerID, Role], tuple[RunningPunch, trio.Event]] = {}
         self._retiring: set[PeerID] = set()
+        self._awaited: OrderedDict[PeerID, None] = OrderedDict()  # peers whose first attempt was waited for
 
     def running(self) -> tuple[RunningPunch, ...]:
         return tuple(entry for entry, _ in self._running.values())
@@ -499,10 +514,27 @@ class HolePuncher:
             self._retiring.discard(peer)
 
     async def wait_quiet(self, peer: PeerID, timeout_s: float) -> None:
-        """Returns once no attempt towards ``peer`` is running, or after ``timeout_s``."""
+        """Returns once no attempt towards ``peer`` is running, or after ``timeout_s``.
+
+        The first time for a peer with no attempt yet, it first waits up to
+        ``FIRST_ATTEMPT_WAIT_S`` for one to begin: the end that accepted the circuit starts
+        only after identify, and bulk started meanwhile over a limited circuit would churn
+        circuits under the punch's own exchange. Once per peer (at most ``HISTORY`` remembered),
+        so a peer that never punches costs that wait once, not on every request.
+        """
         with trio.move_on_after(timeout_s):
+            if str(peer) not in self.results and peer not in self._awaited:
+                self._awaited[peer] = None
+                while len(self._awaited) > HISTORY:
+                    self._awaited.popitem(last=False)
+                with trio.move_on_after(FIRST_ATTEMPT_WAIT_S):
+                    while not self._attempting(peer) and str(peer) not in self.results:
+                        await trio.sleep(POLL_S)
             while running := [done for (p, _), (_, done) in self._running.items() if p == peer]:
                 await running[0].wait()
+
+    def _attempting(self, peer: PeerID) -> bool:
+        return any(p == peer for p, _ in self._running)
 
 
 async def _ping(connection: Any) -> bool:

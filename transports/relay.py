@@ -94,9 +94,10 @@ SPENT_S = 10.0  # ... or less time than this: a request needs a few round trips
 # negotiation, and identify, ping and DCUtR sharing the circuit (measured: see docs/nat.md).
 MARGIN_BYTES = 6 * 1024
 MARGIN_FRACTION = 0.02
-# Before bulk goes over a limited circuit, a hole punch already running towards that peer gets
-# this long to bring a direct connection (a punch through NATs that allow it takes ~0.3 s).
-DIRECT_WAIT_S = 3.0
+# Before bulk goes over a limited circuit, a hole punch towards that peer (starting or running)
+# gets this long to bring a direct connection: the accepting end waits up to 3 s for identify,
+# a punch through NATs that allow it then takes ~0.3-2 s, one through resetting NATs fails in ~6-8 s.
+DIRECT_WAIT_S = 8.0
 CLOSING_BUFFER = 64  # spent circuits waiting for the background closer; past it they close inline
 # A circuit cut short had carried at least the bytes we counted (more were in flight and lost):
 # later circuits to that peer are budgeted to this share of them.
