@@ -107,15 +107,21 @@ class Scheduler:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve commands and periodic runs until cancelled or closed."""
-        async with trio.open_nursery() as nursery:
-            self._running = True
-            nursery.start_soon(self._periodic)
-            task_status.started()
-            async with self._commands_out:
-                async for command in self._commands_out:
-                    if self._running:  # after close, the flush already ran
-                        command(nursery)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._running = True
+                nursery.start_soon(self._periodic)
+                task_status.started()
+                async with self._commands_out:
+                    async for command in self._commands_out:
+                        if self._running:  # after close, the flush already ran
+                            command(nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            # Cancelled without close(): the receiving end is gone, so nothing may be
+            # submitted any more (a commit's callback would otherwise hit a broken channel
+            # inside trio's run loop: a TrioInternalError).
+            self._running = False
 
     def close(self) -> None:
         """Accept no more work; ``run`` stops once the queued commands are drained."""
