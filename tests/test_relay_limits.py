@@ -27,8 +27,9 @@ from sync.ticket import Ticket
 from sync.transport import Address, Handler, RequestContext, TaskStatus
 from tests.test_relay import Node, _no_requests, sync_node
 from tests.waiting import until
+from transports.circuits import CircuitLimit
 from transports.libp2p import Libp2pTransport
-from transports.relay import CircuitLimit, RelayLimits, RelayService
+from transports.relay import RelayLimits, RelayService
 
 STANDARD = RelayLimits(circuit_bytes=128 * 1024, circuit_duration_s=120)
 TIMEOUT_S = 240

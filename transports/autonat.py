@@ -44,6 +44,7 @@ from libp2p.rcmgr.metrics import Direction
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 from multiaddr.exceptions import Error as MultiaddrError
 
+from .circuits import is_relayed
 from .errors import closing_quietly, quietly
 from .observed import address_ip
 from .reachability import (
@@ -55,7 +56,6 @@ from .reachability import (
     Reachability,
     open_quietly,
 )
-from .relay import is_relayed
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,8 @@ from multiaddr.exceptions import Error as MultiaddrError
 
 from sync.transport import TaskStatus
 
+from .circuits import is_circuit_address, is_relayed
 from .errors import quietly
-from .relay import is_circuit_address, is_relayed
 
 log = logging.getLogger(__name__)
 

@@ -67,6 +67,7 @@ from sync.messages import Error, Message, decode_message, encode_message
 from sync.transport import ConnectionKind, Handler, RequestContext, TaskStatus
 
 from .addresses import Advertiser, advertise, interfaces
+from .circuits import CircuitMeters, is_circuit_address, split_circuit_address
 from .errors import FrameTooLarge, closing_quietly, libp2p_errors
 from .holepunch import HolePuncher
 from .libp2p_status import (
@@ -83,14 +84,11 @@ from .reachability_service import SERVICES, ReachabilityService
 from .redial import CircuitKeeper
 from .relay import (
     DEFAULT_RELAY_LIMITS,
-    CircuitMeters,
     RelayClient,
     RelayLimits,
     RelayService,
     dial_exactly,
     dial_through_relay,
-    is_circuit_address,
-    split_circuit_address,
 )
 
 log = logging.getLogger(__name__)

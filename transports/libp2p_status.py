@@ -19,10 +19,11 @@ from multiaddr.exceptions import Error as MultiaddrError
 from dag.keys import pubkey_to_text
 from sync.transport import ConnectionKind, PeerConnection
 
+from .circuits import is_relayed, split_circuit_address
 from .holepunch import HolePunchResult, RunningPunch
 from .observed import ObservedAddress
 from .reachability import DialbackOutcome, Reachability, Source
-from .relay import RelayService, ReservationStatus, is_relayed, split_circuit_address
+from .relay import RelayService, ReservationStatus
 
 
 @dataclass(frozen=True, slots=True)

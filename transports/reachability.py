@@ -56,9 +56,9 @@ from multiaddr.exceptions import Error as MultiaddrError
 
 from sync.transport import TaskStatus
 
+from .circuits import is_circuit_address, is_relayed
 from .errors import closing_quietly, quietly
 from .observed import ObservedAddresses
-from .relay import is_circuit_address, is_relayed
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ from libp2p.peer.id import ID as PeerID
 from libp2p.utils.address_validation import expand_wildcard_address
 
 from .autonat import AutoNATServer, InboundWatch, ask_autonat
+from .circuits import is_circuit_address
 from .libp2p_status import connected_peers, directly_connected
 from .observed import ObservedAddresses, attach
 from .reachability import RECHECK_S, DialbackOutcome, DialbackServer, ReachabilityMonitor, dialback_outcome
-from .relay import RelayClient, is_circuit_address
+from .relay import RelayClient
 
 SERVICES = ("dialback", "autonat")
 

@@ -23,9 +23,10 @@ import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID as PeerID
 
+from .circuits import CircuitMeters, split_circuit_address
 from .errors import RelayError
 from .libp2p_status import peer_connection
-from .relay import CircuitMeters, dial_through_relay, split_circuit_address
+from .relay import dial_through_relay
 
 log = logging.getLogger(__name__)
 
