@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from dag import Instance, Permission
-from scripts.cli_node import BIN, REPO, NodeProcess, clean_env, cli
+from scripts.cli_node import REPO, NodeProcess, cli
 from scripts.netns import HubTopology, cleanup_stale
 from tests.conftest import require_netns
 from tests.waiting import wait_until
@@ -230,18 +230,8 @@ def node_in(topo: HubTopology, where: str, data_dir: Path, *extra: str) -> NodeP
     its control socket, a path: namespaces do not separate those)."""
     if not data_dir.exists():
         assert cli("init", "--data-dir", str(data_dir)).returncode == 0
-    stderr = data_dir.parent / f"{data_dir.name}.stderr"
-    argv = [BIN, "run", "--data-dir", str(data_dir), "--json", "--no-http"]
-    argv += ["--p2p-listen", f"/ip4/{topo.addr[where]}/tcp/{P2P_PORT}", *extra]
-    with stderr.open("w") as log:
-        process = topo.run(where, argv, stdout=subprocess.PIPE, stderr=log, text=True, env=clean_env(), cwd=REPO)
-    node = NodeProcess(data_dir, process, stderr)
-    try:
-        node.ready = node._ready_line()
-    except BaseException:
-        node.stop()
-        raise
-    return node
+    network = ["--no-http", "--p2p-listen", f"/ip4/{topo.addr[where]}/tcp/{P2P_PORT}"]
+    return NodeProcess.start(data_dir, *extra, network=network, launcher=["ip", "netns", "exec", topo.ns[where]])
 
 
 def stored(node: NodeProcess, db: str) -> int:
