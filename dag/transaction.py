@@ -7,14 +7,15 @@ from typing import Any
 
 import libipld
 
-from .auth import check_write
-from .crdt.doc import DocDelta, encode_doc_delta
+from .auth import AuthSettings, check_write
+from .authority import may_write
+from .crdt.doc import DocDelta, apply_doc_delta, encode_doc_delta
 from .crdt.table import encode_table_delta
 from .entry import INDEX_STORE, SETTINGS_STORE, Entry, build_entry
 from .errors import InvalidValueError, StoreTypeError, TransactionError
 from .ids import join_cids
 from .keys import SigningKey
-from .replica import MAIN
+from .replica import MAIN, Replica
 from .state import DOC, TABLE
 from .storage.base import EntryMeta, EntryRecord, Status, WriteBatch
 from .stores import DOCSTORE_TYPE, TABLE_TYPE, Doc, Settings, Table
@@ -147,14 +148,28 @@ def commit_entry(
     on threads never both take the same parents as "the" tips."""
     with writer as replica:
         parents = sorted(replica.effective_tips(tree))  # never on a write whose key was revoked since
-        metas = replica.meta(parents)
-        height = 1 + max(metas[p].height for p in parents)
         pin = replica.expected_pin(parents)
         at = frozenset(pin)
         check_write(replica.settings_state(tree, at), signer.pubkey, decoded, replica.auth_at(tree, at))
+        settings_delta = decoded.get(SETTINGS_STORE)
+        regained = _regained_auth(replica, tree, at, settings_delta) if isinstance(settings_delta, DocDelta) else None
+        if regained is not None:
+            parents = sorted({*parents, *_regained_tips(replica, tree, MAIN, parents, regained)})
+            if (new_pin := replica.expected_pin(parents)) != pin:
+                pin, at = new_pin, frozenset(new_pin)
+                check_write(replica.settings_state(tree, at), signer.pubkey, decoded, replica.auth_at(tree, at))
+        metas = replica.meta(parents)
+        height = 1 + max(metas[p].height for p in parents)
         stores: list[tuple[str, list[bytes], bytes | None]] = []
         for name in sorted(deltas):
-            store_parents = list(pin) if name == SETTINGS_STORE else sorted(replica.effective_tips(tree, name))
+            if name == SETTINGS_STORE:
+                store_parents = list(pin)
+            else:
+                store_parents = sorted(replica.effective_tips(tree, name))
+                if regained is not None:
+                    store_parents = sorted(
+                        {*store_parents, *_regained_tips(replica, tree, name, store_parents, regained)}
+                    )
             stores.append((name, store_parents, deltas[name]))
         entry = build_entry(
             signer=signer, root=tree, parents=parents, height=height, settings_tips=list(pin), stores=stores
@@ -171,3 +186,25 @@ def commit_entry(
             batch.tips_added.append((tree, name, entry.cid))
         writer.write(batch, [entry], local=True, trees=(tree,))
     return entry
+
+
+def _regained_auth(replica: Replica, tree: bytes, pin: frozenset[bytes], delta: DocDelta) -> AuthSettings:
+    """The rights in force once this settings change is made (its delta over the settings at ``pin``)."""
+    state = dict(replica.settings_state(tree, pin))  # top level copied; the fold copies nested paths
+    apply_doc_delta(state, delta)
+    return AuthSettings.from_settings(state)
+
+
+def _regained_tips(
+    replica: Replica, tree: bytes, store: str, effective: list[bytes], auth: AuthSettings
+) -> list[bytes]:
+    """Verified tips of ``store`` left out of the effective tips whose writes count again under ``auth``.
+
+    A settings change that gives a key back its right makes that key's left-out tips effective
+    again: built on here, they become this entry's ancestors, so that after the commit it is
+    the only effective tip (as after any local commit). Tips that still do not count stay out.
+    """
+    left_out = replica.tips(tree, store) - set(effective)
+    return [
+        cid for cid in sorted(left_out) if (entry := replica.entry(cid)) is not None and may_write(entry, store, auth)
+    ]

@@ -156,3 +156,33 @@ def test_remote_entries_are_verified(make_instance: InstanceFactory) -> None:
     copy = replica.open_database(db.id)
     assert copy.status_counts() == {"unverified": 0, "verified": 2, "failed": 0}
     assert copy.status_of(copy.root_cid) is Status.VERIFIED
+
+
+def test_granting_a_revoked_key_again_builds_on_its_left_out_tip(make_instance: InstanceFactory) -> None:
+    """A writer's tip concurrent with its revocation is left out of the effective tips; an
+    admin who grants the key again builds on that tip, so the grant is the only effective
+    tip afterwards (a local commit always is), and the writer's write shows again."""
+    owner = make_instance()
+    db = owner.create_database()
+    writer = SigningKey.generate()
+    with db.transaction() as txn:
+        txn.settings().add_key(writer.pubkey, Permission.write(10))
+    writer_node = make_instance(writer)
+    _copy(owner, writer_node)
+    with writer_node.open_database(db.id, key=writer).transaction() as txn:
+        txn.doc("d").set("x", 1)
+    with db.transaction() as txn:  # concurrent with the writer's entry: it has not arrived yet
+        txn.settings().revoke_key(writer.pubkey)
+    _copy(writer_node, owner)
+    assert len(db.tips()) == 2 and len(db.effective_tips()) == 1
+    assert db.doc("d").to_dict() == {}
+    with db.transaction() as txn:
+        txn.settings().add_key(writer.pubkey, Permission.write(10))
+    entry = txn.entry
+    assert entry is not None
+    assert db.effective_tips() == db.tips() == [entry.id]
+    assert len(entry.parents) == 2
+    assert db.doc("d").to_dict() == {"x": 1}
+    replica = make_instance()
+    _copy(owner, replica)
+    assert replica.open_database(db.id).effective_tips() == [entry.id]
