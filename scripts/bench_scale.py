@@ -546,7 +546,9 @@ def json_loads(text: str) -> dict[str, Any] | None:
 
 
 def part_first_read(client: NodeProcess, db_id: str, size: int, nodes: Nodes) -> dict[str, Any]:
-    out: dict[str, Any] = {"entries": Store(client.data_dir).verified(db_id)}
+    store = Store(client.data_dir)
+    out: dict[str, Any] = {"entries": store.verified(db_id)}
+    store.close()
     expected = _expected(size) if out["entries"] == size else None
     nodes.stop(client, kill=True)
     for case in ("after_sigkill", "after_restart"):
