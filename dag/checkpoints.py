@@ -33,7 +33,8 @@ from typing import Any
 from .crdt.doc import MISSING, TOMBSTONE, DocDelta, apply_doc_delta
 from .entry import SETTINGS_STORE, Entry
 from .ids import join_cids, split_cids
-from .snapshots import FORMAT, DamagedCheckpoint, decode_value, encode_value, legacy_keys, order_of, seq_of
+from .snapshots import FORMAT as FORMAT
+from .snapshots import DamagedCheckpoint, decode_value, encode_value, legacy_keys, order_of, seq_of
 from .state import DOC, UNKNOWN, decode_delta
 from .storage.base import StateHead, StateRow, Storage
 
