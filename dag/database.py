@@ -93,6 +93,13 @@ class Database:
             return lambda: replica.current_settings(tree)
         return lambda: replica.states.state(tree, store, kind, replica.effective_tips(tree, store))
 
+    def _row(self, store: str, kind: str, include_unverified: bool) -> Any:
+        """One top-level value at a time, from a checkpoint row (Verified reads of user stores)."""
+        if include_unverified:
+            return None
+        replica, tree = self._replica, self._tree
+        return lambda key: replica.states.value(tree, store, kind, replica.effective_tips(tree, store), key)
+
     def store_types(self) -> dict[str, str]:
         """Every user store and its type, from `_index`."""
         index = self._replica.states.state(self._tree, INDEX_STORE, DOC, self._store_tips(INDEX_STORE))
@@ -110,11 +117,13 @@ class Database:
 
     def doc(self, name: str, *, include_unverified: bool = False) -> Doc:
         self._check_type(name, DOCSTORE_TYPE)
-        return Doc(name, self._source(name, DOC, include_unverified), None)
+        return Doc(name, self._source(name, DOC, include_unverified), None, self._row(name, DOC, include_unverified))
 
     def table(self, name: str, *, include_unverified: bool = False) -> Table:
         self._check_type(name, TABLE_TYPE)
-        return Table(name, self._source(name, TABLE, include_unverified), None)
+        return Table(
+            name, self._source(name, TABLE, include_unverified), None, self._row(name, TABLE, include_unverified)
+        )
 
     def settings(self) -> Settings:
         return Settings(SETTINGS_STORE, self._source(SETTINGS_STORE, DOC, False), None)

@@ -152,18 +152,12 @@ class Instance:
                 self._pool.shutdown(wait=True, cancel_futures=True)
             if self._processes is not None:
                 self._processes.close()
+        # Store states need no saving: their checkpoints advance with every write.
         try:
-            # The latest state of each store read in this run: the next run's first read
-            # replays only what arrived since, not the whole history.
-            self._replica.states.save_latest()
-        except Exception as exc:  # a speed-up for the next run: never a reason not to close
-            log.warning("could not save store states for the next start: %s", exc)
+            self._replica.storage.close()
         finally:
-            try:
-                self._replica.storage.close()
-            finally:
-                if self._lock is not None:
-                    self._lock.close()
+            if self._lock is not None:
+                self._lock.close()
 
     def __enter__(self) -> Instance:
         return self

@@ -8,6 +8,7 @@ has been written, so a failed write leaves them as they were.
 from __future__ import annotations
 
 import heapq
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
@@ -15,14 +16,18 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .auth import AuthSettings
 from .authority import Authority
-from .entry import SETTINGS_STORE, Entry, decode_entry
+from .checkpoints import Checkpoints
+from .entry import INDEX_STORE, SETTINGS_STORE, Entry, decode_entry
+from .errors import StorageError
 from .ids import join_cids, split_cids
-from .snapshots import StorageSnapshots
-from .state import DOC, StateCache
+from .state import DOC, TABLE, StateCache
 from .storage.base import EntryMeta, Status, Storage, WriteBatch
+
+log = logging.getLogger(__name__)
 
 MAIN = ""  # the store name under which the main DAG's tips are kept
 _INTERN_MAX = 1_024
+_KINDS = {"docstore:v0": DOC, "table:v0": TABLE}  # `_index` types (dag/stores.py) to fold kinds
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -81,8 +86,9 @@ class Replica:
         self._tips: dict[tuple[bytes, str], frozenset[bytes]] = {}
         self._auth: OrderedDict[tuple[bytes, frozenset[bytes]], AuthSettings] = OrderedDict()
         # Folds start from verified tips, so everything they reach is verified (prefix-closed):
-        # they load entries without checking each one's status.
-        self.states = StateCache(self.entry, lock=self.lock, snapshots=StorageSnapshots(storage, self._is_verified))
+        # they load entries without checking each one's status, one at a time under the lock.
+        self.checkpoints = Checkpoints(storage, self.lock, self.entry)
+        self.states = StateCache(self.entry, checkpoints=self.checkpoints)
         # Whose writes still count once revocations are known (dag/authority.py).
         self.authority = Authority(self.entry_held, self.meta_of_held, self._plain_settings)
         # Entries of a batch being ingested, visible to lookups before the batch is written,
@@ -304,6 +310,39 @@ class Replica:
             changed.setdefault((tree, store), set(self.tips_held(tree, store))).add(cid)
         for key, tips in changed.items():
             self._tips[key] = frozenset(tips)
+        self._advance_checkpoints(batch, decoded)
+
+    def _advance_checkpoints(self, batch: WriteBatch, decoded: Iterable[Entry]) -> None:
+        """Bring the checkpoint of every store whose tips the batch moved to its new
+        effective tips (``dag/checkpoints.py``), replaying about the batch's entries, at most
+        four times as many (past that the next whole read rebuilds it)."""
+        stores = dict.fromkeys(
+            (tree, store)
+            for tree, store, _cid in (*batch.tips_added, *batch.tips_removed)
+            if store not in (MAIN, SETTINGS_STORE)
+        )
+        if not stores:
+            return
+        written = {entry.cid: entry for entry in decoded}
+
+        def load(cid: bytes) -> Entry | None:
+            return written.get(cid) or self.entry_held(cid)
+
+        budget = 4 * max(len(batch.entries), len(batch.statuses)) + 64
+        for tree, store in sorted(stores, key=lambda pair: pair[1] != INDEX_STORE):  # `_index` first
+            kind = DOC if store == INDEX_STORE else self._kind(tree, store)
+            if kind is None:
+                continue
+            try:
+                self.checkpoints.advance(tree, store, kind, self.effective_tips_held(tree, store), load, budget)
+            except StorageError as exc:  # a checkpoint is a cache: the write itself stands
+                log.warning("checkpoint of %s/%s not advanced: %s", tree.hex(), store, exc)
+
+    def _kind(self, tree: bytes, store: str) -> str | None:
+        index = self.states.state(tree, INDEX_STORE, DOC, self.effective_tips_held(tree, INDEX_STORE))
+        declared = index.get(store)
+        kind = declared.get("type") if isinstance(declared, dict) else None
+        return _KINDS.get(kind) if isinstance(kind, str) else None
 
 
 def pack(cids: Iterable[bytes]) -> bytes:

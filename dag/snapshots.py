@@ -1,73 +1,64 @@
-"""Store states kept in storage's key-value table between runs (see ``dag.state``).
+"""How checkpointed store states are written down (see ``dag/checkpoints.py``).
 
-A state is a pure function of the store's tips and of how a fold works, so a saved one
-stays true as long as the fold does not change: the key carries ``FORMAT``, to be raised
-with any change to folding or to the CRDTs, and states saved under another are ignored.
-A state is only used when all its tips are Verified here. It is kept in msgpack, which
-keeps the order of keys (so rows and keys come back in the order the fold made them), and
-a state that does not come back exactly as it went in is not saved at all.
+A checkpoint row holds one top-level value of a store's state in msgpack (which keeps
+the order of keys inside the value), after the first 16 bytes of its BLAKE3 hash: a
+checkpoint is served as Verified data without replaying anything, so a row whose bytes
+do not match (a flipped bit on disk) makes the whole checkpoint unusable and the store is
+folded from its history again.
 
-A saved state is served as Verified data without replaying anything, so its bytes are
-checked: they are stored after their BLAKE3 hash, and a state whose bytes do not match (a
-flipped bit on disk, a partial write) is ignored and the store folded from its history.
+Rows sort by ``seq``: the fold position of the write that last inserted the key (the
+key was absent before it), then the key's index inside that write. A fold puts a key
+at the end of the state when it is inserted and leaves it where it is when it is
+updated, so rows in seq order give exactly the dict the fold makes, whatever order the
+entries arrived in. ``FORMAT`` is raised with any change to folding, to the CRDTs or to
+this encoding; a checkpoint of another format is rebuilt.
+
+Before checkpoints, whole states were saved at a clean close in the key-value table
+under ``state/v1/...`` and ``state/v2/...``; those are not read any more and are deleted
+when the store's first checkpoint is written.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from typing import Any
 
 import blake3
 import msgpack
 
-from .ids import is_cid
-from .storage.base import Storage
-
-log = logging.getLogger(__name__)
-
-FORMAT = 2  # raise with any change to how states are folded or saved (2: checksummed)
-PREFIX = "state/"
-MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
-_DIGEST_BYTES = 32  # BLAKE3-256 of the msgpack bytes, stored in front of them
+FORMAT = 3  # 3: rows and heads (1 and 2 were whole states in the key-value table)
+_DIGEST = 16
+_ORDER_CID_BYTES = 64  # IDs are left-padded to this: bytes compare like int.from_bytes(cid)
 
 
-class StorageSnapshots:
-    def __init__(self, storage: Storage, verified: Callable[[bytes], bool]) -> None:
-        self._storage = storage
-        self._verified = verified
+class DamagedCheckpoint(Exception):
+    """A checkpoint row that does not read back (checksum or encoding)."""
 
-    @staticmethod
-    def _key(tree: bytes, store: str, kind: str) -> str:
-        return f"{PREFIX}v{FORMAT}/{tree.hex()}/{kind}/{store}"
 
-    def load(self, tree: bytes, store: str, kind: str) -> tuple[frozenset[bytes], dict[str, Any]] | None:
-        saved = self._storage.get_value(self._key(tree, store, kind))
-        if saved is None:
-            return None
-        digest, raw = saved[:_DIGEST_BYTES], saved[_DIGEST_BYTES:]
-        if blake3.blake3(raw).digest() != digest:
-            log.warning("saved state of %s/%s is damaged (checksum); folding from the history", tree.hex(), store)
-            return None
-        try:
-            value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-            tips, state = value["tips"], value["state"]
-        except (ValueError, KeyError, TypeError, RecursionError, msgpack.ExtraData):
-            log.warning("saved state of %s/%s is unreadable; folding from the history", tree.hex(), store)
-            return None
-        if not isinstance(state, dict) or not isinstance(tips, list) or not all(is_cid(t) for t in tips):
-            return None
-        if not tips or not all(self._verified(t) for t in tips):
-            return None
-        return frozenset(tips), state
+def legacy_keys(tree: bytes, store: str, kind: str) -> list[str]:
+    """Where the close-time states of formats 1 and 2 were kept."""
+    return [f"state/v{version}/{tree.hex()}/{kind}/{store}" for version in (1, 2)]
 
-    def save(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes], state: dict[str, Any]) -> None:
-        if not tips or not all(self._verified(t) for t in tips):
-            return  # only states over Verified entries are facts worth keeping
-        try:
-            raw = msgpack.packb({"tips": sorted(tips), "state": state}, use_bin_type=True)
-            if len(raw) > MAX_SNAPSHOT_BYTES or msgpack.unpackb(raw, raw=False)["state"] != state:
-                return
-        except (ValueError, TypeError, OverflowError, RecursionError):
-            return
-        self._storage.set_value(self._key(tree, store, kind), blake3.blake3(raw).digest() + raw)
+
+def order_of(height: int, cid: bytes) -> bytes:
+    """The fold position (store height, then ID as a number) as bytes that sort the same way."""
+    return height.to_bytes(8, "big") + cid.rjust(_ORDER_CID_BYTES, b"\0")
+
+
+def seq_of(order: bytes, index: int) -> bytes:
+    """Where a key inserted by the write at ``order`` (its ``index``-th field) sorts."""
+    return order + index.to_bytes(4, "big")
+
+
+def encode_value(value: Any) -> bytes:
+    raw: bytes = msgpack.packb(value, use_bin_type=True)
+    return blake3.blake3(raw).digest(length=_DIGEST) + raw
+
+
+def decode_value(data: bytes) -> Any:
+    digest, raw = data[:_DIGEST], data[_DIGEST:]
+    if blake3.blake3(raw).digest(length=_DIGEST) != digest:
+        raise DamagedCheckpoint("checksum")
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, RecursionError, msgpack.ExtraData) as exc:
+        raise DamagedCheckpoint(str(exc)) from exc

@@ -16,10 +16,18 @@ Cached states are never mutated: a fold copies the top level, and the CRDT apply
 copy every nested dict they touch (path copying). A state too large to copy cheaply is moved: its old key
 is dropped and the dict is extended in place.
 
-A state depends on nothing but its tips, so it can outlive the process: with a
-``Snapshots`` store, the latest state of each store is saved when the instance closes and
-put back into the cache the first time that store is read again. The first read after a
-restart then replays what arrived since instead of the whole history.
+A state depends on nothing but its tips, so it can outlive the process: with
+``Checkpoints`` (``dag/checkpoints.py``), every store but `_settings` has its state kept in
+storage as rows, advanced as entries are written. A state not in the cache is then
+replayed from a cached frontier only when one is near (``_NEAR`` entries), else read from
+the checkpoint (plus the few entries since), and only as a last resort folded from the
+root. A single key is read from its checkpoint row (``value``).
+
+No lock is held for a fold's duration: the cache has a small lock of its own, taken only
+around a lookup or an insertion, and entries are loaded one at a time through the
+replica's locked lookup, so a long fold on a worker thread never makes the event loop
+wait for the replica's lock. Never take the replica's lock while holding the cache's
+(ingest holds the replica's lock and calls in here).
 """
 
 from __future__ import annotations
@@ -28,29 +36,27 @@ import heapq
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import libipld
 
-from .crdt.doc import apply_doc_delta, decode_doc_delta
+from .crdt.doc import MISSING, apply_doc_delta, decode_doc_delta
 from .crdt.table import apply_table_delta, decode_table_delta
 from .entry import Entry
 from .errors import InvalidValueError
+
+if TYPE_CHECKING:
+    from .checkpoints import Checkpoints
 
 DOC = "doc"
 TABLE = "table"
 _MOVE_ABOVE = 4096  # top-level keys past which a fold extends the cached dict in place
 _FRONTIER_PROBE = 8  # only look the frontier up in the cache while it is this small
+_NEAR = 256  # with checkpoints, a walk looking for a cached frontier gives up past this many entries
+
+UNKNOWN: Any = object()  # what a checkpoint answers when it cannot without the whole state
 
 StateKey = tuple[bytes, str, str, frozenset[bytes]]
-
-
-class Snapshots(Protocol):
-    """Where states outlive the process: one (tips, state) per (tree, store, kind)."""
-
-    def load(self, tree: bytes, store: str, kind: str) -> tuple[frozenset[bytes], dict[str, Any]] | None: ...
-
-    def save(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes], state: dict[str, Any]) -> None: ...
 
 
 def decode_delta(kind: str, data: bytes) -> Any:
@@ -69,70 +75,83 @@ class StateCache:
         self,
         load: Callable[[bytes], Entry | None],
         capacity: int = 256,
-        lock: threading.RLock | None = None,
-        snapshots: Snapshots | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         self._load = load
-        self._lock = lock or threading.RLock()
+        self._lock = threading.Lock()  # around the OrderedDict only, never around a fold
         self._capacity = capacity
         self._states: OrderedDict[StateKey, dict[str, Any]] = OrderedDict()
-        self._snapshots = snapshots
-        self._restored: set[tuple[bytes, str, str]] = set()
+        self._checkpoints = checkpoints
 
     def clear(self) -> None:
-        self._states.clear()
-        self._restored.clear()
-
-    def _restore(self, tree: bytes, store: str, kind: str) -> None:
-        """Put the saved state of this store back into the cache (once per store and process)."""
-        if self._snapshots is None or (tree, store, kind) in self._restored:
-            return
-        self._restored.add((tree, store, kind))
-        saved = self._snapshots.load(tree, store, kind)
-        if saved is not None:
-            tips, state = saved
-            self._put((tree, store, kind, tips), state)
-
-    def save_latest(self) -> int:
-        """Save the most recently used state of each store; returns how many were saved."""
-        if self._snapshots is None:
-            return 0
         with self._lock:
-            latest: dict[tuple[bytes, str, str], StateKey] = {}
-            for key in self._states:  # least recently used first: later ones win
-                latest[key[:3]] = key
-            saved = 0
-            for tree, store, kind, tips in latest.values():
-                self._snapshots.save(tree, store, kind, tips, self._states[(tree, store, kind, tips)])
-                saved += 1
-            return saved
+            self._states.clear()
 
     def _get(self, key: StateKey) -> dict[str, Any] | None:
-        state = self._states.get(key)
-        if state is not None:
-            self._states.move_to_end(key)
-        return state
+        with self._lock:
+            state = self._states.get(key)
+            if state is not None:
+                self._states.move_to_end(key)
+            return state
+
+    def _take(self, key: StateKey) -> dict[str, Any] | None:
+        """Remove and return a cached state (to extend it in place)."""
+        with self._lock:
+            return self._states.pop(key, None)
 
     def _put(self, key: StateKey, state: dict[str, Any]) -> None:
-        self._states[key] = state
-        self._states.move_to_end(key)
-        while len(self._states) > self._capacity:
-            self._states.popitem(last=False)
+        with self._lock:
+            self._states[key] = state
+            self._states.move_to_end(key)
+            while len(self._states) > self._capacity:
+                self._states.popitem(last=False)
+
+    def _has_any(self, tree: bytes, store: str, kind: str) -> bool:
+        with self._lock:
+            return any(key[:3] == (tree, store, kind) for key in self._states)
 
     def state(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes]) -> dict[str, Any]:
         """The state at ``tips`` (read-only: callers copy what they hand out)."""
-        with self._lock:
-            return self._state(tree, store, kind, tips)
-
-    def _state(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes]) -> dict[str, Any]:
         key = (tree, store, kind, tips)
         cached = self._get(key)
         if cached is not None:
             return cached
-        self._restore(tree, store, kind)
-        cached = self._get(key)
+        checkpoints = self._checkpoints
+        if checkpoints is None or not checkpoints.handles(store):
+            state = self._state(tree, store, kind, tips, None)
+            assert state is not None
+            return state
+        state = self._state(tree, store, kind, tips, _NEAR) if self._has_any(tree, store, kind) else None
+        if state is None:
+            state = checkpoints.state(tree, store, kind, tips)
+            if state is None:
+                state = checkpoints.rebuild(tree, store, kind, tips)
+            if state is None:  # an entry is missing: fold what there is, as without checkpoints
+                state = self._state(tree, store, kind, tips, None)
+                assert state is not None
+                return state
+            self._put(key, state)
+        return state
+
+    def value(self, tree: bytes, store: str, kind: str, tips: frozenset[bytes], name: str) -> Any:
+        """The top-level value ``name`` of the state at ``tips`` (MISSING if absent; read-only),
+        from the cache or a checkpoint row when either has it, without the whole state."""
+        cached = self._get((tree, store, kind, tips))
         if cached is not None:
-            return cached
+            return cached.get(name, MISSING)
+        checkpoints = self._checkpoints
+        if checkpoints is not None and checkpoints.handles(store):
+            found = checkpoints.value(tree, store, kind, tips, name)
+            if found is not UNKNOWN:
+                return found
+        return self.state(tree, store, kind, tips).get(name, MISSING)
+
+    def _state(
+        self, tree: bytes, store: str, kind: str, tips: frozenset[bytes], budget: int | None
+    ) -> dict[str, Any] | None:
+        """Fold from a cached frontier (or the root); None if ``budget`` entries were
+        popped without meeting a cached one."""
+        key = (tree, store, kind, tips)
         heap: list[tuple[int, int, bytes]] = []
         seen: set[bytes] = set()
         for cid in tips:
@@ -150,6 +169,8 @@ class StateCache:
                 if base is not None:
                     base_key = probe
                     break
+            if budget is not None and len(popped) >= budget:
+                return None
             _, _, cid = heapq.heappop(heap)
             entry = self._load(cid)
             if entry is None:
@@ -166,8 +187,7 @@ class StateCache:
                     heapq.heappush(heap, (-parent_entry.store_height(store), -int.from_bytes(parent, "big"), parent))
         if base is None:
             state: dict[str, Any] = {}
-        elif len(base) > _MOVE_ABOVE and base_key is not None:
-            del self._states[base_key]
+        elif len(base) > _MOVE_ABOVE and base_key is not None and self._take(base_key) is base:
             state = base
         else:
             state = dict(base)

@@ -31,15 +31,25 @@ DOCSTORE_TYPE = "docstore:v0"
 TABLE_TYPE = "table:v0"
 
 StateSource = Callable[[], dict[str, Any]]
+RowSource = Callable[[str], Any]
+"""One top-level value of the state (MISSING if absent), read without the whole state."""
 
 
 class Doc:
     """A nested document store. Paths are dotted: ``doc.get("a.b")``."""
 
-    def __init__(self, name: str, base: StateSource, delta: DocDelta | None) -> None:
+    def __init__(self, name: str, base: StateSource, delta: DocDelta | None, row: RowSource | None = None) -> None:
         self.name = name
         self._base = base
         self._delta = delta
+        self._row = row if delta is None else None  # a transaction's view reads its own writes
+
+    def _lookup(self, path: str) -> Any:
+        parts = split_path(path)
+        if self._row is not None:
+            top = self._row(parts[0])
+            return MISSING if top is MISSING else lookup({parts[0]: top}, MISSING, parts)
+        return lookup(self._base(), MISSING if self._delta is None else self._delta, parts)
 
     def _writable(self) -> DocDelta:
         if self._delta is None:
@@ -47,11 +57,11 @@ class Doc:
         return self._delta
 
     def get(self, path: str, default: Any = None) -> Any:
-        value = lookup(self._base(), MISSING if self._delta is None else self._delta, split_path(path))
+        value = self._lookup(path)
         return default if value is MISSING else value
 
     def __getitem__(self, path: str) -> Any:
-        value = lookup(self._base(), MISSING if self._delta is None else self._delta, split_path(path))
+        value = self._lookup(path)
         if value is MISSING:
             raise KeyError(path)
         return value
@@ -98,10 +108,13 @@ class Doc:
 class Table:
     """Rows of JSON objects keyed by generated UUIDs; the last write of a row wins."""
 
-    def __init__(self, name: str, base: StateSource, delta: dict[str, Any] | None) -> None:
+    def __init__(
+        self, name: str, base: StateSource, delta: dict[str, Any] | None, row: RowSource | None = None
+    ) -> None:
         self.name = name
         self._base = base
         self._delta = delta
+        self._row = row if delta is None else None
 
     def _writable(self) -> dict[str, Any]:
         if self._delta is None:
@@ -112,6 +125,9 @@ class Table:
         if self._delta is not None and row_id in self._delta:
             row = self._delta[row_id]
             return None if row is TOMBSTONE else copy_value(row)
+        if self._row is not None:
+            found = self._row(row_id) if isinstance(row_id, str) else MISSING
+            return None if found is MISSING else copy_value(found)
         row = self._base().get(row_id)
         return None if row is None else copy_value(row)
 

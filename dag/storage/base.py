@@ -84,6 +84,25 @@ class WriteBatch:
         )
 
 
+class StateHead(NamedTuple):
+    """Where a store's checkpoint stands: the packed tips it is the state at, and the
+    checkpoint format (``dag/checkpoints.py``) it was written in."""
+
+    tips: bytes
+    format: int
+
+
+class StateRow(NamedTuple):
+    """One top-level key of a checkpointed state. ``seq`` sorts rows in the order the fold
+    puts the keys; ``order`` is the fold position of the last write to the key; ``value``
+    is the encoded value, None once the key was deleted (kept: a later-arriving write
+    that orders before the deletion must still lose to it)."""
+
+    seq: bytes
+    order: bytes
+    value: bytes | None
+
+
 class Storage(Protocol):
     """A backend. Reads never see a half-applied batch."""
 
@@ -153,5 +172,36 @@ class Storage(Protocol):
     def get_value(self, key: str) -> bytes | None: ...
 
     def set_value(self, key: str, value: bytes) -> None: ...
+
+    def delete_value(self, key: str) -> None: ...
+
+    # ---- store checkpoints (dag/checkpoints.py; SQLite: dag/storage/sqlite_states.py) ----
+    # Readable from any thread without the replica's lock; written under it.
+
+    def state_head(self, tree: bytes, store: str, kind: str) -> StateHead | None: ...
+
+    def state_rows_for(
+        self, tree: bytes, store: str, kind: str, keys: Collection[str]
+    ) -> tuple[StateHead | None, dict[str, StateRow]]:
+        """The head and the rows (tombstones included) of ``keys``, read together."""
+        ...
+
+    def state_snapshot(self, tree: bytes, store: str, kind: str) -> tuple[StateHead | None, dict[str, StateRow]]:
+        """The head and every row (tombstones included) in seq order, read together."""
+        ...
+
+    def write_state(
+        self,
+        tree: bytes,
+        store: str,
+        kind: str,
+        expected: StateHead | None,
+        head: StateHead,
+        rows: dict[str, StateRow],
+        replace: bool,
+    ) -> bool:
+        """Move a checkpoint from ``expected`` to ``head`` with ``rows`` changed, atomically
+        (every row replaced if ``replace``); False, nothing written, if it was not at ``expected``."""
+        ...
 
     def close(self) -> None: ...

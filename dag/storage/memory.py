@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Iterator
 
-from .base import MAX_BANNED, EntryMeta, Status, WriteBatch
+from .base import MAX_BANNED, EntryMeta, StateHead, StateRow, Status, WriteBatch
 
 
 class MemoryStorage:
@@ -21,6 +21,8 @@ class MemoryStorage:
         self._max_banned = max_banned
         self._trees: list[bytes] = []
         self._values: dict[str, bytes] = {}
+        # (head, rows) per store, replaced by one assignment: a reader sees one checkpoint whole.
+        self._checkpoints: dict[tuple[bytes, str, str], tuple[StateHead, dict[str, StateRow]]] = {}
 
     def get_raw(self, cid: bytes) -> bytes | None:
         return self._raw.get(cid)
@@ -155,6 +157,48 @@ class MemoryStorage:
 
     def set_value(self, key: str, value: bytes) -> None:
         self._values[key] = value
+
+    def delete_value(self, key: str) -> None:
+        self._values.pop(key, None)
+
+    # ---- store checkpoints ---------------------------------------------------------------
+
+    def state_head(self, tree: bytes, store: str, kind: str) -> StateHead | None:
+        found = self._checkpoints.get((tree, store, kind))
+        return None if found is None else found[0]
+
+    def state_rows_for(
+        self, tree: bytes, store: str, kind: str, keys: Collection[str]
+    ) -> tuple[StateHead | None, dict[str, StateRow]]:
+        found = self._checkpoints.get((tree, store, kind))
+        if found is None:
+            return None, {}
+        return found[0], {key: found[1][key] for key in keys if key in found[1]}
+
+    def state_snapshot(self, tree: bytes, store: str, kind: str) -> tuple[StateHead | None, dict[str, StateRow]]:
+        found = self._checkpoints.get((tree, store, kind))
+        if found is None:
+            return None, {}
+        return found[0], dict(sorted(found[1].items(), key=lambda item: item[1].seq))
+
+    def write_state(
+        self,
+        tree: bytes,
+        store: str,
+        kind: str,
+        expected: StateHead | None,
+        head: StateHead,
+        rows: dict[str, StateRow],
+        replace: bool,
+    ) -> bool:
+        where = (tree, store, kind)
+        found = self._checkpoints.get(where)
+        if (None if found is None else found[0]) != expected:
+            return False
+        stored = {} if replace or found is None else dict(found[1])
+        stored.update(rows)
+        self._checkpoints[where] = (head, stored)
+        return True
 
     def close(self) -> None:
         pass

@@ -24,9 +24,10 @@ from typing import Any
 import blake3
 
 from ..errors import StorageError
-from .base import MAX_BANNED, EntryMeta, Status, WriteBatch
+from .base import MAX_BANNED, EntryMeta, StateHead, StateRow, Status, WriteBatch
 from .sqlite_integrity import DIGEST_AT, IdCheck
 from .sqlite_schema import open_connection
+from .sqlite_states import SqliteStates
 
 _CHUNK = 500  # stay under SQLite's bound-parameter limit
 # Entries are inserted many rows per statement: executemany releases and retakes the GIL
@@ -46,6 +47,7 @@ class SqliteStorage:
         try:
             self._banned = self._db.execute("SELECT count(*) FROM banned").fetchone()[0]
             self._ids = IdCheck(self._db, self.set_value)
+            self._states = SqliteStates(self._db, path, synchronous)  # store checkpoints
         except BaseException as exc:
             self._db.close()
             if isinstance(exc, sqlite3.Error):
@@ -310,5 +312,40 @@ class SqliteStorage:
         except sqlite3.Error as exc:
             raise StorageError(f"write failed: {exc}") from exc
 
+    def delete_value(self, key: str) -> None:
+        try:
+            self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+        except sqlite3.Error as exc:
+            raise StorageError(f"write failed: {exc}") from exc
+
+    # ---- store checkpoints (dag/storage/sqlite_states.py) ---------------------------------
+
+    def state_head(self, tree: bytes, store: str, kind: str) -> StateHead | None:
+        return self._states.head(tree, store, kind)
+
+    def state_rows_for(
+        self, tree: bytes, store: str, kind: str, keys: Collection[str]
+    ) -> tuple[StateHead | None, dict[str, StateRow]]:
+        return self._states.rows_for(tree, store, kind, keys)
+
+    def state_snapshot(self, tree: bytes, store: str, kind: str) -> tuple[StateHead | None, dict[str, StateRow]]:
+        return self._states.snapshot(tree, store, kind)
+
+    def write_state(
+        self,
+        tree: bytes,
+        store: str,
+        kind: str,
+        expected: StateHead | None,
+        head: StateHead,
+        rows: dict[str, StateRow],
+        replace: bool,
+    ) -> bool:
+        try:
+            return self._states.write(tree, store, kind, expected, head, rows, replace)
+        except sqlite3.Error as exc:
+            raise StorageError(f"checkpoint write failed, nothing was stored: {exc}") from exc
+
     def close(self) -> None:
+        self._states.close()
         self._db.close()
