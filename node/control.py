@@ -134,7 +134,7 @@ def control_app(service: NodeService, *, commands: bool = True) -> Starlette:
         return JSONResponse(await service.health())
 
     async def metrics(_request: Request) -> Response:
-        return Response(service.prometheus(), media_type=PROMETHEUS_CONTENT_TYPE)
+        return Response(await service.prometheus(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     routes = [Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
     if commands:

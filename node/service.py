@@ -1,8 +1,16 @@
 """The node's commands, as the control API serves them: one method per CLI command.
 
-Everything here runs in the daemon's trio thread, next to the sync engine, and returns
+Commands are called on the daemon's trio thread, next to the sync engine, and return
 the plain dicts typed in ``node/api.py`` (the read side that describes databases and
 peers is ``node/views.py``); the control server (``node/control.py``) only routes and encodes.
+
+Reads and writes of storage never run on that thread: a first read of a big store folds
+its whole history (15-20 s at 300K entries), and a commit waits for an fsync, and the
+event loop that answers ``health`` and serves every peer must not wait for either. The
+storage part of a command runs on a worker thread (:meth:`NodeService.off_loop`, at
+most ``STORAGE_THREADS`` at once, so a burst of commands cannot start unbounded threads),
+through the ``dag`` API, which is thread-safe; what it needs of the sync layer, whose
+objects change on the event loop, is read on the loop first and handed over as values.
 A user's mistake raises :class:`CommandError` or a ``dag``/``sync`` error with a message
 fit to be shown as it is; ``control.py`` maps each to an error code.
 
@@ -17,21 +25,24 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
 from dag import Database, Instance, NotFoundError, Permission, cid_from_text, cid_to_text
 from dag.errors import BadCidError
 from sync import AccessPendingError, Sync, Ticket, UnauthorizedError
-from sync.state import Relationship
+from sync.state import Cursor, Relationship
 from transports.http_codec import JsonInputError, parse_json
 
 from . import views
 from .api import (
     AccessList,
     CreatedDatabase,
+    DatabaseDetail,
     DatabaseList,
     DatabaseShow,
+    DatabaseSummary,
     Decision,
     HealthResult,
     InfoResult,
@@ -56,6 +67,11 @@ DEFAULT_STORE = "data"
 HISTORY_ROWS = 50
 JOIN_TIMEOUT_S = 120.0  # a handshake and a bootstrap per ticket address, each bounded by sync's own timeouts
 SYNC_TIMEOUT_S = 120.0
+# Worker threads reading or writing storage for control commands, at most: one more than
+# the two cores measured on, so a long first read leaves room for quick ones beside it.
+STORAGE_THREADS = 3
+
+R = TypeVar("R")
 
 
 class CommandError(Exception):
@@ -79,35 +95,26 @@ class NodeService:
     started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     now_ms: Callable[[], int] = field(default=lambda: int(time.time() * 1000))
     stopping: trio.Event = field(default_factory=trio.Event)  # set: the daemon flushes and exits
+    storage_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(STORAGE_THREADS))
 
     def request_stop(self) -> None:
         self.stopping.set()
 
     # ---- lookups ----------------------------------------------------------------------
 
-    def _user_databases(self) -> list[Database]:
-        return [db for db in self.instance.databases() if db.id != self.sync.state.database_id]
+    async def off_loop(self, work: Callable[[], R]) -> R:
+        """``work()`` on a worker thread (it may only use the ``dag`` API: thread-safe)."""
+        return await trio.to_thread.run_sync(work, limiter=self.storage_threads)
 
-    def database(self, ref: str) -> Database:
+    async def database(self, ref: str) -> Database:
         """The database ``ref`` names: its ID, or a name only one database has."""
-        if not isinstance(ref, str) or not ref:
-            raise CommandError("a database ID or name is required")
-        if ref.startswith("bafy"):
-            try:
-                cid_from_text(ref)
-            except BadCidError:
-                raise CommandError(f"{ref!r} is not a valid database ID") from None
-            if ref == self.sync.state.database_id:
-                raise CommandError("the _sync database is the node's own state; it is not for commands")
-            return self.instance.open_database(ref)
-        named = [db for db in self._user_databases() if db.name == ref]
-        if not named:
-            raise NotFoundError(f"no database named {ref!r} here (eidetica-node db list shows them)")
-        if len(named) > 1:
-            raise CommandError(
-                f"{len(named)} databases are named {ref!r}; use an ID: " + ", ".join(d.id for d in named)
-            )
-        return named[0]
+        sync_id = self.sync.state.database_id
+        return await self.off_loop(lambda: find_database(self.instance, ref, sync_id))
+
+    async def _on_database(self, ref: str, work: Callable[[Database], R]) -> R:
+        """``work(database)`` with the database ``ref`` names, both off the event loop."""
+        sync_id = self.sync.state.database_id
+        return await self.off_loop(lambda: work(find_database(self.instance, ref, sync_id)))
 
     # ---- node -------------------------------------------------------------------------
 
@@ -126,6 +133,11 @@ class NodeService:
         }
 
     async def info(self) -> InfoResult:
+        sync_id = self.sync.state.database_id
+        databases = await self.off_loop(lambda: [views.summary(db) for db in user_databases(self.instance, sync_id)])
+        return self._info(databases)
+
+    def _info(self, databases: list[DatabaseSummary]) -> InfoResult:
         return {
             "running": True,
             "pid": os.getpid(),
@@ -136,7 +148,7 @@ class NodeService:
             "display_name": self.sync.display_name,
             "addresses": self.addresses(),
             "transports": views.transports(self.transports),
-            "databases": [views.summary(db) for db in self._user_databases()],
+            "databases": databases,
             "peers": len(self.sync.peers()),
             "started_ms": self.started_ms,
             "metrics": self.metrics.totals(),
@@ -144,22 +156,36 @@ class NodeService:
 
     async def status(self) -> StatusResult:
         """Everything the TUI shows, in one answer (it polls this)."""
+        cursors, sync_id = views.cursors(self.sync), self.sync.state.database_id
+
+        def read() -> tuple[list[DatabaseSummary], list[DatabaseDetail]]:
+            databases = user_databases(self.instance, sync_id)
+            return [views.summary(db) for db in databases], [
+                views.detail(db, cursors.get(db.id, [])) for db in databases
+            ]
+
+        summaries, details = await self.off_loop(read)
         connections = self._connections()
         return {
-            "node": await self.info(),
+            "node": self._info(summaries),
             "peers": [views.peer(self.sync, p, connections) for p in self.sync.peers()],
-            "databases": [views.detail(self.sync, db) for db in self._user_databases()],
+            "databases": details,
             "history": views.history(self.sync, HISTORY_ROWS),
             "access_pending": len(self.sync.access_requests("pending")),
             "now_ms": self.now_ms(),
         }
 
-    def gauges(self) -> dict[str, int | dict[str, int]]:
-        """Scrape-time values for /metrics."""
-        return views.gauges(self.sync, self._user_databases(), len(self._connections()))
+    async def prometheus(self) -> bytes:
+        """/metrics: the entry counts are read off the loop, the rest on it."""
+        sync_id = self.sync.state.database_id
 
-    def prometheus(self) -> bytes:
-        return render(self.metrics, self.gauges)
+        def count() -> tuple[int, dict[str, int]]:
+            databases = user_databases(self.instance, sync_id)
+            return len(databases), views.entry_counts(databases)
+
+        databases, entries = await self.off_loop(count)
+        gauges = views.gauges(self.sync, databases, entries, len(self._connections()))
+        return render(self.metrics, lambda: gauges)
 
     # ---- databases --------------------------------------------------------------------
 
@@ -167,48 +193,44 @@ class NodeService:
         if not isinstance(name, str) or not name.strip():
             raise CommandError("a database needs a name")
         permission = Permission.parse(public) if public else None
-        db = self.instance.create_database(name=name)
-        if permission is not None:
-            with db.transaction() as txn:
-                txn.settings().set_global(permission)
-        return {"id": db.id, "name": name, "public": str(permission) if permission else None}
+        return await self.off_loop(lambda: create_database(self.instance, name, permission))
 
     async def db_list(self, all: bool = False) -> DatabaseList:
-        databases = self.instance.databases() if all else self._user_databases()
-        return {"databases": [views.summary(db) for db in databases]}
+        sync_id = self.sync.state.database_id
+
+        def summaries() -> DatabaseList:
+            databases = self.instance.databases() if all else user_databases(self.instance, sync_id)
+            return {"databases": [views.summary(db) for db in databases]}
+
+        return await self.off_loop(summaries)
 
     async def db_show(self, db: str) -> DatabaseShow:
-        database = self.database(db)
-        return {
-            **views.detail(self.sync, database),
-            "stores": database.store_types(),
-            "auth": database.settings().to_dict().get("auth", {}),
-            "missing": [cid_to_text(c) for c in database.missing_entries()],
-        }
+        cursors = views.cursors(self.sync)
+        return await self._on_database(db, lambda database: show_database(database, cursors.get(database.id, [])))
 
     async def db_get(self, db: str, key: str | None = None, store: str = DEFAULT_STORE) -> ValueResult:
-        doc = self.database(db).doc(store)
-        if key is None:
-            return {"value": doc.to_dict()}
-        if key not in doc:
-            raise NotFoundError(f"no key {key!r} in store {store!r} of {db}")
-        return {"value": doc.get(key)}
+        return await self._on_database(db, lambda database: read_value(database, db, key, store))
 
     async def db_set(self, db: str, key: str, value: object, store: str = DEFAULT_STORE) -> WriteResult:
         if not key:
             raise CommandError("a key is required")
-        database = self.database(db)
-        with database.transaction() as txn:
-            txn.doc(store).set(key, value)
-        return {"db": database.id, "tips": database.tips()}
+
+        def write(database: Database) -> WriteResult:
+            with database.transaction() as txn:
+                txn.doc(store).set(key, value)
+            return {"db": database.id, "tips": database.tips()}
+
+        return await self._on_database(db, write)
 
     async def db_delete(self, db: str, key: str, store: str = DEFAULT_STORE) -> WriteResult:
-        database = self.database(db)
-        if key not in database.doc(store):
-            raise NotFoundError(f"no key {key!r} in store {store!r} of {db}")
-        with database.transaction() as txn:
-            txn.doc(store).delete(key)
-        return {"db": database.id, "tips": database.tips()}
+        def delete(database: Database) -> WriteResult:
+            if key not in database.doc(store):
+                raise NotFoundError(f"no key {key!r} in store {store!r} of {db}")
+            with database.transaction() as txn:
+                txn.doc(store).delete(key)
+            return {"db": database.id, "tips": database.tips()}
+
+        return await self._on_database(db, delete)
 
     async def table_insert(self, db: str, table: str, row: object) -> RowCreated:
         if isinstance(row, str):
@@ -218,18 +240,21 @@ class NodeService:
                 raise CommandError(f"a row is a JSON object: {exc}") from None
         if not isinstance(row, dict):
             raise CommandError('a row is a JSON object, like {"title": "milk"}')
-        database = self.database(db)
-        with database.transaction() as txn:
-            row_id = txn.table(table).insert(row)
-        return {"id": row_id}
+        fields = row
+
+        def insert(database: Database) -> RowCreated:
+            with database.transaction() as txn:
+                return {"id": txn.table(table).insert(fields)}
+
+        return await self._on_database(db, insert)
 
     async def table_list(self, db: str, table: str) -> RowList:
-        return {"rows": self.database(db).table(table).rows()}
+        return await self._on_database(db, lambda database: {"rows": database.table(table).rows()})
 
     # ---- sharing and syncing -----------------------------------------------------------
 
     async def share(self, db: str) -> ShareResult:
-        database = self.database(db)
+        database = await self.database(db)
         if not self.addresses():
             raise CommandError("this node listens on no address, so no peer could use a ticket (enable p2p or http)")
         return {"db": database.id, "ticket": str(self.sync.create_ticket(database.id))}
@@ -261,7 +286,8 @@ class NodeService:
             ) from None
         except trio.TooSlowError:
             raise CommandError(f"no address in the ticket answered in {JOIN_TIMEOUT_S:g} s", "unreachable") from None
-        return {"db": database.id, "name": database.name, "entries": len(database)}
+        name, entries = await self.off_loop(lambda: (database.name, len(database)))
+        return {"db": database.id, "name": name, "entries": entries}
 
     async def peers(self) -> PeerList:
         connections = self._connections()
@@ -270,7 +296,7 @@ class NodeService:
     async def sync_now(self, db: str | None = None, peer: str | None = None) -> SyncResult:
         """Sync now with every peer a database (or every database) syncs with."""
         if db is not None:
-            db_id = self._db_for_sync(db)
+            db_id = await self._db_for_sync(db)
             relations = self.sync.state.relationships(db_id)
             if not relations:
                 raise CommandError(f"{db} syncs with no peer yet (share it, or join a ticket for it)")
@@ -282,16 +308,16 @@ class NodeService:
                 raise CommandError(f"no database syncs with peer {peer}")
         return {"results": await _sync_pairs(self.sync, relations)}
 
-    def _db_for_sync(self, ref: str) -> str:
+    async def _db_for_sync(self, ref: str) -> str:
         """A database to sync may not be here yet (a join waiting for approval): IDs pass as they are."""
-        if ref.startswith("bafy") and not self.instance.has_database(ref):
+        if ref.startswith("bafy") and not await self.off_loop(lambda: self.instance.has_database(ref)):
             try:
                 cid_from_text(ref)
             except BadCidError:
                 raise CommandError(f"{ref!r} is not a valid database ID") from None
             if self.sync.state.relationships(ref):
                 return ref
-        return self.database(ref).id
+        return (await self.database(ref)).id
 
     # ---- access requests ---------------------------------------------------------------
 
@@ -348,6 +374,59 @@ class NodeService:
         }
 
 
+def user_databases(instance: Instance, sync_id: str) -> list[Database]:
+    """The databases commands see: all but the node's own ``_sync`` (ID ``sync_id``)."""
+    return [db for db in instance.databases() if db.id != sync_id]
+
+
+def find_database(instance: Instance, ref: str, sync_id: str) -> Database:
+    """The database ``ref`` names: its ID, or a name only one database has (reads storage)."""
+    if not isinstance(ref, str) or not ref:
+        raise CommandError("a database ID or name is required")
+    if ref.startswith("bafy"):
+        try:
+            cid_from_text(ref)
+        except BadCidError:
+            raise CommandError(f"{ref!r} is not a valid database ID") from None
+        if ref == sync_id:
+            raise CommandError("the _sync database is the node's own state; it is not for commands")
+        return instance.open_database(ref)
+    named = [db for db in user_databases(instance, sync_id) if db.name == ref]
+    if not named:
+        raise NotFoundError(f"no database named {ref!r} here (eidetica-node db list shows them)")
+    if len(named) > 1:
+        raise CommandError(f"{len(named)} databases are named {ref!r}; use an ID: " + ", ".join(d.id for d in named))
+    return named[0]
+
+
+def create_database(instance: Instance, name: str, permission: Permission | None) -> CreatedDatabase:
+    db = instance.create_database(name=name)
+    if permission is not None:
+        with db.transaction() as txn:
+            txn.settings().set_global(permission)
+    return {"id": db.id, "name": name, "public": str(permission) if permission else None}
+
+
+def show_database(database: Database, peers: list[tuple[str, Cursor]]) -> DatabaseShow:
+    """``db show``: the detail, stores, auth settings and missing IDs (reads storage)."""
+    return {
+        **views.detail(database, peers),
+        "stores": database.store_types(),
+        "auth": database.settings().to_dict().get("auth", {}),
+        "missing": [cid_to_text(c) for c in database.missing_entries()],
+    }
+
+
+def read_value(database: Database, ref: str, key: str | None, store: str) -> ValueResult:
+    """A Doc store's value (``key`` None: all of it): the fold a first read pays."""
+    doc = database.doc(store)
+    if key is None:
+        return {"value": doc.to_dict()}
+    if key not in doc:
+        raise NotFoundError(f"no key {key!r} in store {store!r} of {ref}")
+    return {"value": doc.get(key)}
+
+
 async def _sync_pairs(sync: Sync, relations: list[Relationship]) -> list[SyncOutcome]:
     """One outcome per (database, peer), in order; what the deadline cut off is "timed out"."""
     results: list[SyncOutcome] = []
@@ -366,4 +445,4 @@ async def _sync_pairs(sync: Sync, relations: list[Relationship]) -> list[SyncOut
     return results
 
 
-__all__ = ["DEFAULT_STORE", "CommandError", "NodeService"]
+__all__ = ["DEFAULT_STORE", "STORAGE_THREADS", "CommandError", "NodeService", "find_database", "user_databases"]

@@ -3,6 +3,14 @@
 These are functions of the engine, the storage and the transports, with no command
 logic and no side effects, so ``status`` (polled every second by the TUI), ``info``,
 ``db.show`` and ``peers`` all describe a database or a peer with the same code.
+
+Two kinds, kept apart because they run on different threads (``node/service.py``):
+what reads the sync layer (its objects change on the event loop, so they are read
+there: :func:`cursors`, :func:`peer`, :func:`history`, ...) and what reads storage
+through the thread-safe ``dag`` API (:func:`summary`, :func:`detail`, :func:`entry_counts`:
+run on a worker thread, given what the first kind collected as plain values). None of
+them does work that grows with history: counts are kept by storage, and how far a peer
+is behind is counted up to a bound (``node/behind.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from typing import cast
 
 from dag import Database, Status
 from sync import Sync
-from sync.state import AccessRequest, PeerRecord
+from sync.state import AccessRequest, Cursor, PeerRecord
 
 from .api import (
     AccessRequestInfo,
@@ -24,6 +32,7 @@ from .api import (
     TransportInfo,
     TransportStatusJSON,
 )
+from .behind import count_behind
 from .metrics import CountingTransport
 from .netstatus import connections as transport_connections
 from .netstatus import transport_status
@@ -65,18 +74,29 @@ def summary(db: Database) -> DatabaseSummary:
     }
 
 
-def peer_state(sync: Sync, db: Database, peer: str, tips: list[bytes]) -> PeerState:
+Cursors = Mapping[str, list[tuple[str, Cursor]]]  # database ID -> (peer, cursor) of each relationship
+
+
+def cursors(sync: Sync) -> dict[str, list[tuple[str, Cursor]]]:
+    """Every relationship's cursor, by database: read on the event loop, used on a thread."""
+    out: dict[str, list[tuple[str, Cursor]]] = {}
+    for relation in sync.state.relationships():
+        out.setdefault(relation.db, []).append((relation.peer, sync.state.cursor(relation.db, relation.peer)))
+    return out
+
+
+def peer_state(db: Database, peer: str, cursor: Cursor, tips: list[bytes]) -> PeerState:
     """Where ``peer`` stands for ``db``, from its cursor (what both held at the last exchange).
 
-    behind: we hold entries outside the cursor's closure (ours since, not yet sent);
-    ahead: the cursor names entries we do not hold verified (theirs, not yet here).
+    behind: we hold entries outside the cursor's closure (ours since, not yet sent), counted
+    up to ``node.behind.BEHIND_LIMIT``; ahead: the cursor names entries we do not hold
+    verified (theirs, not yet here).
     """
-    cursor = sync.state.cursor(db.id, peer)
     if cursor.last_sync_ms is None and not cursor.common:
         state, behind_by, ahead = "never", 0, False
     else:
         common = set(cursor.common)
-        behind_by = 0 if set(tips) <= common else len(db.missing_from(list(common)))
+        behind_by = 0 if set(tips) <= common else count_behind(db, tips, common)
         ahead = any(db.status_of(c) is not Status.VERIFIED for c in common)
         state = "diverged" if behind_by and ahead else "behind" if behind_by else "ahead" if ahead else "up to date"
     return {
@@ -89,12 +109,10 @@ def peer_state(sync: Sync, db: Database, peer: str, tips: list[bytes]) -> PeerSt
     }
 
 
-def detail(sync: Sync, db: Database) -> DatabaseDetail:
+def detail(db: Database, peers: list[tuple[str, Cursor]]) -> DatabaseDetail:
+    """``db``'s summary and where each of ``peers`` (its relationships' cursors) stands."""
     tips = db.tip_cids()
-    return {
-        **summary(db),
-        "peers": [peer_state(sync, db, r.peer, tips) for r in sync.state.relationships(db.id)],
-    }
+    return {**summary(db), "peers": [peer_state(db, peer, cursor, tips) for peer, cursor in peers]}
 
 
 def peer(sync: Sync, known: PeerRecord, connected: Mapping[str, str]) -> PeerInfo:
@@ -108,16 +126,21 @@ def peer(sync: Sync, known: PeerRecord, connected: Mapping[str, str]) -> PeerInf
     }
 
 
-def gauges(sync: Sync, databases: list[Database], connected: int) -> dict[str, int | dict[str, int]]:
-    """Scrape-time values for /metrics: counts of peers, databases, entries by status, requests."""
+def entry_counts(databases: list[Database]) -> dict[str, int]:
+    """Entries by status over ``databases`` (storage keeps the counts: a few rows each)."""
     entries: dict[str, int] = {s.name.lower(): 0 for s in Status}
     for db in databases:
         for status, count in db.status_counts().items():
             entries[status] = entries.get(status, 0) + count
+    return entries
+
+
+def gauges(sync: Sync, databases: int, entries: dict[str, int], connected: int) -> dict[str, int | dict[str, int]]:
+    """Scrape-time values for /metrics: counts of peers, databases, entries by status, requests."""
     return {
         "peers": len(sync.peers()),
         "connected": connected,
-        "databases": len(databases),
+        "databases": databases,
         "entries": entries,
         "relationships": len(sync.state.relationships()),
         "pending": len(sync.access_requests("pending")),
@@ -144,7 +167,9 @@ def access_request(request: AccessRequest) -> AccessRequestInfo:
 __all__ = [
     "access_request",
     "connections",
+    "cursors",
     "detail",
+    "entry_counts",
     "gauges",
     "history",
     "peer",

@@ -24,6 +24,14 @@ class MemoryStorage:
         # (head, rows) per store, replaced by one assignment: a reader sees one checkpoint whole.
         self._checkpoints: dict[tuple[bytes, str, str], tuple[StateHead, dict[str, StateRow]]] = {}
 
+        # Kept as entries come, change status and go (and as IDs join or leave the ban
+        # list), as SQLite's triggers keep its ``counts`` table: (tree, status) -> (n, bytes).
+        self._counts: dict[tuple[bytes, Status], tuple[int, int]] = defaultdict(lambda: (0, 0))
+
+    def _count(self, tree: bytes, status: Status, n: int, size: int) -> None:
+        old_n, old_size = self._counts[(tree, status)]
+        self._counts[(tree, status)] = (old_n + n, old_size + size)
+
     def get_raw(self, cid: bytes) -> bytes | None:
         return self._raw.get(cid)
 
@@ -69,20 +77,10 @@ class MemoryStorage:
             yield cid, height, self._raw[cid]
 
     def status_counts(self, tree: bytes) -> dict[Status, int]:
-        counts = dict.fromkeys(Status, 0)
-        for meta in self._meta.values():
-            if meta.tree == tree:
-                counts[meta.status] += 1
-        counts[Status.FAILED] += sum(1 for meta in self._banned.values() if meta.tree == tree)
-        return counts
+        return {status: self._counts.get((tree, status), (0, 0))[0] for status in Status}
 
     def unverified_usage(self, tree: bytes) -> tuple[int, int]:
-        sizes = [
-            len(self._raw[cid])
-            for cid, meta in self._meta.items()
-            if meta.tree == tree and meta.status is Status.UNVERIFIED
-        ]
-        return len(sizes), sum(sizes)
+        return self._counts.get((tree, Status.UNVERIFIED), (0, 0))
 
     def stale_unverified(self, tree: bytes | None, waited_since: float) -> list[bytes]:
         return sorted(
@@ -116,9 +114,13 @@ class MemoryStorage:
             if record.cid not in self._meta:
                 self._meta[record.cid] = record.meta
                 self._raw[record.cid] = record.raw
+                self._count(record.meta.tree, record.meta.status, 1, len(record.raw))
         for cid, (status, view) in batch.statuses.items():
             old = self._meta[cid]
             self._meta[cid] = EntryMeta(old.tree, old.height, status, old.parents, view)
+            size = len(self._raw[cid])
+            self._count(old.tree, old.status, -1, -size)
+            self._count(old.tree, status, 1, size)
         for tree, store, cid in batch.tips_removed:
             self._tips[(tree, store)].discard(cid)
         for tree, store, cid in batch.tips_added:
@@ -137,17 +139,22 @@ class MemoryStorage:
         gone = [cid for cid, _tree, _height in batch.banned] + batch.removed
         if gone:
             for cid in gone:
-                self._meta.pop(cid, None)
-                self._raw.pop(cid, None)
+                meta = self._meta.pop(cid, None)
+                raw = self._raw.pop(cid, b"")
+                if meta is not None:
+                    self._count(meta.tree, meta.status, -1, -len(raw))
                 self._waited.pop(cid, None)
             dropped = set(gone)
             for children in self._waits.values():
                 for child in dropped & children.keys():
                     del children[child]
         for cid, tree, height in batch.banned:
-            self._banned.setdefault(cid, EntryMeta(tree, height, Status.FAILED, b"", b""))
+            if cid not in self._banned:
+                self._banned[cid] = EntryMeta(tree, height, Status.FAILED, b"", b"")
+                self._count(tree, Status.FAILED, 1, 0)
         while len(self._banned) > self._max_banned:
-            del self._banned[next(iter(self._banned))]
+            oldest = self._banned.pop(next(iter(self._banned)))
+            self._count(oldest.tree, Status.FAILED, -1, 0)
         for tree in batch.trees_added:
             if tree not in self._trees:
                 self._trees.append(tree)

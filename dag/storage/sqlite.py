@@ -39,7 +39,6 @@ _ENTRY_COLUMNS = "(cid, tree, height, status, parents, view, raw)"
 class SqliteStorage:
     def __init__(self, path: Path | str, *, synchronous: str = "full", max_banned: int = MAX_BANNED) -> None:
         self._max_banned = max_banned
-        self._usage: dict[bytes, tuple[int, int]] = {}  # tree -> Unverified (count, bytes), when known
         try:
             self._db = open_connection(path, synchronous)
         except sqlite3.Error as exc:
@@ -175,24 +174,15 @@ class SqliteStorage:
                 yield cid, height, raw
 
     def status_counts(self, tree: bytes) -> dict[Status, int]:
+        # The ``counts`` table, kept by triggers (``sqlite_schema``): a few rows, at any size.
         counts = dict.fromkeys(Status, 0)
-        for status, count in self._db.execute(
-            "SELECT status, count(*) FROM entries WHERE tree = ? GROUP BY status", (tree,)
-        ):
-            counts[Status(status)] = count
-        if self._banned:
-            row = self._db.execute("SELECT count(*) FROM banned WHERE tree = ?", (tree,)).fetchone()
-            counts[Status.FAILED] += row[0]
+        for status, count in self._db.execute("SELECT status, n FROM counts WHERE tree = ?", (tree,)):
+            counts[Status(status)] += count
         return counts
 
     def unverified_usage(self, tree: bytes) -> tuple[int, int]:
-        usage = self._usage.get(tree)
-        if usage is None:
-            count, size = self._db.execute(
-                "SELECT count(*), coalesce(sum(length(raw)), 0) FROM entries WHERE tree = ? AND status = 0", (tree,)
-            ).fetchone()
-            usage = self._usage[tree] = (count, size)
-        return usage
+        row = self._db.execute("SELECT n, bytes FROM counts WHERE tree = ? AND status = 0", (tree,)).fetchone()
+        return (0, 0) if row is None else (row[0], row[1])
 
     def stale_unverified(self, tree: bytes | None, waited_since: float) -> list[bytes]:
         where, args = ("", ()) if tree is None else (" AND tree = ?", (tree,))
@@ -241,7 +231,6 @@ class SqliteStorage:
             except BaseException:
                 db.execute("ROLLBACK")
                 self._banned = db.execute("SELECT count(*) FROM banned").fetchone()[0]
-                self._usage.clear()
                 raise
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -254,7 +243,6 @@ class SqliteStorage:
         if batch.entries:
             self._insert_entries(batch)
         if batch.statuses:
-            self._usage.clear()
             db.executemany(
                 "UPDATE entries SET status = ?, view = ? WHERE cid = ?",
                 [(int(status), view, cid) for cid, (status, view) in batch.statuses.items()],
@@ -274,7 +262,6 @@ class SqliteStorage:
             db.executemany("INSERT OR IGNORE INTO trees (cid) VALUES (?)", [(t,) for t in batch.trees_added])
         gone = [cid for cid, _tree, _height in batch.banned] + batch.removed
         if gone:
-            self._usage.clear()
             db.executemany("DELETE FROM entries WHERE cid = ?", [(c,) for c in gone])
             db.executemany("DELETE FROM waits WHERE child = ?", [(c,) for c in gone])
         if batch.banned:
@@ -287,20 +274,14 @@ class SqliteStorage:
 
     def _insert_entries(self, batch: WriteBatch) -> None:
         records = batch.entries
-        usage = self._usage
         for start in range(0, len(records), _INSERT_ROWS):
             chunk = records[start : start + _INSERT_ROWS]
             values: list[Any] = []
             for r in chunk:
                 meta = r.meta
                 values += (r.cid, meta.tree, meta.height, int(meta.status), meta.parents, meta.settings_view, r.raw)
-                if meta.status is Status.UNVERIFIED and meta.tree in usage:
-                    count, size = usage[meta.tree]
-                    usage[meta.tree] = (count + 1, size + len(r.raw))
             rows = ",".join(["(?,?,?,?,?,?,?)"] * len(chunk))
-            cursor = self._db.execute(f"INSERT OR IGNORE INTO entries {_ENTRY_COLUMNS} VALUES {rows}", values)
-            if cursor.rowcount != len(chunk):
-                usage.clear()  # some rows were there already: count again when asked
+            self._db.execute(f"INSERT OR IGNORE INTO entries {_ENTRY_COLUMNS} VALUES {rows}", values)
 
     def get_value(self, key: str) -> bytes | None:
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()

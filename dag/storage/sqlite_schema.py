@@ -35,6 +35,44 @@ CREATE TABLE IF NOT EXISTS banned (
 CREATE INDEX IF NOT EXISTS banned_by_tree ON banned (tree);
 """
 
+# Format 3: per-(tree, status) entry counts and bytes, kept exact by triggers in the same
+# transaction as the rows they count, so ``status`` reads a handful of rows instead of
+# scanning every entry (1.26 s at 1M entries). Ban-list IDs count as status 2 (Failed).
+# ``n``/``bytes`` reach 0 rather than vanish: a tree has at most 3 rows.
+_COUNTS = """
+CREATE TABLE IF NOT EXISTS counts (
+    tree BLOB NOT NULL, status INTEGER NOT NULL, n INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (tree, status)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS counts_insert AFTER INSERT ON entries BEGIN
+    INSERT INTO counts VALUES (new.tree, new.status, 1, length(new.raw))
+    ON CONFLICT (tree, status) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_delete AFTER DELETE ON entries BEGIN
+    UPDATE counts SET n = n - 1, bytes = bytes - length(old.raw) WHERE tree = old.tree AND status = old.status;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_status AFTER UPDATE OF status, tree, raw ON entries
+WHEN old.status IS NOT new.status OR old.tree IS NOT new.tree OR length(old.raw) IS NOT length(new.raw) BEGIN
+    UPDATE counts SET n = n - 1, bytes = bytes - length(old.raw) WHERE tree = old.tree AND status = old.status;
+    INSERT INTO counts VALUES (new.tree, new.status, 1, length(new.raw))
+    ON CONFLICT (tree, status) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_ban AFTER INSERT ON banned BEGIN
+    INSERT INTO counts VALUES (new.tree, 2, 1, 0)
+    ON CONFLICT (tree, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_unban AFTER DELETE ON banned BEGIN
+    UPDATE counts SET n = n - 1 WHERE tree = old.tree AND status = 2;
+END;
+"""
+# Built once, in the migration's transaction (a node killed half-way migrates again).
+_BUILD_COUNTS = """
+DELETE FROM counts;
+INSERT INTO counts SELECT tree, status, count(*), coalesce(sum(length(raw)), 0) FROM entries GROUP BY tree, status;
+INSERT INTO counts SELECT tree, 2, count(*), 0 FROM banned WHERE true GROUP BY tree
+    ON CONFLICT (tree, status) DO UPDATE SET n = n + excluded.n;
+"""
+
 # Format 1 stored Failed entries and did not date waits: on opening, its Failed rows become
 # ban-list IDs and its waits are dated 0 (so they count as old).
 _MIGRATE_FROM_1 = """
@@ -48,7 +86,7 @@ DELETE FROM entries WHERE status = 2;
 """
 
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Entries are appended in arrival order (a rowid table) with a separate index on their
 # random CIDs: clustering the table itself by CID spread every insert over the whole
 # B-tree, and batch writes slowed from ~30 to ~60 us an entry as a database grew to 100K.
@@ -76,11 +114,11 @@ def open_connection(path: Path | str, synchronous: str) -> sqlite3.Connection:
         fresh = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
         if not fresh:
             _quick_check(db, path)
-        if not fresh and version == 1:
-            _migrate_from_1(db)
+        if not fresh and version in (1, 2):
+            _migrate(db, version)
         elif not fresh and version != SCHEMA_VERSION:
             raise StorageError(f"{path} has storage format {version}; this node reads format {SCHEMA_VERSION}")
-        db.executescript(_SCHEMA)
+        db.executescript(_SCHEMA + _COUNTS)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:
         db.close()  # a refused file is let go at once (it may be moved away)
@@ -117,10 +155,14 @@ def _quick_check(db: sqlite3.Connection, path: Path | str) -> None:
         )
 
 
-def _migrate_from_1(db: sqlite3.Connection) -> None:
-    """One transaction: a node killed half-way reopens a format 1 file and migrates again."""
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    """One transaction: a node killed half-way reopens a format 1 or 2 file and migrates again.
+
+    1 -> 2 moves Failed rows to the ban list; 2 -> 3 adds the counts and their triggers.
+    """
+    steps = (_MIGRATE_FROM_1 if version == 1 else "") + _COUNTS + _BUILD_COUNTS
     try:
-        db.executescript(f"BEGIN IMMEDIATE;{_MIGRATE_FROM_1}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+        db.executescript(f"BEGIN IMMEDIATE;{steps}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
