@@ -37,21 +37,26 @@ def local_write(db: sqlite3.Connection, space: str, upserts: Mapping[str, bytes]
     """Apply ``upserts`` and ``deletes`` to ``space`` in one transaction, without an fsync."""
     if not upserts and not deletes:
         return
-    synchronous = db.execute("PRAGMA synchronous").fetchone()[0]
     try:
+        synchronous = int(db.execute("PRAGMA synchronous").fetchone()[0])
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("DELETE FROM local WHERE space = ? AND key = ?", [(space, key) for key in deletes])
-            db.executemany(
-                "INSERT OR REPLACE INTO local (space, key, value) VALUES (?, ?, ?)",
-                [(space, key, value) for key, value in upserts.items()],
-            )
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            _apply(db, space, upserts, deletes)
+        finally:
+            db.execute(f"PRAGMA synchronous={synchronous}")
     except sqlite3.Error as exc:
         raise StorageError(f"local write failed, nothing was stored: {exc}") from exc
-    finally:
-        db.execute(f"PRAGMA synchronous={int(synchronous)}")
+
+
+def _apply(db: sqlite3.Connection, space: str, upserts: Mapping[str, bytes], deletes: Collection[str]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany("DELETE FROM local WHERE space = ? AND key = ?", [(space, key) for key in deletes])
+        db.executemany(
+            "INSERT OR REPLACE INTO local (space, key, value) VALUES (?, ?, ?)",
+            [(space, key, value) for key, value in upserts.items()],
+        )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
