@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,6 +344,18 @@ class Instance:
                 callback(db, tips_before, tips_after, local)
             except Exception:  # a callback can never undo or break a commit
                 log.exception("write callback %r failed", callback)
+
+    # ---- the node's own bookkeeping (not a DAG: see Storage.local_items) -----------------
+
+    def local_items(self, space: str) -> dict[str, bytes]:
+        """Every ``key -> value`` kept in ``space`` of the local table."""
+        with self._replica.lock:  # one SQLite connection, shared with the writer
+            return self._replica.storage.local_items(space)
+
+    def local_write(self, space: str, upserts: Mapping[str, bytes], deletes: Collection[str] = ()) -> None:
+        """Replace ``upserts`` and drop ``deletes`` in ``space``, in one transaction (not fsynced)."""
+        with self._replica.lock:
+            self._replica.storage.local_write(space, upserts, deletes)
 
 
 def _check_storage(storage: Storage, limits: IngestLimits, now: float) -> None:

@@ -11,7 +11,8 @@ When exchanges run (one worker per peer, backoff, periodic runs, flush) is
 ticket is ``sync.ticket``. This class wires them and keeps the public API.
 
 Engine invariants (the scheduling ones are listed in ``sync.scheduler``):
-1. Every outcome moves the peer's cursor (on success) and adds one bounded history row.
+1. Every outcome moves the peer's cursor (on success) and adds one bounded history row, in
+   ``sync.ledger`` (local, batched off the loop), not as an entry of ``_sync``.
 2. The engine dials only peers the local side chose: ones it connected to, joined from,
    that were registered (``register_sync_peer``, ``state.relate``), or whose key an admin
    named in the database's settings. A peer that only read from us is a *served*
@@ -322,6 +323,7 @@ class Sync:
             await nursery.start(self.scheduler.run)
             nursery.start_soon(self._housekeeping)
             nursery.start_soon(ReturnWatcher(self.reach, self.state, self.schedule).run)
+            nursery.start_soon(self.state.ledger.run, self._offload)  # bookkeeping, batched off the loop
             task_status.started()
 
     def _on_write(self, db: Database, _before: list[str], _after: list[str], _local: bool) -> None:
@@ -370,7 +372,7 @@ class Sync:
             )
         elif hello is not None:  # its latest handshake with us refreshes where it is (written on change only)
             addresses = self.reach.refreshed(peer, None, hello.addresses)
-            self.state.upsert_peer(peer, addresses=addresses, replace_addresses=True)
+            self.state.upsert_peer(peer, addresses=addresses, replace_addresses=True, seen_ms=self._now_ms())
         self.state.ensure_related(db.id, peer, interval_s=self.config.default_interval_s, served=True)
         self.state.record_sync(db.id, peer, now_ms=self._now_ms(), common=common, sent=0, received=0, error=None)
 
@@ -393,6 +395,7 @@ class Sync:
                 self._token.run_sync_soon(landed.set)
                 await landed.wait()
             await self.scheduler.flush(timeout)
+        await self.state.ledger.flush(self._offload)  # what the exchanges recorded is on disk on return
 
     async def aclose(self) -> None:
         """Flush, then stop: no new work is accepted, and the transports are closed."""
@@ -406,6 +409,7 @@ class Sync:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await transport.aclose()
         self.scheduler.close()
+        await self.state.ledger.flush(self._offload)
 
 
 def wall_clock_ms() -> int:

@@ -2,14 +2,17 @@
 
 Stores (all in one database, which is never offered to peers):
 
-    peers      Doc    <pubkey> = {display_name, addresses: [[transport, address], ...],
-                                  status, last_seen_ms}
+    peers      Doc    <pubkey> = {display_name, addresses: [[transport, address], ...], status}
     dbs        Doc    <db id>.<pubkey> = {on_commit: bool, interval_s: int, access: str?, served: bool?}
-    cursors    Doc    <db id>.<pubkey> = {common: [entry id, ...], last_sync_ms, last_error}
-    history    Table  one row per sync, {at_ms, peer, db, sent, received, error}; bounded
     settings   Doc    free-form settings (get_setting / set_setting)
     transports Doc    <name> = transport configuration
     requests   Table  access requests {db, key, permission, status, requested_ms, decided_ms}
+
+What changes on every exchange is not here but in ``sync.ledger`` (the storage's local
+table, updated in place and batched): cursors, last-seen times, the history of the last
+``HISTORY_LIMIT`` exchanges, counters. Data directories written before the ledger also
+hold ``cursors`` (Doc), ``history`` (Table) and ``peers.*.last_seen_ms`` here: the ledger
+copies them once, at its first open, and nothing new is written to them.
 
 What strangers can make this node write here is bounded: nothing is written for a peer
 that only handshook or was refused; a peer that read a database is recorded once, with
@@ -25,15 +28,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from dag import Database, Instance, NotFoundError, cid_from_text, cid_to_text
+from dag import Database, Instance, NotFoundError
 
 from .errors import BusyError, OverBudgetError
+from .ledger import Cursor, Ledger
 from .transport import Address
 
 SYNC_DB_KEY = "sync.database"
 SYNC_DB_NAME = "_sync"
 DEFAULT_INTERVAL_S = 300
-HISTORY_LIMIT = 200
 PENDING = "pending"
 APPROVED = "approved"
 REJECTED = "rejected"
@@ -78,13 +81,6 @@ class Relationship:
 
 
 @dataclass(frozen=True, slots=True)
-class Cursor:
-    common: tuple[bytes, ...]
-    last_sync_ms: int | None
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class AccessRequest:
     request_id: str
     db: str
@@ -96,10 +92,11 @@ class AccessRequest:
 
 
 class SyncState:
-    """Typed access to the ``_sync`` database."""
+    """Typed access to the ``_sync`` database, and to the bookkeeping ``ledger`` beside it."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, ledger: Ledger) -> None:
         self.db = db
+        self.ledger = ledger
         self._requests: _RequestIndex | None = None  # built on first use
         self._served: set[str] | None = None  # peers with a served relationship, built on first use
 
@@ -109,12 +106,13 @@ class SyncState:
         stored = instance.get_value(SYNC_DB_KEY)
         if stored is not None:
             try:
-                return cls(instance.open_database(stored))
+                db = instance.open_database(stored)
+                return cls(db, Ledger.open(instance, db))
             except NotFoundError:
                 pass
         db = instance.create_database(name=SYNC_DB_NAME, settings={"type": "sync_settings"})
         instance.set_value(SYNC_DB_KEY, db.root_cid)
-        return cls(db)
+        return cls(db, Ledger.open(instance, None))
 
     @property
     def database_id(self) -> str:
@@ -140,11 +138,15 @@ class SyncState:
     # ---- peers ----------------------------------------------------------------------
 
     def peers(self) -> list[PeerRecord]:
-        return [_peer(key, value) for key, value in self.db.doc("peers").to_dict().items() if isinstance(value, dict)]
+        return [
+            _peer(key, value, self.ledger.last_seen(key))
+            for key, value in self.db.doc("peers").to_dict().items()
+            if isinstance(value, dict)
+        ]
 
     def peer(self, pubkey: str) -> PeerRecord | None:
         value = self.db.doc("peers").to_dict().get(pubkey)
-        return _peer(pubkey, value) if isinstance(value, dict) else None
+        return _peer(pubkey, value, self.ledger.last_seen(pubkey)) if isinstance(value, dict) else None
 
     def upsert_peer(
         self,
@@ -160,9 +162,13 @@ class SyncState:
         The addresses given come first (the newest knowledge), then the known ones, at most
         ``MAX_PEER_ADDRESSES`` in all; over-long addresses and names are dropped or cut.
         ``replace_addresses``: the addresses given are the whole list (``sync.reach`` decided
-        which known ones stay: see ``Reach.refreshed``).
+        which known ones stay: see ``Reach.refreshed``). ``seen_ms`` goes to the ledger:
+        ``_sync`` is written only when the name or the addresses change.
         """
-        old = self.peer(pubkey)
+        if seen_ms is not None:
+            self.ledger.saw(pubkey, seen_ms)
+        current = self.db.doc("peers").to_dict().get(pubkey)
+        old = _peer(pubkey, current, None) if isinstance(current, dict) else None
         merged: list[Address] = []
         known = () if replace_addresses or old is None else old.addresses
         for address in (*addresses, *known):
@@ -173,13 +179,13 @@ class SyncState:
             "display_name": name[:MAX_DISPLAY_NAME] if name is not None else None,
             "addresses": [[a.transport, a.address] for a in merged],
             "status": "active",
-            "last_seen_ms": seen_ms if seen_ms is not None else (old.last_seen_ms if old else None),
         }
-        current = self.db.doc("peers").to_dict().get(pubkey)
+        if isinstance(current, dict) and "last_seen_ms" in current:  # written before the ledger: left as it was
+            record["last_seen_ms"] = current["last_seen_ms"]
         if current != record:
             with self.db.transaction() as txn:
                 txn.doc("peers").set(pubkey, record)
-        return _peer(pubkey, record)
+        return _peer(pubkey, record, self.ledger.last_seen(pubkey))
 
     # ---- which databases sync with which peers ----------------------------------------
 
@@ -258,14 +264,10 @@ class SyncState:
                     )
         return out
 
-    # ---- cursors and history --------------------------------------------------------
+    # ---- cursors and history (kept by the ledger) -----------------------------------
 
     def cursor(self, db: str, peer: str) -> Cursor:
-        value = self.db.doc("cursors").to_dict().get(db, {}).get(peer)
-        if not isinstance(value, dict):
-            return Cursor((), None, None)
-        common = tuple(cid_from_text(c) for c in value.get("common", []))
-        return Cursor(common, value.get("last_sync_ms"), value.get("last_error"))
+        return self.ledger.cursor(db, peer)
 
     def record_sync(
         self,
@@ -278,28 +280,12 @@ class SyncState:
         received: int,
         error: str | None,
     ) -> None:
-        """Move the cursor (on success) and append one bounded history row."""
-        old = self.cursor(db, peer)
-        value = {
-            "common": [cid_to_text(c) for c in (common if common is not None else old.common)],
-            "last_sync_ms": now_ms if error is None else old.last_sync_ms,
-            "last_error": error,
-        }
-        with self.db.transaction() as txn:
-            txn.doc("cursors").set(f"{db}.{peer}", value)
-            history = txn.table("history")
-            history.insert(
-                {"at_ms": now_ms, "peer": peer, "db": db, "sent": sent, "received": received, "error": error}
-            )
-            rows = history.rows()
-            if len(rows) > HISTORY_LIMIT:
-                oldest = sorted(rows.items(), key=lambda item: item[1].get("at_ms", 0))
-                for row_id, _row in oldest[: len(rows) - HISTORY_LIMIT]:
-                    history.delete(row_id)
+        """Move the cursor (on success) and append one bounded history row (in the ledger:
+        in memory now, written back with the next batch)."""
+        self.ledger.record(db, peer, now_ms=now_ms, common=common, sent=sent, received=received, error=error)
 
     def history(self) -> list[dict[str, Any]]:
-        rows = list(self.db.table("history").rows().values())
-        return sorted(rows, key=lambda row: row.get("at_ms", 0))
+        return self.ledger.history()
 
     # ---- access requests ------------------------------------------------------------
 
@@ -429,13 +415,15 @@ def _request(request_id: str, row: dict[str, Any]) -> AccessRequest:
     )
 
 
-def _peer(pubkey: str, value: dict[str, Any]) -> PeerRecord:
+def _peer(pubkey: str, value: dict[str, Any], seen_ms: int | None) -> PeerRecord:
+    """The record ``value`` (a ``peers`` row); last seen is the ledger's ``seen_ms``, else the
+    row's own (rows written before the ledger carry one)."""
     addresses = tuple(
         Address(str(pair[0]), str(pair[1]))
         for pair in value.get("addresses", [])
         if isinstance(pair, list) and len(pair) == 2
     )
-    last_seen = value.get("last_seen_ms")
+    last_seen = seen_ms if seen_ms is not None else value.get("last_seen_ms")
     return PeerRecord(
         pubkey,
         value.get("display_name"),

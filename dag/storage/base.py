@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple, Protocol
@@ -205,3 +205,13 @@ class Storage(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def local_items(self, space: str) -> dict[str, bytes]:
+        """Every ``key -> value`` this node keeps for itself in ``space`` (not a DAG: unsigned,
+        never synced; ``sync.ledger`` keeps its per-exchange bookkeeping here)."""
+        ...
+
+    def local_write(self, space: str, upserts: Mapping[str, bytes], deletes: Collection[str]) -> None:
+        """Replace ``upserts`` and drop ``deletes`` in ``space``, all or nothing. May skip the
+        fsync: a power cut can lose the last writes, never half of one."""
+        ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 
 from .base import MAX_BANNED, EntryMeta, StateHead, StateRow, Status, WriteBatch
 
@@ -31,6 +31,7 @@ class MemoryStorage:
     def _count(self, tree: bytes, status: Status, n: int, size: int) -> None:
         old_n, old_size = self._counts[(tree, status)]
         self._counts[(tree, status)] = (old_n + n, old_size + size)
+        self._local: dict[str, dict[str, bytes]] = defaultdict(dict)  # space -> key -> value
 
     def get_raw(self, cid: bytes) -> bytes | None:
         return self._raw.get(cid)
@@ -209,3 +210,12 @@ class MemoryStorage:
 
     def close(self) -> None:
         pass
+
+    def local_items(self, space: str) -> dict[str, bytes]:
+        return dict(self._local.get(space, {}))
+
+    def local_write(self, space: str, upserts: Mapping[str, bytes], deletes: Collection[str]) -> None:
+        rows = self._local[space]
+        for key in deletes:
+            rows.pop(key, None)
+        rows.update(upserts)

@@ -17,13 +17,14 @@ entries stored since the previous open, plus a slice of older ones.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import blake3
 
 from ..errors import StorageError
+from . import sqlite_local
 from .base import MAX_BANNED, EntryMeta, StateHead, StateRow, Status, WriteBatch
 from .sqlite_integrity import DIGEST_AT, IdCheck
 from .sqlite_schema import open_connection
@@ -47,6 +48,7 @@ class SqliteStorage:
             self._banned = self._db.execute("SELECT count(*) FROM banned").fetchone()[0]
             self._ids = IdCheck(self._db, self.set_value)
             self._states = SqliteStates(self._db, path, synchronous)  # store checkpoints
+            sqlite_local.create_local_table(self._db)
         except BaseException as exc:
             self._db.close()
             if isinstance(exc, sqlite3.Error):
@@ -330,3 +332,11 @@ class SqliteStorage:
     def close(self) -> None:
         self._states.close()
         self._db.close()
+
+    # ---- the node's own bookkeeping (dag/storage/sqlite_local.py) -------------------------
+
+    def local_items(self, space: str) -> dict[str, bytes]:
+        return sqlite_local.local_items(self._db, space)
+
+    def local_write(self, space: str, upserts: Mapping[str, bytes], deletes: Collection[str]) -> None:
+        sqlite_local.local_write(self._db, space, upserts, deletes)
