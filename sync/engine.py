@@ -70,7 +70,8 @@ class SyncConfig:
 
     display_name: str | None = None
     retry_attempts: int = 8
-    request_timeout_s: float = 60.0
+    request_timeout_s: float = 60.0  # a handshake, a first answer frame, a push
+    progress_timeout_s: float = 30.0  # each further answer frame (docs/security.md)
     default_interval_s: int = DEFAULT_INTERVAL_S
     flush_timeout_s: float = 30.0
 
@@ -151,6 +152,7 @@ class Sync:
             now_ms=now_ms,
             offload=offload,
             request_timeout_s=config.request_timeout_s,
+            progress_timeout_s=config.progress_timeout_s,
         )
         self.handler = SyncHandler(
             instance,

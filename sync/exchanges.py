@@ -1,7 +1,7 @@
 """One exchange with a peer for a database, over whichever of its addresses works, and its record.
 
 The engine's scheduler decides when; this decides where (``Reach``), runs the driver
-(``sync.peer.sync_database``) under the request deadline, falls through to the next
+(``sync.peer.sync_database``) under progress deadlines, falls through to the next
 address on a transport failure, and records the outcome (cursor, history, last seen).
 
 Over a relay circuit with a data limit one exchange is several *rounds*, each over its own
@@ -23,7 +23,7 @@ from dag import Instance, NotFoundError
 from .client import ExchangeResult
 from .errors import AddressesFailedError, LimitError, SyncError, TransportError, UnreachableError, attempt_error
 from .handler import Offload, UnverifiedBudget
-from .peer import AnswerCut, sync_database
+from .peer import AnswerCut, Deadlines, StalledAnswer, sync_database
 from .reach import Reach
 from .state import SyncState
 from .transport import Address, Transport
@@ -49,6 +49,7 @@ class ExchangeRunner:
         now_ms: Callable[[], int],
         offload: Offload[Any],
         request_timeout_s: float,
+        progress_timeout_s: float = 30.0,
     ) -> None:
         self._instance = instance
         self._state = state
@@ -57,7 +58,7 @@ class ExchangeRunner:
         self._budget = budget
         self._now_ms = now_ms
         self._offload = offload
-        self._request_timeout_s = request_timeout_s
+        self._deadlines = Deadlines(first_s=request_timeout_s, progress_s=progress_timeout_s)
         self._peer_locks: dict[str, trio.Lock] = {}
 
     async def run(self, peer: str, db_id: str, *, raise_errors: bool, push_only: bool = False) -> bool:
@@ -124,7 +125,7 @@ class ExchangeRunner:
     async def _over(
         self, address: Address, peer: str, db_id: str, *, access: str | None, push_only: bool
     ) -> tuple[ExchangeResult | None, SyncError | None]:
-        """The exchange over one address, each round under the request deadline (see ``_rounds``)."""
+        """The exchange over one address, each round under progress deadlines (see ``_rounds``)."""
         transport = self._transports.get(address.transport)
         if transport is None:
             return None, UnreachableError(f"no transport registered for {address.transport!r} addresses")
@@ -151,6 +152,8 @@ class ExchangeRunner:
             error: SyncError | None = None
             try:
                 result = await self._round(transport, address, peer, db_id, access, push_only, fresh=idle > 0)
+            except StalledAnswer as stalled:  # the peer went quiet: keep what came, try its next address
+                return (stalled.result if total is None else total.then(stalled.result)), stalled
             except AnswerCut as cut:
                 if total is None and not cut.result.received and not cut.limited:
                     return None, cut  # nothing came over this address at all: try the next one
@@ -180,24 +183,23 @@ class ExchangeRunner:
         *,
         fresh: bool,
     ) -> ExchangeResult:
-        try:
-            with trio.fail_after(self._request_timeout_s):
-                return await sync_database(
-                    instance=self._instance,
-                    transport=transport,
-                    address=address.address,
-                    peer_key=peer,
-                    db_id=db_id,
-                    common=self._state.cursor(db_id, peer).common,
-                    access=access,
-                    now_ms=self._now_ms,
-                    offload=self._offload,
-                    push_only=push_only,
-                    budget=self._budget,
-                    fresh=fresh,
-                )
-        except trio.TooSlowError as exc:
-            raise TransportError(f"{address}: no answer in {self._request_timeout_s:g} s") from exc
+        """One round under progress deadlines (``sync.peer.Deadlines``): a large database
+        that keeps arriving is never cut; a peer that goes quiet is."""
+        return await sync_database(
+            instance=self._instance,
+            transport=transport,
+            address=address.address,
+            peer_key=peer,
+            db_id=db_id,
+            common=self._state.cursor(db_id, peer).common,
+            access=access,
+            now_ms=self._now_ms,
+            offload=self._offload,
+            push_only=push_only,
+            budget=self._budget,
+            fresh=fresh,
+            deadlines=self._deadlines,
+        )
 
     def _record(self, db_id: str, peer: str, result: ExchangeResult | None, error: str | None) -> None:
         """Record an exchange; one that failed after moving entries keeps the old cursor

@@ -49,7 +49,8 @@ MAX_ADDRESS_TEXT = 1024
 MAX_BUDGET = 2**62
 # Fields newer than the protocol's first version: left out of the wire map while at their
 # default, because a peer of the first version refuses a message with a field it does not know.
-_OMITTED_AT_DEFAULT = frozenset({"budget"})
+_OMITTED_AT_DEFAULT = frozenset({"budget", "resume_after"})
+MAX_HEIGHT = 2**63  # an entry height (dag bounds them below 2**63)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,9 @@ class SyncTree:
     4-byte header), because the connection is a relay circuit with a data limit; ``0``
     means no limit. An answer that stops for it ends with a frame marked ``more``; the
     asker stores what came and asks again (over a fresh circuit) for the rest.
+    ``resume_after``: the position ``(height, ID)`` of the last entry of a bootstrap the
+    asker stored in order before it was cut: the peer may page on from there as a
+    bootstrap does, instead of listing everything the asker lacks (see ``sync.resume``).
     """
 
     TYPE: ClassVar[str] = "SyncTree"
@@ -121,6 +125,7 @@ class SyncTree:
     auth: AuthProof | None = None
     access: str | None = None
     budget: int = 0
+    resume_after: tuple[int, bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +246,19 @@ def _budget(field: str, value: Any) -> int:
     return count
 
 
+def _position(field: str, value: Any) -> tuple[int, bytes] | None:
+    """A bootstrap position ``[height, ID]`` (or nothing)."""
+    if value is None:
+        return None
+    pair = _list(field, value, 2)
+    if len(pair) != 2:
+        raise _fail(field, "is not a (height, entry ID) pair")
+    height = _int(field, pair[0])
+    if not 0 <= height < MAX_HEIGHT:
+        raise _fail(field, "holds a height that is not from 0 to 2**63")
+    return height, _cid(field, pair[1])
+
+
 def _bool(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _fail(field, "is not a boolean")
@@ -340,6 +358,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "auth": _auth,
     "access": _optional_text,
     "budget": _budget,
+    "resume_after": _position,
     "more": _bool,
     "received": _int,
     "stored": _int,

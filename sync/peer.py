@@ -3,8 +3,13 @@
 These functions hold no state between calls; the engine decides when to call them and
 records what they return. What is decided lives in ``sync.client``; what is here is only
 I/O: streams, the frame pipeline and its read-ahead, work moved off the event loop, and
-the lifetime of prepared frames. Deadlines are the caller's (``trio.fail_after`` around
-the call), as in trio itself.
+the lifetime of prepared frames.
+
+Deadlines (``Deadlines``) are on progress, not on size: the first answer frame (and each
+one-answer request: a budget's connect, a push) must come within ``first_s``, and every
+later frame within ``progress_s`` of the wait for it starting. Only the wait on the wire
+counts: while the client stores a frame it does not read, and that time is not the peer's.
+An exchange that keeps making progress is never cut because the database is large.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 
 import trio
 
@@ -23,7 +30,7 @@ from dag.ingest import PutResult
 from .client import DatabaseExchange, ExchangeResult, HandshakeClient, PeerHello, only_answer
 from .errors import MalformedMessageError, TransportError
 from .handler import Offload, UnverifiedBudget
-from .messages import Message
+from .messages import Bootstrap, Incremental, Message
 from .transport import Address, Transport, request_budget
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,33 @@ class AnswerCut(TransportError):
         super().__init__(message)
         self.result = result
         self.limited = limited
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """How long the asking side waits on the wire (see the module docstring)."""
+
+    first_s: float = 60.0  # a first answer frame (the server may walk history first), a one-answer request
+    progress_s: float = 30.0  # each further answer frame
+
+
+class StalledError(TransportError):
+    """No answer frame arrived within the progress bound (set as ``Frames.cut``)."""
+
+
+class StalledAnswer(AnswerCut):
+    """An answer that stalled part-way: what came is stored, but the same address is not
+    asked again at once (the engine goes on to the peer's next address)."""
+
+
+@contextlib.contextmanager
+def _bounded(seconds: float, what: str) -> Iterator[None]:
+    """Raise a one-line ``TransportError`` naming ``what`` when the block takes longer than ``seconds``."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError as exc:
+        raise TransportError(f"{what}: no answer in {seconds:g} s") from exc
 
 
 @contextlib.asynccontextmanager
@@ -104,6 +138,7 @@ async def prepared_frames(
     request: Message,
     *,
     prepare: Callable[[Message], PreparedEntries | None],
+    deadlines: Deadlines | None = None,
 ) -> AsyncIterator[Frames]:
     """The answers to ``request``, each with its entries already being verified.
 
@@ -114,6 +149,9 @@ async def prepared_frames(
     ends (an error, a cancel, an early break) has its queued checks dropped. A transport
     failure ends the frames instead of the block: those that arrived before it are still
     handed out (a cut circuit loses no finished frame), and ``Frames.cut`` holds the failure.
+    With ``deadlines``, a frame that does not arrive in time (see ``Deadlines``: only the
+    wait on the wire is timed, not the wait for room in the channel) ends the frames with a
+    ``StalledError`` as the cut.
     """
     frames_in, frames_out = trio.open_memory_channel[_Numbered](FRAMES_AHEAD)
     in_flight: deque[tuple[int, PreparedEntries]] = deque()
@@ -122,8 +160,19 @@ async def prepared_frames(
     async def receive() -> None:
         async with frames_in, contextlib.aclosing(transport.request(address, request)) as answers:
             number = 0
+            entries = 0
             try:
-                async for answer in answers:
+                while True:
+                    bound = math.inf if deadlines is None else deadlines.first_s if not number else deadlines.progress_s
+                    with trio.move_on_after(bound) as waited:
+                        answer = await anext(answers, None)
+                    if waited.cancelled_caught:
+                        frames.cut = StalledError(f"{address}: no frame for {bound:g} s after {entries:,} entries")
+                        return
+                    if answer is None:
+                        return
+                    if isinstance(answer, Bootstrap | Incremental):
+                        entries += len(answer.entries)
                     prepared = prepare(answer)
                     if prepared is not None:
                         in_flight.append((number, prepared))
@@ -157,15 +206,19 @@ async def sync_database(
     push_only: bool = False,
     budget: UnverifiedBudget | None = None,
     fresh: bool = False,
+    deadlines: Deadlines | None = None,
 ) -> ExchangeResult:
     """Sync one database with the peer at ``address``; see ``sync.reconcile`` for the algorithm.
 
     Over a connection with a byte budget (a limited relay circuit; ``fresh``: ask the
     transport for a new one) the request says how much its answer may take, and the result
     is ``stopped`` when the answer or the pushes stopped there: another call continues.
-    Raises ``AnswerCut`` when the connection breaks mid-answer (what came is stored).
+    Raises ``AnswerCut`` when the connection breaks mid-answer (what came is stored),
+    ``StalledAnswer`` when an answer frame does not come within ``deadlines``.
     """
-    room = await request_budget(transport, address, fresh=fresh)
+    first_s = math.inf if deadlines is None else deadlines.first_s
+    with _bounded(first_s, f"{address}: connecting"):
+        room = await request_budget(transport, address, fresh=fresh)
     for asked in (room, None) if room is not None else (None,):
         exchange = DatabaseExchange(
             instance,
@@ -182,7 +235,7 @@ async def sync_database(
             return exchange.result
         assert isinstance(request, Message)
         try:
-            await _take_answer(instance, transport, address, request, exchange, offload)
+            await _take_answer(instance, transport, address, request, exchange, offload, deadlines)
             break
         except MalformedMessageError as exc:
             if asked is None or "'budget'" not in str(exc):
@@ -194,15 +247,18 @@ async def sync_database(
         return exchange.stop()  # the answer stopped at the budget: what came is stored
     await offload(exchange.plan_pushes)
     while exchange.pushes_left:
-        room = await request_budget(transport, address)
+        with _bounded(first_s, f"{address}: connecting"):
+            room = await request_budget(transport, address)
         push = exchange.next_push(room)
         if push is None:
             assert room is not None
-            fresh_room = await request_budget(transport, address, fresh=True)
+            with _bounded(first_s, f"{address}: connecting"):
+                fresh_room = await request_budget(transport, address, fresh=True)
             push = exchange.next_push(fresh_room)
             if push is None:
                 raise exchange.too_big(fresh_room or room)
-        answer = await _one(transport, address, push)
+        with _bounded(first_s, f"{address}: a push of {len(push.entries)} entries"):
+            answer = await _one(transport, address, push)
         exchange.pushed(push, answer)
     return exchange.outcome()
 
@@ -214,6 +270,7 @@ async def _take_answer(
     request: Message,
     exchange: DatabaseExchange,
     offload: Offload[object],
+    deadlines: Deadlines | None,
 ) -> None:
     """Store the answer's frames as they arrive; raise unless it ended or stopped at the budget."""
     db_cid = exchange.db_cid
@@ -222,7 +279,7 @@ async def _take_answer(
         entries = exchange.entries_to_store(answer)
         return instance.prepare_remote_entries(entries) if entries else None
 
-    async with prepared_frames(transport, address, request, prepare=prepare) as frames:
+    async with prepared_frames(transport, address, request, prepare=prepare, deadlines=deadlines) as frames:
         async for answer, prepared in frames:
             entries = exchange.take(answer)
             if prepared is not None:
@@ -235,6 +292,8 @@ async def _take_answer(
                 break
     if exchange.answered:
         return
+    if isinstance(frames.cut, StalledError):
+        raise StalledAnswer(str(frames.cut), exchange.result, limited=exchange.limited) from frames.cut
     if frames.cut is not None:
         # A cut connection (a relay's data limit, a peer gone) looks like this: a transport
         # failure, so the engine tries the peer's next address or, if this moved something,
@@ -245,4 +304,14 @@ async def _take_answer(
         raise AnswerCut(f"{address}: the answer ended before its last frame", exchange.result, limited=False)
 
 
-__all__ = ["FRAMES_AHEAD", "AnswerCut", "Frames", "handshake", "prepared_frames", "sync_database"]
+__all__ = [
+    "FRAMES_AHEAD",
+    "AnswerCut",
+    "Deadlines",
+    "Frames",
+    "StalledAnswer",
+    "StalledError",
+    "handshake",
+    "prepared_frames",
+    "sync_database",
+]

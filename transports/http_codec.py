@@ -152,6 +152,7 @@ class _Kind(enum.Enum):
     BYTES_LIST = "bytes-list"  # list of base64 strings
     AUTH = "auth"  # {key, timestamp_ms, nonce: base64, signature: base64} or null
     OFFERS = "offers"  # list of {db: base64, name, public}
+    POSITION = "position"  # [height, base64 entry ID] or null
 
 
 # Every field of every message type, by name (a field name means the same in every type).
@@ -173,6 +174,7 @@ FIELD_KINDS: Final[dict[str, _Kind]] = {
     "auth": _Kind.AUTH,
     "access": _Kind.PLAIN,
     "budget": _Kind.PLAIN,
+    "resume_after": _Kind.POSITION,
     "more": _Kind.PLAIN,
     "received": _Kind.PLAIN,
     "request_id": _Kind.PLAIN,
@@ -221,6 +223,8 @@ def _to_json_field(name: str, value: Any) -> Any:
         return {k: _b64(v) if k in _AUTH_BYTES else v for k, v in value.items()}
     if kind is _Kind.OFFERS:
         return [{**offer, "db": _b64(offer["db"])} for offer in value]
+    if kind is _Kind.POSITION:
+        return None if value is None else [value[0], _b64(value[1])]
     return value
 
 
@@ -240,6 +244,12 @@ def _from_json_field(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise MalformedMessageError(f"field {name!r} is not an auth proof")
         return {k: _unb64(f"{name}.{k}", v) if k in _AUTH_BYTES else v for k, v in value.items()}
+    if kind is _Kind.POSITION:
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) != 2:
+            raise MalformedMessageError(f"field {name!r} is not a [height, entry ID] pair")
+        return [value[0], _unb64(name, value[1])]
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise MalformedMessageError(f"field {name!r} is not a list of offers")
     return [{**offer, "db": _unb64(f"{name}.db", offer["db"])} if "db" in offer else offer for offer in value]
