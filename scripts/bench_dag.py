@@ -53,7 +53,6 @@ from dag.ids import cid_of
 from dag.instance import DB_FILE
 from dag.keys import verify_signature
 from dag.prepared import PreparedEntries
-from dag.snapshots import PREFIX as SNAPSHOT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -296,8 +295,9 @@ def bench_reads(sizes: tuple[int, ...], commits_after: int) -> dict[str, Any]:
                 cold_samples.append(seconds)
             cold[str(size)] = statistics.median(cold_samples) * 1e3
             inst.close()
-            with sqlite3.connect(Path(directory) / DB_FILE) as raw_db:  # as if the close had never happened
-                raw_db.execute("DELETE FROM kv WHERE key LIKE ?", (SNAPSHOT_PREFIX + "%",))
+            with sqlite3.connect(Path(directory) / DB_FILE) as raw_db:  # as if no state had been checkpointed
+                raw_db.execute("DELETE FROM state_rows")
+                raw_db.execute("DELETE FROM state_heads")
             raw_db.close()
             inst = Instance.open(directory, synchronous="off")
             db = inst.open_database(db_id)

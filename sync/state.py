@@ -31,7 +31,7 @@ from typing import Any
 from dag import Database, Instance, NotFoundError
 
 from .errors import BusyError, OverBudgetError
-from .ledger import Cursor, Ledger
+from .ledger import Cursor as Cursor, Ledger
 from .transport import Address
 
 SYNC_DB_KEY = "sync.database"
