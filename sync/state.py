@@ -31,7 +31,8 @@ from typing import Any
 from dag import Database, Instance, NotFoundError
 
 from .errors import BusyError, OverBudgetError
-from .ledger import Cursor as Cursor, Ledger
+from .ledger import Cursor as Cursor
+from .ledger import Ledger
 from .transport import Address
 
 SYNC_DB_KEY = "sync.database"
