@@ -32,7 +32,6 @@ import pytest
 
 from dag import Instance, Permission
 from dag.instance import DB_FILE
-from dag.snapshots import PREFIX as STATE_PREFIX
 from dag.storage.sqlite_schema import SCHEMA_VERSION
 from node.client import ControlClient
 from scripts.cli_node import NodeProcess
@@ -41,6 +40,7 @@ pytestmark = pytest.mark.slow
 
 ENTRIES = int(os.environ.get("EIDETICA_TEST_RESPONSIVE_ENTRIES", "200000"))
 KEYS = 1000  # distinct keys written: the read's answer stays small, its walk does not
+JOINER_BOUND_S = 1.0  # see the bootstrap test: not yet HEALTH_BOUND_S
 HEALTH_BOUND_S = 0.2
 POLL_S = 0.05
 CHECKPOINT_TABLES = ("state_rows", "state_heads")  # saved fold states, where a version keeps them
@@ -76,7 +76,7 @@ def _cached_dir(entries: int) -> tuple[Path, str]:
 def _without_saved_states(data_dir: Path) -> None:
     """Nothing a read could start from: the first read walks the whole history."""
     with sqlite3.connect(data_dir / DB_FILE) as db:
-        db.execute("DELETE FROM kv WHERE key >= ? AND key < ?", (STATE_PREFIX, STATE_PREFIX[:-1] + "0"))
+        db.execute("DELETE FROM kv WHERE key >= ? AND key < ?", ("state/", "state0"))  # older state blobs
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         for table in CHECKPOINT_TABLES:
             if table in tables:
