@@ -27,11 +27,11 @@ class MemoryStorage:
         # Kept as entries come, change status and go (and as IDs join or leave the ban
         # list), as SQLite's triggers keep its ``counts`` table: (tree, status) -> (n, bytes).
         self._counts: dict[tuple[bytes, Status], tuple[int, int]] = defaultdict(lambda: (0, 0))
+        self._local: dict[str, dict[str, bytes]] = defaultdict(dict)  # space -> key -> value
 
     def _count(self, tree: bytes, status: Status, n: int, size: int) -> None:
         old_n, old_size = self._counts[(tree, status)]
         self._counts[(tree, status)] = (old_n + n, old_size + size)
-        self._local: dict[str, dict[str, bytes]] = defaultdict(dict)  # space -> key -> value
 
     def get_raw(self, cid: bytes) -> bytes | None:
         return self._raw.get(cid)
