@@ -304,7 +304,17 @@ async def test_stranger_flooding_send_entries_over_http_stays_bounded(tmp_path: 
 
 
 def _flip_in_file(path: Path, marker: bytes) -> None:
-    """Change one byte of the only place ``marker`` is in ``path`` (a closed SQLite file)."""
+    """Change one byte of the only place ``marker`` is in ``path`` (a closed SQLite file).
+
+    Store checkpoints hold values too: they are dropped first (and the file vacuumed, so
+    their bytes are gone), so that the flipped byte is in an entry and reads go through it."""
+    with sqlite3.connect(path) as raw_db:
+        raw_db.execute("DELETE FROM state_rows")
+        raw_db.execute("DELETE FROM state_heads")
+    raw_db.close()
+    with sqlite3.connect(path, isolation_level=None) as raw_db:
+        raw_db.execute("VACUUM")
+    raw_db.close()
     data = bytearray(path.read_bytes())
     at = data.find(marker)
     assert at >= 0 and data.find(marker, at + 1) < 0, "the marker must be in the file once"
@@ -410,18 +420,18 @@ def test_flipped_byte_in_a_saved_state_is_ignored(tmp_path: Path) -> None:
     db = node.create_database(name="x")
     with db.transaction() as txn:
         txn.doc("d").set("k", "MARKER-A")
-    assert db.doc("d").get("k") == "MARKER-A"  # read: its state is saved at close
+    assert db.doc("d").get("k") == "MARKER-A"  # the commit checkpointed the store
     db_id = db.id
     node.close()
     with sqlite3.connect(data_dir / DB_FILE) as raw_db:
-        rows = raw_db.execute("SELECT key, value FROM kv WHERE key LIKE 'state/%/d'").fetchall()
+        rows = raw_db.execute("SELECT key, value FROM state_rows WHERE store = 'd'").fetchall()
         assert len(rows) == 1
         key, value = rows[0]
         at = bytes(value).find(b"MARKER-A")
         assert at >= 0
         flipped = bytearray(value)
         flipped[at + 7] ^= 0x01
-        raw_db.execute("UPDATE kv SET value = ? WHERE key = ?", (bytes(flipped), key))
+        raw_db.execute("UPDATE state_rows SET value = ? WHERE store = 'd' AND key = ?", (bytes(flipped), key))
     with Instance.open(data_dir) as node:
         assert node.open_database(db_id).doc("d").get("k") == "MARKER-A"
 
